@@ -1,0 +1,158 @@
+"""GPTConfig: the whole model is defined by these numbers (weights + config = model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+class ConfigError(ValueError):
+    """A GPTConfig (or its JSON) is invalid; the message says what to change."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+    # Pre-LN (GPT-2) by default; the article's nn.TransformerEncoderLayer is post-LN.
+    norm_first: bool = True
+    # "relu" matches the article's nn.TransformerEncoderLayer default.
+    activation: str = "gelu"
+    # A GPT must not see future tokens; the article's model has no mask (causal=False).
+    causal: bool = True
+    # Feed-forward width; None means the GPT convention 4 * n_embd.
+    ffn_hidden: Optional[int] = None
+    # Share the token embedding with the output head (GPT-2 does; the article does not).
+    tie_embeddings: bool = False
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"GPTConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
+            if v <= 0:
+                raise ConfigError(f"GPTConfig.{name} must be positive, got {v}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"try n_head in {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:8]}"
+            )
+        if self.ffn_hidden is not None:
+            if isinstance(self.ffn_hidden, bool) or not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0:
+                raise ConfigError(f"GPTConfig.ffn_hidden must be a positive int or None, got {self.ffn_hidden!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"GPTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) or not (self.layer_norm_eps > 0):
+            raise ConfigError(f"GPTConfig.layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("bias", "norm_first", "causal", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+
+    # ---- derived ----------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.n_embd
+
+    # ---- presets ------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        kw = dict(PRESETS[name]["config"])
+        kw.update(overrides)
+        return cls(**kw)
+
+    @staticmethod
+    def presets() -> Dict[str, str]:
+        """Preset name -> one-line description."""
+        return {k: v["about"] for k, v in PRESETS.items()}
+
+    # ---- serialization ------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a GPTConfig must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted(required - set(d))
+        if missing:
+            raise ConfigError(f"GPTConfig is missing required field(s) {missing}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> "GPTConfig":
+        """Load from a JSON file path or a JSON string."""
+        text = path_or_text
+        if not path_or_text.lstrip().startswith("{"):
+            if not os.path.isfile(path_or_text):
+                raise ConfigError(f"config file {path_or_text!r} does not exist")
+            with open(path_or_text, "r", encoding="utf-8") as f:
+                text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+BARK_VOCAB_SIZE = 9
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "bark": {
+        "about": "the article's original BarkGPT: n_embd=32, n_head=2, n_layer=2 on the 9-token bark vocabulary",
+        "config": dict(vocab_size=BARK_VOCAB_SIZE, block_size=32, n_layer=2, n_head=2, n_embd=32),
+    },
+    "bark-tiny": {
+        "about": "the article's GPTConfig example: n_embd=8, n_head=8 (head dim 1), n_layer=2, block_size=32",
+        "config": dict(vocab_size=BARK_VOCAB_SIZE, block_size=32, n_layer=2, n_head=8, n_embd=8),
+    },
+    "bark-article": {
+        "about": "the article's first model exactly: post-LN, ReLU, ffn 128, no causal mask, bias, block 256",
+        "config": dict(vocab_size=BARK_VOCAB_SIZE, block_size=256, n_layer=2, n_head=2, n_embd=32,
+                       norm_first=False, activation="relu", causal=False, ffn_hidden=128),
+    },
+    "small": {
+        "about": "the article's smallest non-looping config: block 128, n_embd 128, n_head 2, n_layer 4",
+        "config": dict(vocab_size=256, block_size=128, n_layer=4, n_head=2, n_embd=128),
+    },
+    "gpt2": {
+        "about": "GPT-2 small (124M): 12 layers, 12 heads, 768 wide, block 1024, vocab padded to 50304, tied head",
+        "config": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                       activation="gelu_tanh", tie_embeddings=True),
+    },
+}
