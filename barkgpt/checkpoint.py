@@ -1,0 +1,324 @@
+"""Checkpoints: weights in safetensors (never pickle), config and state in JSON, written atomically.
+
+A saved model directory holds ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
+``manifest.json`` (sha256 of each file, checked on load so truncation or corruption is named,
+not silently loaded). A training run directory (``--out``) holds the final model the same way
+plus ``checkpoints/step_NNNNNNNN/`` directories that also carry the optimizer, the RNG and data
+position, and the trainer state: each is written to a temporary directory, fsynced, then
+renamed into place, so a crash mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .config import ConfigError, GPTConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"
+CKPT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or saved model cannot be loaded; the message says why."""
+
+
+def strip_prefixes(sd: Dict[str, Any]) -> Dict[str, Any]:
+    """Drop torch.compile (``_orig_mod.``) and DDP (``module.``) key prefixes."""
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+# ---- atomic file primitives ------------------------------------------------------------------
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write via a temp file in the same directory + fsync + rename."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    os.close(fd)
+    try:
+        _write_bytes(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); "
+                              f"it may be truncated or corrupted") from None
+
+
+def _manifest_bytes(hashes: Dict[str, str]) -> bytes:
+    return json.dumps({"format": "barkgpt", "version": 1, "sha256": hashes}, indent=2).encode()
+
+
+def _write_dir_files(directory: str, files: Dict[str, bytes]) -> None:
+    """Write files into directory (which must exist) and a manifest of their hashes."""
+    manifest = {}
+    for name, data in files.items():
+        _write_bytes(os.path.join(directory, name), data)
+        manifest[name] = hashlib.sha256(data).hexdigest()
+    _write_bytes(os.path.join(directory, MANIFEST_FILE), _manifest_bytes(manifest))
+    _fsync_dir(directory)
+
+
+def _verify_dir(directory: str) -> None:
+    mpath = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.exists(mpath):
+        raise CheckpointError(f"{directory} has no {MANIFEST_FILE}: it is not a barkgpt checkpoint "
+                              f"(or its save did not finish)")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+        hashes = manifest["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{mpath} is corrupted") from None
+    if manifest.get("format") != "barkgpt":
+        raise CheckpointError(f"{directory} is not a barkgpt checkpoint")
+    for name, want in hashes.items():
+        p = os.path.join(directory, name)
+        if not os.path.exists(p):
+            raise CheckpointError(f"{p} is missing from the checkpoint")
+        if _sha256(p) != want:
+            raise CheckpointError(f"{p} does not match its recorded checksum: the file is truncated or "
+                                  f"corrupted; use another checkpoint")
+
+
+def _model_files(model) -> Dict[str, bytes]:
+    files = {
+        MODEL_FILE: _tensors_bytes(model.export_state_dict(), metadata={"format": "pt", "library": "barkgpt"}),
+        CONFIG_FILE: model.config.to_json().encode(),
+    }
+    if getattr(model, "tokenizer", None) is not None:
+        files[TOKENIZER_FILE] = json.dumps(model.tokenizer.to_dict(), indent=2).encode()
+    return files
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Move a fully written tmp dir to ``final``, replacing any old one without a window
+    in which neither exists complete."""
+    parent = os.path.dirname(final)
+    old = None
+    if os.path.exists(final):
+        old = final + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def save_model(model, directory: str) -> str:
+    """Save weights + config (+ tokenizer) into ``directory`` (created if needed; other files
+    in it, such as a run's checkpoints/, are left alone). Each file is replaced atomically and
+    the manifest last, so a crash mid-save is detected on load rather than loaded."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    manifest = {}
+    for name, data in _model_files(model).items():
+        atomic_write_bytes(os.path.join(directory, name), data)
+        manifest[name] = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(os.path.join(directory, MANIFEST_FILE), _manifest_bytes(manifest))
+    return directory
+
+
+def read_config(directory: str) -> GPTConfig:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
+    try:
+        return GPTConfig.from_json(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _model_from_dir(directory: str, device="cpu", backend=None):
+    from .data import tokenizer_from_dict
+    from .model import BarkGPT
+
+    _verify_dir(directory)
+    config = read_config(directory)
+    model = BarkGPT(config, backend=backend)
+    try:
+        model.load_weights(_load_tensors(os.path.join(directory, MODEL_FILE)))
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{directory}: the weights do not fit the saved config ({e})") from None
+    tpath = os.path.join(directory, TOKENIZER_FILE)
+    if os.path.exists(tpath):
+        with open(tpath, encoding="utf-8") as f:
+            model.tokenizer = tokenizer_from_dict(json.load(f))
+    return model.to(device)
+
+
+def load(path: str, device="cpu", backend: Optional[str] = None):
+    """Load a model saved with ``model.save(dir)``, a training run's ``--out`` directory (its
+    final model, or its latest checkpoint if training has not finished) or one checkpoint dir."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory; barkgpt models are saved as directories "
+                              f"(config.json + model.safetensors)")
+    if os.path.exists(os.path.join(path, MODEL_FILE)):
+        return _model_from_dir(path, device, backend)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path!r} holds no barkgpt model ({MODEL_FILE}) and no checkpoints")
+    return _model_from_dir(latest, device, backend)
+
+
+# ---- training checkpoints ------------------------------------------------------------------
+
+def _optimizer_to_files(opt_sd: Dict) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    tensors, scalars = {}, {}
+    for pid, st in opt_sd["state"].items():
+        for name, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = val
+            else:
+                scalars[f"{pid}.{name}"] = val
+    return tensors, {"param_groups": opt_sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: Dict) -> Dict:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, val in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = val
+    for key, val in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def list_checkpoints(out_dir: str) -> List[Tuple[int, str]]:
+    d = os.path.join(out_dir, CKPT_DIR)
+    if not os.path.isdir(d):
+        return []
+    found = []
+    for name in os.listdir(d):
+        m = _STEP_RE.match(name)
+        if m and os.path.exists(os.path.join(d, name, MANIFEST_FILE)):
+            found.append((int(m.group(1)), os.path.join(d, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    ck = list_checkpoints(out_dir)
+    return ck[-1][1] if ck else None
+
+
+def save_training_checkpoint(out_dir: str, step: int, model, optimizer, state: Dict[str, Any],
+                             extra_tensors: Dict[str, torch.Tensor], keep_last: int = 3,
+                             keep_steps: Tuple[int, ...] = ()) -> str:
+    """Write checkpoints/step_<step>/ atomically and prune old ones (keeping the last
+    ``keep_last`` plus ``keep_steps``, e.g. the best by validation loss)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    root = os.path.join(out_dir, CKPT_DIR)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root)
+    try:
+        files = _model_files(model)
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
+        files["optimizer.safetensors"] = _tensors_bytes(opt_tensors)
+        files["extra.safetensors"] = _tensors_bytes(extra_tensors)
+        files["state.json"] = json.dumps({"step": step, "optimizer": opt_meta, **state}, indent=2).encode()
+        _write_dir_files(tmp, files)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Leftovers of saves killed midway are never valid checkpoints (no rename happened).
+    for name in os.listdir(root):
+        if name.startswith(".tmp-") and os.path.join(root, name) != tmp:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    ck = list_checkpoints(out_dir)
+    keep = {p for _, p in ck[-max(keep_last, 1):]} | {p for s, p in ck if s in keep_steps}
+    for _, p in ck:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """Everything needed to resume: model/optimizer state dicts, trainer state, extra tensors."""
+    _verify_dir(path)
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    opt_meta = state.pop("optimizer")
+    return {
+        "config": read_config(path),
+        "model": _load_tensors(os.path.join(path, MODEL_FILE)),
+        "optimizer": _optimizer_from_files(_load_tensors(os.path.join(path, "optimizer.safetensors")), opt_meta),
+        "extra": _load_tensors(os.path.join(path, "extra.safetensors")),
+        "state": state,
+    }

@@ -1,0 +1,268 @@
+"""Tokenizers and datasets: the article's bark corpus (built in) and plain text / token files.
+
+Every dataset draws its training batches from a ``torch.Generator`` it is handed, so the
+generator's state *is* the data position: training checkpoints save it and resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message says what is wrong and how to fix it."""
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+
+class BarkTokenizer:
+    """Word-level tokenizer over the article's 9-token bark vocabulary."""
+
+    kind = "bark"
+    VOCAB = ("<PAD>", "<EOS>", "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak")
+    pad_id, eos_id = 0, 1
+
+    def __init__(self):
+        self.stoi = {w: i for i, w in enumerate(self.VOCAB)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.VOCAB)
+
+    def encode(self, text: str) -> List[int]:
+        ids = []
+        for w in text.split():
+            if w not in self.stoi:
+                raise DataError(f"{w!r} is not in the bark vocabulary {list(self.VOCAB)}")
+            ids.append(self.stoi[w])
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.VOCAB[i] for i in ids if i != self.pad_id)
+
+    def to_dict(self) -> Dict:
+        return {"type": self.kind, "vocab": list(self.VOCAB)}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to train, works on any text."""
+
+    kind = "byte"
+    pad_id = None
+    eos_id = None
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> Dict:
+        return {"type": self.kind}
+
+
+def tokenizer_from_dict(d: Dict):
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind == "bark":
+        return BarkTokenizer()
+    if kind == "byte":
+        return ByteTokenizer()
+    raise DataError(f"unknown tokenizer description {d!r}")
+
+
+# ---- the bark corpus -----------------------------------------------------------------------
+
+class BarkCorpus:
+    """``User: speak Assistant:`` then 2..10 barks (uniform count, uniform bark), ``<EOS>``,
+    padded with ``<PAD>`` to ``block_size + 1`` tokens; the model reads the first
+    ``block_size`` tokens and predicts the next one at each position. Pad targets are ignored.
+    """
+
+    name = "bark"
+    MIN_BARKS, MAX_BARKS = 2, 10
+    PROMPT = ("User:", "speak", "Assistant:")
+    BARKS = ("woof", "arf", "ruff", "grrr")
+
+    def __init__(self, block_size: int = 32, val_sequences: int = 2048, val_seed: int = 1234):
+        self.tokenizer = BarkTokenizer()
+        self.block_size = block_size
+        longest = len(self.PROMPT) + self.MAX_BARKS + 1
+        if block_size + 1 < longest:
+            raise DataError(f"the bark corpus needs block_size >= {longest - 1} (its longest sequence "
+                            f"has {longest} tokens), got {block_size}")
+        self.ignore_index = self.tokenizer.pad_id
+        self.vocab_size = self.tokenizer.vocab_size
+        self._prompt = torch.tensor(self.tokenizer.encode(" ".join(self.PROMPT)))
+        self._barks = torch.tensor(self.tokenizer.encode(" ".join(self.BARKS)))
+        g = torch.Generator().manual_seed(val_seed)
+        self.val = self.sample(val_sequences, g)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n sequences (n, block_size + 1), drawn with ``generator``."""
+        L = self.block_size + 1
+        counts = torch.randint(self.MIN_BARKS, self.MAX_BARKS + 1, (n,), generator=generator)
+        barks = self._barks[torch.randint(0, len(self.BARKS), (n, self.MAX_BARKS), generator=generator)]
+        out = torch.full((n, L), self.tokenizer.pad_id, dtype=torch.long)
+        p = len(self.PROMPT)
+        out[:, :p] = self._prompt
+        pos = torch.arange(self.MAX_BARKS)
+        body = torch.where(pos[None, :] < counts[:, None], barks, torch.full_like(barks, self.tokenizer.pad_id))
+        out[:, p:p + self.MAX_BARKS] = body
+        out[torch.arange(n), p + counts] = self.tokenizer.eos_id
+        return out
+
+    def get_batch(self, batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        seq = self.sample(batch_size, generator)
+        return seq[:, :-1], seq[:, 1:]
+
+    def eval_batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, self.val.shape[0], batch_size):
+            seq = self.val[i:i + batch_size]
+            yield seq[:, :-1], seq[:, 1:]
+
+    # The optimal predictor knows the generator: after k barks it predicts <EOS> with
+    # P(n = k | n >= k) = 1 / (MAX - k + 1) (uniform n), else each bark equally.
+    def _optimal_nll(self, k: int) -> Tuple[float, float]:
+        """(-log p(next bark), -log p(EOS)) after k barks; inf where impossible."""
+        if k < self.MIN_BARKS:
+            return math.log(len(self.BARKS)), math.inf
+        if k >= self.MAX_BARKS:
+            return math.inf, 0.0
+        p_eos = 1.0 / (self.MAX_BARKS - k + 1)
+        return -math.log((1 - p_eos) / len(self.BARKS)), -math.log(p_eos)
+
+    def optimal_loss(self, sequences: Optional[torch.Tensor] = None) -> float:
+        """Best achievable mean loss per predicted token. With ``sequences`` (rows as from
+        ``sample``), the optimal predictor's loss on exactly those; without, the expectation
+        over the generator (E[sum of -log p] / E[number of targets])."""
+        if sequences is None:
+            nvals = range(self.MIN_BARKS, self.MAX_BARKS + 1)
+            tot_nll = tot_cnt = 0.0
+            for n in nvals:
+                tot_nll += self._sequence_nll(n)
+                tot_cnt += n + len(self.PROMPT)  # targets: speak, Assistant:, n barks, EOS
+            return tot_nll / tot_cnt
+        counts = (sequences[:, len(self.PROMPT):] != self.tokenizer.pad_id).sum(1) - 1  # minus EOS
+        nll = sum(self._sequence_nll(int(n)) for n in counts)
+        cnt = int((counts + len(self.PROMPT)).sum())
+        return nll / cnt
+
+    def _sequence_nll(self, n: int) -> float:
+        nll = 0.0  # "speak" and "Assistant:" are certain
+        for k in range(n):
+            nll += self._optimal_nll(k)[0]
+        return nll + self._optimal_nll(n)[1]
+
+    def unigram_loss(self) -> float:
+        """Loss of the best context-free predictor (token frequencies), a baseline to beat."""
+        seq = self.val[:, 1:]
+        tgt = seq[seq != self.ignore_index]
+        freq = torch.bincount(tgt, minlength=self.vocab_size).double()
+        p = freq / freq.sum()
+        return float(-(p[tgt].log()).mean())
+
+    def describe(self) -> Dict:
+        return {"name": self.name, "block_size": self.block_size, "val_sequences": int(self.val.shape[0])}
+
+
+# ---- text files ------------------------------------------------------------------------------
+
+class TextCorpus:
+    """A UTF-8 text file tokenized as bytes (memory-mapped: the file is the token array), or a
+    pre-tokenized ``.bin`` file of uint16 token ids with a ``.json`` sidecar giving ``vocab_size``.
+    The last ``val_fraction`` of the tokens is held out; training windows are drawn at random
+    offsets of the rest, validation windows at fixed offsets."""
+
+    def __init__(self, path: str, block_size: int, val_fraction: float = 0.1, eval_windows: int = 256):
+        if not os.path.exists(path):
+            raise DataError(f"data file {path!r} does not exist (use --data bark for the built-in corpus)")
+        if os.path.isdir(path):
+            raise DataError(f"data path {path!r} is a directory; give a .txt file or a .bin token file")
+        self.path = path
+        self.name = os.path.basename(path)
+        self.block_size = block_size
+        self.ignore_index = -100
+        size = os.path.getsize(path)
+        if size == 0:
+            raise DataError(f"data file {path!r} is empty")
+        if path.endswith(".bin"):
+            meta_path = os.path.splitext(path)[0] + ".json"
+            if not os.path.exists(meta_path):
+                raise DataError(f"token file {path!r} needs a sidecar {meta_path!r} with "
+                                f'{{"vocab_size": N, "dtype": "uint16"}}')
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            dtype = np.dtype(meta.get("dtype", "uint16"))
+            if size % dtype.itemsize:
+                raise DataError(f"token file {path!r} is {size} bytes, not a whole number of {dtype} tokens")
+            self.data = np.memmap(path, dtype=dtype, mode="r")
+            self.vocab_size = int(meta["vocab_size"])
+            self.tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
+        else:
+            self._check_text(path)
+            self.data = np.memmap(path, dtype=np.uint8, mode="r")
+            self.tokenizer = ByteTokenizer()
+            self.vocab_size = 256
+        n = len(self.data)
+        n_val = int(n * val_fraction)
+        self.split_at = n - n_val
+        if self.split_at < block_size + 2 or (n_val and n_val < block_size + 2):
+            raise DataError(f"data file {path!r} has {n} tokens, too few for block_size {block_size} "
+                            f"with a {val_fraction:.0%} validation split; use a bigger file or a smaller block")
+        self.has_val = n_val > 0
+        self.eval_windows = eval_windows
+
+    @staticmethod
+    def _check_text(path: str) -> None:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        if b"\x00" in head:
+            raise DataError(f"data file {path!r} looks binary (it contains NUL bytes); give UTF-8 text, "
+                            f"or a .bin token file with a .json sidecar")
+        try:  # the cut at 1 MiB may split a character: ignore an incomplete tail
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:
+                raise DataError(f"data file {path!r} is not UTF-8 text (bad byte at offset {e.start}); "
+                                f"convert it, e.g. iconv -t UTF-8") from None
+
+    def _windows(self, starts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        rows = np.stack([np.asarray(self.data[s:s + T + 1], dtype=np.int64) for s in starts.tolist()])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+    def get_batch(self, batch_size: int, generator: torch.Generator):
+        starts = torch.randint(0, self.split_at - self.block_size - 1, (batch_size,), generator=generator)
+        return self._windows(starts)
+
+    def eval_batches(self, batch_size: int):
+        lo, hi = (self.split_at, len(self.data)) if self.has_val else (0, self.split_at)
+        span = hi - lo - self.block_size - 1
+        n = min(self.eval_windows, max(1, span))
+        starts = lo + torch.linspace(0, max(span - 1, 0), n).long()
+        for i in range(0, n, batch_size):
+            yield self._windows(starts[i:i + batch_size])
+
+    def optimal_loss(self, sequences=None):
+        return None
+
+    def describe(self) -> Dict:
+        return {"name": self.name, "path": os.path.abspath(self.path), "tokens": int(len(self.data))}
+
+
+def load_dataset(data: str, block_size: int):
+    """``"bark"`` (built in) or a path to a text / .bin token file."""
+    if data == "bark":
+        return BarkCorpus(block_size=block_size)
+    return TextCorpus(data, block_size=block_size)

@@ -1,0 +1,317 @@
+"""BarkGPT: a GPT decoder built from a GPTConfig. Calls barkgpt.ops only, never kernels directly."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import ConfigError, GPTConfig
+
+
+class _Runtime:
+    """Settings shared by every module of one model (so set_backend reaches all of them)."""
+
+    def __init__(self, backend: Optional[str]):
+        self.backend = backend
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1), via ops.layer_norm."""
+
+    def __init__(self, n: int, bias: bool, eps: float, rt: _Runtime):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+        self.eps = eps
+        self.rt = rt
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.rt.backend)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, rt: _Runtime):
+        super().__init__()
+        self.n_head = config.n_head
+        self.causal = config.causal
+        # q, k, v packed in one projection like nn.MultiheadAttention's in_proj ([Wq; Wk; Wv]).
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rt = rt
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
+        # Strided views of the fused projection: (B, nh, T, hs) each, no copies.
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = ops.attention(q, k, v, causal=self.causal, backend=self.rt.backend)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.activation == "relu":
+            h = F.relu(h)
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = F.gelu(h)
+        return self.resid_dropout(self.proj(self.dropout(h)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, rt: _Runtime):
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.norm1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, rt)
+        self.attn = SelfAttention(config, rt)
+        self.norm2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, rt)
+        self.ff = FeedForward(config)
+
+    def forward(self, x):
+        if self.norm_first:  # GPT-2: x + f(LN(x))
+            x = x + self.attn(self.norm1(x))
+            return x + self.ff(self.norm2(x))
+        x = self.norm1(x + self.attn(x))  # the article's nn.TransformerEncoderLayer: LN(x + f(x))
+        return self.norm2(x + self.ff(x))
+
+
+class BarkGPT(nn.Module):
+    """GPT language model.
+
+    ``backend`` picks the kernels for attention, LayerNorm and the embedding add
+    ("triton", "cpp", "torch" or None for auto by device; see barkgpt.ops).
+    Attention-probability dropout is not applied (the fused kernels have none); dropout
+    acts on the embeddings, the feed-forward hidden layer and both residual branches.
+    """
+
+    def __init__(self, config: GPTConfig, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"BarkGPT needs a GPTConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        if backend is not None and backend != "auto" and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(ops.BACKENDS)} or None")
+        self.rt = _Runtime(None if backend == "auto" else backend)
+        self.tokenizer = None  # set by training / barkgpt.load; saved with the model
+
+        self.token_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([Block(config, self.rt) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, self.rt)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.token_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("ff.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    # ---- backend -------------------------------------------------------------------------
+    @property
+    def backend(self) -> Optional[str]:
+        return self.rt.backend
+
+    def set_backend(self, backend: Optional[str]) -> "BarkGPT":
+        if backend is not None and backend != "auto" and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(ops.BACKENDS)} or None")
+        self.rt.backend = None if backend == "auto" else backend
+        return self
+
+    def resolved_backend(self) -> str:
+        """The backend that will run for this model's parameters' device."""
+        return ops.resolve_backend(self.rt.backend, self.token_emb.weight.device)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100):
+        """Logits (B, T, vocab_size); with ``targets`` returns (logits, loss)."""
+        if idx.dim() != 2:
+            raise ValueError(f"BarkGPT expects token ids of shape (B, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
+                             f"crop the input to the last {self.config.block_size} tokens")
+        x = ops.embedding_add(idx, self.token_emb.weight, self.pos_emb.weight, backend=self.rt.backend)
+        x = self.drop(x)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return logits, self.loss_from_logits(logits, targets, ignore_index)
+
+    @staticmethod
+    def loss_from_logits(logits, targets, ignore_index: int = -100):
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(logits.shape[:-1])}")
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
+
+    def loss(self, idx, targets, ignore_index: int = -100):
+        """Mean next-token cross-entropy over targets that are not ``ignore_index``."""
+        return self(idx, targets, ignore_index)[1]
+
+    # ---- accounting ------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once). ``non_embedding`` drops the position table
+        and, when untied, the token table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.token_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward).
+
+        Matmuls: 2 FLOPs per weight per token forward, over every Linear (q/k/v, output,
+        feed-forward, head): 6 * N_linear. Attention scores and the weighted sum:
+        2 * 2 * T * n_embd per layer forward: 12 * n_layer * n_embd * T. The causal mask's
+        skipped half is counted (the PaLM/nanoGPT convention), embeddings and norms are not.
+        """
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        n_linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * n_linear + 12 * c.n_layer * c.n_embd * T
+
+    # ---- optimizer -------------------------------------------------------------------------
+    def configure_optimizers(self, weight_decay: float = 0.1, learning_rate: float = 3e-4,
+                             betas=(0.9, 0.95), eps: float = 1e-8, device_type: Optional[str] = None):
+        """AdamW with weight decay on matmul weights only (not on norms, biases, embeddings)."""
+        emb = {id(self.token_emb.weight), id(self.pos_emb.weight)}
+        decay, no_decay = [], []
+        for p in self.parameters():  # tied weights appear once
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in emb else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        device_type = device_type or self.token_emb.weight.device.type
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: Optional[int] = 40, top_p: Optional[float] = None, greedy: bool = False,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None):
+        """Sample ``max_new_tokens`` continuations of ``idx`` (B, T). Stops early once every
+        row has produced ``eos_token_id`` (finished rows are padded with it)."""
+        from .generate import sample_next
+
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        was_training = self.training
+        self.eval()
+        try:
+            done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            for _ in range(max_new_tokens):
+                ctx = idx[:, -self.config.block_size:]
+                logits = self(ctx)[:, -1, :].float()
+                nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  greedy=greedy, generator=generator)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                    done |= nxt == eos_token_id
+                idx = torch.cat([idx, nxt[:, None]], dim=1)
+                if eos_token_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
+        return idx
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, directory: str) -> str:
+        """Write config.json + model.safetensors (+ tokenizer.json) atomically into ``directory``."""
+        from .checkpoint import save_model
+
+        return save_model(self, directory)
+
+    def export_state_dict(self) -> Dict[str, torch.Tensor]:
+        """State dict with tied weights once and any torch.compile/DDP prefixes stripped."""
+        sd = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            sd.pop("head.weight", None)
+        return sd
+
+    def load_weights(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
+        from .checkpoint import strip_prefixes
+
+        sd = strip_prefixes(state_dict)
+        if self.config.tie_embeddings:
+            sd = {k: v for k, v in sd.items() if k != "head.weight"}
+            missing, unexpected = self.load_state_dict(sd, strict=False)
+            missing = [m for m in missing if m != "head.weight"]
+        else:
+            missing, unexpected = self.load_state_dict(sd, strict=False)
+        if strict and (missing or unexpected):
+            raise ValueError(f"weights do not match this model's config: missing {sorted(missing)[:6]}, "
+                             f"unexpected {sorted(unexpected)[:6]}")
+
+    # ---- interop with the article's model --------------------------------------------------
+    @classmethod
+    def from_article_state_dict(cls, state_dict: Dict[str, torch.Tensor], config: GPTConfig,
+                                backend: Optional[str] = None) -> "BarkGPT":
+        """Load the state dict of the article's GPTConfig-era BarkGPT (``token_emb``/``pos_emb``
+        embeddings, ``layers.N`` = nn.TransformerEncoderLayer(batch_first=True), ``ln_f``,
+        bias-free ``head``). ``config.norm_first``/``activation`` must be those the layers used;
+        ``causal`` says whether the article model was run with a causal mask."""
+        sd = dict(state_dict)
+        if "pos_emb" in sd and "pos_emb.weight" not in sd:  # the first article's (1, L, C) Parameter
+            sd["pos_emb.weight"] = sd.pop("pos_emb").reshape(-1, config.n_embd)
+        if "head.bias" in sd:
+            raise ConfigError("the article state dict has head.bias; BarkGPT's head has no bias "
+                              "(the GPTConfig-era article model uses bias=False)")
+        out: Dict[str, torch.Tensor] = {}
+        rename = {"self_attn.in_proj_weight": "attn.qkv.weight", "self_attn.in_proj_bias": "attn.qkv.bias",
+                  "self_attn.out_proj.weight": "attn.proj.weight", "self_attn.out_proj.bias": "attn.proj.bias",
+                  "linear1.weight": "ff.fc.weight", "linear1.bias": "ff.fc.bias",
+                  "linear2.weight": "ff.proj.weight", "linear2.bias": "ff.proj.bias",
+                  "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+                  "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias"}
+        for key, val in sd.items():
+            if key.startswith("layers."):
+                _, n, rest = key.split(".", 2)
+                if rest not in rename:
+                    raise ConfigError(f"unexpected key {key!r} in the article state dict")
+                out[f"layers.{n}.{rename[rest]}"] = val
+            else:
+                out[key] = val
+        ff = out.get("layers.0.ff.fc.weight")
+        if ff is not None and ff.shape[0] != config.ffn_dim:
+            raise ConfigError(f"the article's feed-forward width is {ff.shape[0]} but config.ffn_dim is "
+                              f"{config.ffn_dim}; set ffn_hidden={ff.shape[0]}")
+        model = cls(config, backend=backend)
+        model.load_weights(out)
+        return model

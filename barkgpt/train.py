@@ -1,0 +1,445 @@
+"""Training: AdamW, warmup + cosine, gradient accumulation and clipping, autocast, periodic
+validation, atomic checkpoints and exact resume.
+
+``barkgpt.train(...)`` is the Python API; ``barkgpt train`` (cli.py) maps its flags onto
+:class:`TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, GPTConfig
+from .data import BarkCorpus, load_dataset
+from .model import BarkGPT
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad settings, a non-finite loss ...); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved with every checkpoint)."""
+
+    preset: str = "bark"
+    model: Optional[Dict[str, Any]] = None  # GPTConfig fields; overrides the preset when given
+    data: str = "bark"
+    steps: int = 600
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-2
+    min_lr_ratio: float = 0.1
+    warmup_steps: Optional[int] = None  # None: 5% of steps (at most 100)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    seed: int = 1337
+    device: str = "auto"
+    backend: Optional[str] = None
+    dtype: str = "auto"
+    out: Optional[str] = None  # None: runs/<preset>, runs/<preset>-2, ... (first free)
+    eval_every: int = 100
+    save_every: int = 200  # 0: only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    compile: bool = False
+    deterministic: bool = False
+    on_nonfinite: str = "stop"  # or "skip": drop the step and go on
+    progress: bool = True
+    sample: bool = True
+
+    def validate(self) -> None:
+        def positive(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not allow_zero):
+                raise TrainingError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
+
+        for n in ("steps", "batch_size", "grad_accum", "eval_every", "keep_last", "log_every"):
+            positive(n)
+        positive("save_every", allow_zero=True)
+        if self.warmup_steps is not None:
+            positive("warmup_steps", allow_zero=True)
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10):
+            raise TrainingError(f"lr must be a positive number below 10, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainingError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise TrainingError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise TrainingError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise TrainingError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise TrainingError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+
+    def model_config(self) -> GPTConfig:
+        if self.model is not None:
+            return GPTConfig.from_dict(dict(self.model))
+        return GPTConfig.preset(self.preset)
+
+
+@dataclass
+class TrainResult:
+    model: BarkGPT
+    out_dir: str  # the run directory: barkgpt.load(out_dir) gives the final model
+    checkpoint: Optional[str]  # the last training checkpoint
+    losses: List[float]  # training loss of every step (mean over micro-steps)
+    val_history: List[Dict[str, float]]  # {"step", "val_loss"} at each evaluation
+    final_val_loss: Optional[float]
+    best_val_loss: Optional[float]
+    optimal_loss: Optional[float]  # the corpus's best achievable loss, when known (bark)
+    tokens_per_sec: float
+    sample: Optional[str] = None
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TrainingError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device cuda was requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dt = DTYPES[dtype]
+    if dt == torch.float16 and device.type != "cuda":
+        raise TrainingError("float16 autocast needs a CUDA GPU; use bfloat16 or float32 on CPU")
+    return dt
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, cfg.steps // 20)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _free_out_dir(base: str) -> str:
+    if not os.path.exists(base):
+        return base
+    i = 2
+    while os.path.exists(f"{base}-{i}"):
+        i += 1
+    return f"{base}-{i}"
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, device: torch.device, amp_ctx) -> float:
+    """Mean loss over every non-ignored target of the held-out set."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in dataset.eval_batches(batch_size):
+            x, y = x.to(device), y.to(device)
+            with amp_ctx():
+                logits = model(x)
+            n = int((y != dataset.ignore_index).sum())
+            if n == 0:
+                continue
+            loss = BarkGPT.loss_from_logits(logits, y, dataset.ignore_index)
+            total += loss.double() * n
+            count += n
+    finally:
+        model.train(was_training)
+    return float(total) / max(count, 1)
+
+
+def _sample_text(model, dataset, device) -> Optional[str]:
+    tok = getattr(dataset, "tokenizer", None)
+    if tok is None:
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    if isinstance(dataset, BarkCorpus):
+        prompt = " ".join(BarkCorpus.PROMPT)
+        idx = torch.tensor([tok.encode(prompt)], device=device)
+        out = model.generate(idx, max_new_tokens=dataset.MAX_BARKS + 2, eos_token_id=tok.eos_id, generator=g)
+    else:
+        idx = torch.tensor([tok.encode("\n")], device=device)
+        out = model.generate(idx, max_new_tokens=min(200, model.config.block_size), generator=g)
+    return tok.decode(out[0].tolist())
+
+
+def _rng_tensors(data_gen: torch.Generator, device: torch.device) -> Dict[str, torch.Tensor]:
+    t = {"rng.cpu": torch.get_rng_state(), "rng.data": data_gen.get_state()}
+    if device.type == "cuda":
+        t["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return t
+
+
+def _restore_rng(extra: Dict[str, torch.Tensor], data_gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(extra["rng.cpu"])
+    data_gen.set_state(extra["rng.data"])
+    if device.type == "cuda" and "rng.cuda" in extra:
+        torch.cuda.set_rng_state(extra["rng.cuda"], device)
+
+
+class _Metrics:
+    """Append-only JSON-lines metrics file (one object per log/eval event)."""
+
+    def __init__(self, path: str, resume_step: Optional[int]):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            # Drop events after the checkpoint we resume from: they will be logged again.
+            with open(path, encoding="utf-8") as f:
+                keep = []
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            keep.append(line)
+                    except ValueError:
+                        pass  # a line cut by a crash
+            ckpt.atomic_write_bytes(path, "".join(keep).encode())
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, **event) -> None:
+        self.f.write(json.dumps(event) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=None, **overrides) -> TrainResult:
+    """Train a BarkGPT. Pass a TrainConfig and/or its fields as keyword arguments, e.g.
+    ``barkgpt.train(preset="bark", steps=300, out="runs/demo")``. With ``resume=True`` the run in
+    ``out`` continues from its latest checkpoint, exactly as if it had never stopped."""
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"train() got an unknown option {k!r}; options: "
+                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+        setattr(cfg, k, v)
+    if isinstance(cfg.model, GPTConfig):
+        cfg.model = cfg.model.to_dict()
+    cfg.validate()
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    # -- run directory and resume --
+    start_step, resumed = 0, None
+    if resume:
+        if cfg.out is None:
+            raise TrainingError("resume needs the run directory: pass out=... (--out)")
+        latest = ckpt.latest_checkpoint(cfg.out)
+        if latest is None:
+            raise TrainingError(f"nothing to resume in {cfg.out!r}: it has no checkpoints")
+        resumed = ckpt.load_training_checkpoint(latest)
+        saved = TrainConfig(**resumed["state"]["train_config"])
+        # The run's identity comes from the checkpoint; only these may change on resume.
+        for k in ("steps", "eval_every", "save_every", "keep_last", "log_every", "progress", "sample",
+                  "device", "backend", "compile"):
+            if k in overrides or config is not None:
+                setattr(saved, k, getattr(cfg, k))
+        saved.out = cfg.out
+        cfg = saved
+        start_step = resumed["state"]["step"]
+    else:
+        if cfg.out is None:
+            cfg.out = _free_out_dir(os.path.join("runs", cfg.preset if cfg.model is None else "custom"))
+        elif ckpt.list_checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE)):
+            raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
+                                f"or choose another --out")
+    out_dir = os.path.abspath(cfg.out)
+    os.makedirs(out_dir, exist_ok=True)
+
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+
+    model_cfg = resumed["config"] if resumed else cfg.model_config()
+    dataset = load_dataset(cfg.data, model_cfg.block_size)
+    if dataset.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but the model's "
+                            f"vocab_size is {model_cfg.vocab_size}; pick a preset or config with "
+                            f"vocab_size >= {dataset.vocab_size}")
+    model = BarkGPT(model_cfg, backend=cfg.backend)
+    model.tokenizer = dataset.tokenizer
+    if resumed:
+        model.load_weights(resumed["model"])
+    model.to(device)
+    backend_name = model.resolved_backend()  # raises here, clearly, if an explicit backend cannot run
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type=device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp_dtype == torch.float16))
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    losses: List[float] = []
+    val_history: List[Dict[str, float]] = []
+    best = (math.inf, -1)
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        st = resumed["state"]
+        losses = list(st["losses"])
+        val_history = list(st["val_history"])
+        best = (st["best_val_loss"], st["best_step"])
+        if "scaler" in st:
+            scaler.load_state_dict(st["scaler"])
+        _restore_rng(resumed["extra"], data_gen, device)
+        say(f"resuming {out_dir} from step {start_step}")
+
+    def amp_ctx():
+        if amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    fwd = torch.compile(model) if cfg.compile else model
+    optimal = dataset.optimal_loss(getattr(dataset, "val", None)) if isinstance(dataset, BarkCorpus) else None
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    say(f"barkgpt: {model.num_params():,} parameters, {cfg.steps} steps of {tokens_per_step:,} tokens, "
+        f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}")
+
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start_step if resumed else None)
+    with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    def save_checkpoint(step: int) -> str:
+        state = {"train_config": dataclasses.asdict(cfg), "losses": losses, "val_history": val_history,
+                 "best_val_loss": best[0], "best_step": best[1], "dataset": dataset.describe()}
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        return ckpt.save_training_checkpoint(out_dir, step, model, optimizer, state,
+                                             _rng_tensors(data_gen, device), cfg.keep_last,
+                                             keep_steps=(best[1],) if best[1] >= 0 else ())
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5)
+    last_ckpt = ckpt.latest_checkpoint(out_dir) if resumed else None
+    model.train()
+    t0, tok_done, skipped = time.perf_counter(), 0, 0
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum):
+                x, y = dataset.get_batch(cfg.batch_size, data_gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with amp_ctx():
+                    _, loss = fwd(x, y, dataset.ignore_index)
+                # Each micro-step's loss is a mean; dividing by the count makes the sum of
+                # gradients the gradient of the mean over the whole (accumulated) batch.
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            step_loss, gnorm_v = torch.stack([loss_sum / cfg.grad_accum, gnorm.float()]).tolist()
+            if not (math.isfinite(step_loss) and math.isfinite(gnorm_v)) and not scaler.is_enabled():
+                optimizer.zero_grad(set_to_none=True)
+                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                if cfg.on_nonfinite == "stop":
+                    raise TrainingError(
+                        f"non-finite {what} at step {step} ({step_loss if what == 'loss' else gnorm_v}); "
+                        f"stopping. The last good checkpoint is {last_ckpt or 'none (none saved yet)'}; "
+                        f"lower --lr, use float32, or pass on_nonfinite='skip' to drop such steps")
+                skipped += 1
+                metrics.write(step=step, event="skipped_nonfinite", what=what)
+                losses.append(float("nan"))
+                continue
+            scaler.step(optimizer)  # with fp16 the scaler itself skips steps with inf grads
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            tok_done += tokens_per_step
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            tps = tok_done / elapsed if elapsed > 0 else 0.0
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                metrics.write(step=done, loss=step_loss, lr=lr, grad_norm=gnorm_v, tokens_per_sec=tps,
+                              elapsed_sec=elapsed)
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                vl = evaluate(model, dataset, cfg.batch_size, device, amp_ctx)
+                val_history.append({"step": done, "val_loss": vl})
+                if vl < best[0]:
+                    best = (vl, done)
+                metrics.write(step=done, val_loss=vl, **({"optimal_loss": optimal} if optimal else {}))
+            if bar is not None:
+                bar.update(1)
+                post = {"loss": f"{step_loss:.4f}", "tok/s": f"{tps:,.0f}"}
+                if val_history:
+                    post["val"] = f"{val_history[-1]['val_loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                last_ckpt = save_checkpoint(done)
+    except KeyboardInterrupt:
+        # Save where we are (a step boundary) so --resume loses nothing, then stop.
+        if bar is not None:
+            bar.close()
+            bar = None
+        done = len(losses)
+        if done > start_step:
+            last_ckpt = save_checkpoint(done)
+            say(f"interrupted: saved {last_ckpt}; continue with --resume --out {out_dir}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+
+    if resumed and start_step >= cfg.steps:
+        say(f"{out_dir} already trained for {start_step} steps (>= --steps {cfg.steps}); nothing to do")
+    model.save(out_dir)
+    elapsed = time.perf_counter() - t0
+    tps = tok_done / elapsed if elapsed > 0 and tok_done else 0.0
+    final_val = val_history[-1]["val_loss"] if val_history else None
+    msg = f"done: {len(losses)} steps"
+    if final_val is not None:
+        msg += f", val loss {final_val:.4f}"
+    if optimal is not None:
+        msg += f" (corpus optimum {optimal:.4f}, {100 * (final_val / optimal - 1):+.1f}%)"
+    if skipped:
+        msg += f", {skipped} non-finite steps skipped"
+    say(msg + f"; model saved to {out_dir}")
+    sample = None
+    if cfg.sample:
+        sample = _sample_text(model, dataset, device)
+        if sample is not None:
+            say(f"sample: {sample}")
+    return TrainResult(model=model, out_dir=out_dir, checkpoint=last_ckpt, losses=losses,
+                       val_history=val_history, final_val_loss=final_val,
+                       best_val_loss=best[0] if best[1] >= 0 else None, optimal_loss=optimal,
+                       tokens_per_sec=tps, sample=sample)
