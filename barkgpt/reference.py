@@ -3,7 +3,7 @@
 Semantics every backend must match:
 
 * ``layer_norm_ref(x, weight, bias, eps)``: normalize over the last dim of ``x`` (any rank),
-  math in fp32, result in ``x.dtype``. ``bias`` may be None.
+  math in fp32 (fp64 for fp64), result in ``x.dtype``. ``bias`` may be None.
 * ``attention_ref(q, k, v, causal)``: ``(B, H, T, D)`` inputs, scale ``1/sqrt(D)``,
   the meaning of ``F.scaled_dot_product_attention`` (no dropout).
 * ``embedding_add_ref(idx, tok_weight, pos_weight)``: ``tok_weight[idx] + pos_weight[:T]``
@@ -25,10 +25,9 @@ from ._checks import check_token_ids
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    eps: float = 1e-5) -> torch.Tensor:
     n = x.shape[-1]
-    xf = x.float()
-    w = weight.float()
-    b = bias.float() if bias is not None else None
-    return F.layer_norm(xf, (n,), w, b, eps).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)  # at least fp32 math (float64 stays float64)
+    b = bias.to(acc) if bias is not None else None
+    return F.layer_norm(x.to(acc), (n,), weight.to(acc), b, eps).to(x.dtype)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -233,10 +233,13 @@ class _Metrics:
 
 # ---- the loop -----------------------------------------------------------------------------------
 
-def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=None, **overrides) -> TrainResult:
+def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=None,
+          on_step: Optional[Callable[[int, float], None]] = None, **overrides) -> TrainResult:
     """Train a BarkGPT. Pass a TrainConfig and/or its fields as keyword arguments, e.g.
     ``barkgpt.train(preset="bark", steps=300, out="runs/demo")``. With ``resume=True`` the run in
-    ``out`` continues from its latest checkpoint, exactly as if it had never stopped."""
+    ``out`` continues from its latest checkpoint, exactly as if it had never stopped.
+    ``log(msg)`` receives progress messages (default: stderr); ``on_step(step, loss)`` is called
+    after every optimizer step (an exception from it ends the run, as a crash would)."""
     cfg = dataclasses.replace(config) if config is not None else TrainConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
@@ -327,13 +330,13 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
     with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
-    def save_checkpoint(step: int) -> str:
+    def save_checkpoint(step: int, rng: Dict[str, torch.Tensor]) -> str:
         state = {"train_config": dataclasses.asdict(cfg), "losses": losses, "val_history": val_history,
                  "best_val_loss": best[0], "best_step": best[1], "dataset": dataset.describe()}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         return ckpt.save_training_checkpoint(out_dir, step, model, optimizer, state,
-                                             _rng_tensors(data_gen, device), cfg.keep_last,
+                                             rng, cfg.keep_last,
                                              keep_steps=(best[1],) if best[1] >= 0 else ())
 
     bar = None
@@ -345,7 +348,9 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
     last_ckpt = ckpt.latest_checkpoint(out_dir) if resumed else None
     model.train()
     t0, tok_done, skipped = time.perf_counter(), 0, 0
-    step = start_step
+    # RNG/data position as of the last completed step: an interrupt mid-step saves these, so
+    # the half-done step is redone exactly on resume.
+    rng_done = _rng_tensors(data_gen, device)
     try:
         for step in range(start_step, cfg.steps):
             lr = lr_at(step, cfg)
@@ -379,11 +384,13 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
                 skipped += 1
                 metrics.write(step=step, event="skipped_nonfinite", what=what)
                 losses.append(float("nan"))
+                rng_done = _rng_tensors(data_gen, device)
                 continue
             scaler.step(optimizer)  # with fp16 the scaler itself skips steps with inf grads
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
+            rng_done = _rng_tensors(data_gen, device)
             tok_done += tokens_per_step
             done = step + 1
             elapsed = time.perf_counter() - t0
@@ -404,7 +411,9 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
                     post["val"] = f"{val_history[-1]['val_loss']:.4f}"
                 bar.set_postfix(post, refresh=False)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                last_ckpt = save_checkpoint(done)
+                last_ckpt = save_checkpoint(done, rng_done)
+            if on_step is not None:
+                on_step(done, step_loss)
     except KeyboardInterrupt:
         # Save where we are (a step boundary) so --resume loses nothing, then stop.
         if bar is not None:
@@ -412,7 +421,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
             bar = None
         done = len(losses)
         if done > start_step:
-            last_ckpt = save_checkpoint(done)
+            last_ckpt = save_checkpoint(done, rng_done)
             say(f"interrupted: saved {last_ckpt}; continue with --resume --out {out_dir}")
         raise
     finally:

@@ -1,0 +1,235 @@
+"""The ``barkgpt`` command line: train, generate, presets, info."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def _unit_float(s: str) -> float:
+    v = _positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s}")
+    return v
+
+
+BACKEND_CHOICES = ("auto", "triton", "cpp", "torch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import PRESETS
+
+    p = argparse.ArgumentParser(prog="barkgpt", description="Train small GPT language models fast.")
+    p.add_argument("--version", action="version", version=f"barkgpt {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (default: the bark preset on the bark corpus, on CPU "
+                                     "if there is no GPU)",
+                       description="Train a BarkGPT. With no arguments: the 'bark' preset on the built-in bark "
+                                   "corpus, then a held-out loss beside the corpus optimum and a sample.")
+    t.add_argument("--preset", default="bark", choices=sorted(PRESETS), help="model preset (default: bark)")
+    t.add_argument("--config", metavar="JSON", help="GPTConfig JSON file; overrides --preset")
+    t.add_argument("--data", default="bark", help="'bark' (built in), a UTF-8 text file (byte tokens), or a "
+                                                  ".bin token file with a .json sidecar (default: bark)")
+    t.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default: 600)")
+    t.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per micro-step (default: 64)")
+    t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step (default: 1)")
+    t.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (default: 1e-2)")
+    t.add_argument("--min-lr-ratio", type=_nonneg_float, default=0.1, help="final lr / peak lr (default: 0.1)")
+    t.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps (default: 5%% of steps, at most 100)")
+    t.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW weight decay on matmul weights (default: 0.1)")
+    t.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm, 0 disables (default: 1.0)")
+    t.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    t.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="kernels for attention/LayerNorm/embedding (default: auto by device)")
+    t.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="autocast dtype (default: bfloat16 on GPUs that support it, else float32)")
+    t.add_argument("--out", default=None, help="run directory (default: runs/<preset>, numbered if taken)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--eval-every", type=_positive_int, default=100, help="validate every N steps (default: 100)")
+    t.add_argument("--save-every", type=_nonneg_int, default=200, help="checkpoint every N steps, 0: only at the end (default: 200)")
+    t.add_argument("--keep-last", type=_positive_int, default=3, help="checkpoints kept besides the best (default: 3)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms: identical weights run to run")
+    t.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss/gradient instead of stopping")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
+
+    g = sub.add_parser("generate", help="sample text from a trained model",
+                       description="Sample from a model saved by `barkgpt train` (its --out directory) or model.save().")
+    g.add_argument("model", help="run directory or saved model directory")
+    g.add_argument("--prompt", default=None, help="prompt text (default: 'User: speak Assistant:' for bark models, a newline otherwise)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=_nonneg_float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=_nonneg_int, default=40, help="sample from the k most likely tokens, 0 = all (default: 40)")
+    g.add_argument("--top-p", type=_unit_float, default=None, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--num-samples", type=_positive_int, default=1, help="samples to draw (default: 1)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
+
+    sub.add_parser("presets", help="list the model presets")
+    sub.add_parser("info", help="versions and which backends can run on this machine")
+    return p
+
+
+def _cmd_train(a) -> int:
+    from .config import GPTConfig
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        preset=a.preset, data=a.data, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+        min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip, seed=a.seed, device=a.device, backend=None if a.backend == "auto" else a.backend,
+        dtype=a.dtype, out=a.out, eval_every=a.eval_every, save_every=a.save_every, keep_last=a.keep_last,
+        compile=a.compile, deterministic=a.deterministic, on_nonfinite="skip" if a.skip_nonfinite else "stop",
+        progress=not a.no_progress, sample=not a.no_sample)
+    if a.config:
+        cfg.model = GPTConfig.from_json(a.config).to_dict()
+    train(cfg, resume=a.resume)
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .train import resolve_device
+
+    device = resolve_device(a.device)
+    model = load(a.model, device=device, backend=None if a.backend == "auto" else a.backend)
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer.json; cannot turn text into tokens")
+    prompt = a.prompt
+    if prompt is None:
+        prompt = "User: speak Assistant:" if tok.kind == "bark" else "\n"
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization; give --prompt some text")
+    gen = torch.Generator(device=device)
+    if a.seed is not None:
+        gen.manual_seed(a.seed)
+    else:
+        gen.seed()
+    idx = torch.tensor([ids] * a.num_samples, device=device)
+    out = model.generate(idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k or None,
+                         top_p=a.top_p, greedy=a.greedy, eos_token_id=tok.eos_id, generator=gen)
+    for row in out.tolist():
+        if tok.eos_id is not None and tok.eos_id in row[len(ids):]:
+            row = row[:len(ids) + row[len(ids):].index(tok.eos_id) + 1]
+        print(tok.decode(row))
+    return 0
+
+
+def _cmd_presets(_a) -> int:
+    from .config import GPTConfig
+    from .model import BarkGPT
+
+    import torch
+
+    for name, about in GPTConfig.presets().items():
+        c = GPTConfig.preset(name)
+        with torch.device("meta"):
+            n = BarkGPT(c, backend="torch").num_params()
+        print(f"{name:13s} {n / 1e6:9.3f}M  {about}")
+    return 0
+
+
+def _cmd_info(_a) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, ops
+
+    print(f"barkgpt {__version__}, torch {torch.__version__}, python {platform.python_version()}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for b in ops.BACKENDS:
+            reason = ops.unavailable_reason(b, dev)
+            print(f"{dev:5s} {b:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"{dev:5s} auto -> {ops.resolve_backend(None, dev)}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .ops import BackendUnavailable
+    from .train import TrainingError
+
+    handlers = {"train": _cmd_train, "generate": _cmd_generate, "presets": _cmd_presets, "info": _cmd_info}
+    try:
+        return handlers[a.command](a)
+    except (ConfigError, DataError, CheckpointError, TrainingError, BackendUnavailable, ValueError,
+            IndexError, TypeError) as e:
+        # User errors: one line naming the problem, no traceback from deep inside
+        # (BARKGPT_DEBUG=1 shows it).
+        if os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"barkgpt {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("barkgpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+from barkgpt import BarkGPT, ConfigError, GPTConfig
+from helpers import ArticleBarkGPT
+
+
+def small_config(**kw):
+    base = dict(vocab_size=11, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def test_logits_shape_and_loss():
+    m = BarkGPT(small_config(), backend="torch")
+    idx = torch.randint(0, 11, (3, 9))
+    logits = m(idx)
+    assert logits.shape == (3, 9, 11)
+    tgt = torch.randint(0, 11, (3, 9))
+    tgt[0, :4] = -100
+    _, loss = m(idx, tgt)
+    keep = tgt != -100
+    want = torch.nn.functional.cross_entropy(logits[keep], tgt[keep])
+    torch.testing.assert_close(loss, want)
+    # a pad id as ignore_index
+    tgt2 = tgt.clone()
+    tgt2[tgt2 == -100] = 0
+    torch.testing.assert_close(m.loss(idx, tgt2, ignore_index=0),
+                               torch.nn.functional.cross_entropy(logits[tgt2 != 0], tgt2[tgt2 != 0]))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_parity_with_the_articles_model(norm_first, activation, causal):
+    c = small_config(norm_first=norm_first, activation=activation, causal=causal)
+    article = ArticleBarkGPT(c).eval()
+    for p in article.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, std=0.3)
+    m = BarkGPT.from_article_state_dict(article.state_dict(), c, backend="torch").eval()
+    idx = torch.randint(0, 11, (3, 13))
+    torch.testing.assert_close(m(idx), article(idx, causal), rtol=1e-5, atol=1e-5)
+    # training mode (no fast path in nn.TransformerEncoderLayer), gradients too
+    article.train(), m.train()
+    g = torch.randn(3, 13, 11)
+    a_out, m_out = article(idx, causal), m(idx)
+    torch.testing.assert_close(m_out, a_out, rtol=1e-5, atol=1e-5)
+    a_out.backward(g), m_out.backward(g)
+    torch.testing.assert_close(m.layers[0].attn.qkv.weight.grad, article.layers[0].self_attn.in_proj_weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.token_emb.weight.grad, article.token_emb.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_article_state_dict_mismatch_is_clear():
+    c = small_config()
+    sd = ArticleBarkGPT(GPTConfig(**{**c.to_dict(), "ffn_hidden": 128 + 4})).state_dict()
+    with pytest.raises(ConfigError, match="feed-forward width is 132"):
+        BarkGPT.from_article_state_dict(sd, c)
+
+
+def test_sequence_longer_than_block_raises():
+    m = BarkGPT(small_config(block_size=8), backend="torch")
+    with pytest.raises(ValueError, match="sequence length 9 exceeds block_size 8"):
+        m(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_out_of_range_token_raises():
+    m = BarkGPT(small_config(), backend="torch")
+    with pytest.raises(IndexError, match="token id 11 is out of range"):
+        m(torch.tensor([[1, 11]]))
+
+
+def test_num_params_and_tied_embeddings():
+    c = small_config()
+    m = BarkGPT(c, backend="torch")
+    C, V, L, F = 32, 11, 2, 128
+    per_layer = (3 * C * C + 3 * C) + (C * C + C) + (C * F + F) + (F * C + C) + 4 * C
+    want = V * C + 16 * C + L * per_layer + 2 * C + V * C
+    assert m.num_params() == want
+    assert m.num_params(non_embedding=True) == want - V * C - 16 * C
+    t = BarkGPT(small_config(tie_embeddings=True), backend="torch")
+    assert t.head.weight is t.token_emb.weight
+    assert t.num_params() == want - V * C
+    assert t.to(torch.float64).head.weight is t.token_emb.weight  # .to keeps the tie
+    with torch.device("meta"):
+        assert 124e6 < BarkGPT(GPTConfig.preset("gpt2"), backend="torch").num_params() < 125e6
+
+
+def test_flops_per_token_hand_computed():
+    c = small_config(n_layer=1, bias=False)
+    m = BarkGPT(c, backend="torch")
+    C, V, F, T = 32, 11, 128, 16
+    n_linear = 3 * C * C + C * C + C * F + F * C + C * V
+    assert m.flops_per_token() == 6 * n_linear + 12 * 1 * C * T
+    assert m.flops_per_token(seq_len=4) == 6 * n_linear + 12 * C * 4
+
+
+def test_configure_optimizers_groups():
+    m = BarkGPT(small_config(), backend="torch")
+    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(p.dim() == 2 for p in decay["params"])
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"token_emb.weight", "pos_emb.weight", "ln_f.weight", "layers.0.norm1.bias",
+            "layers.1.attn.qkv.bias"} <= nd
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_generate_stops_at_eos_and_respects_block():
+    torch.manual_seed(0)
+    m = BarkGPT(small_config(block_size=8), backend="torch")
+    with torch.no_grad():  # make token 3 overwhelmingly likely: it plays EOS
+        m.head.weight.zero_()
+        m.head.weight[3] = 5.0 * m.ln_f.weight.sign()
+        m.ln_f.bias.fill_(1.0)
+    out = m.generate(torch.tensor([[1, 2]]), max_new_tokens=20, eos_token_id=3)
+    assert out.tolist() == [[1, 2, 3]]
+    out = m.generate(torch.tensor([[1, 2]]), max_new_tokens=12, greedy=True)  # no EOS: full length,
+    assert out.shape == (1, 14)  # context cropped to block_size as it grows
+
+
+def test_generate_batch_pads_finished_rows():
+    m = BarkGPT(small_config(), backend="torch")
+    g = torch.Generator().manual_seed(0)
+    out = m.generate(torch.tensor([[1], [2]]), max_new_tokens=30, temperature=1.0, top_k=None,
+                     eos_token_id=4, generator=g)
+    for row in out.tolist():
+        if 4 in row[1:]:
+            first = row.index(4, 1)
+            assert all(t == 4 for t in row[first:])
+
+
+def test_sampling_options():
+    from barkgpt.generate import sample_next
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    assert sample_next(logits, greedy=True).item() == 2
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {2, 3}
+    draws = {sample_next(logits, temperature=1.0, top_k=None, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert draws == {2}
