@@ -1,5 +1,510 @@
-"""Triton attention kernel (placeholder until the kernel lands)."""
+"""Flash-style scaled dot-product attention in Triton: forward and backward, causal or not.
+
+Three layers (Liger style):
+
+1. ``@triton.jit`` kernels. The forward walks K/V tiles with an online softmax in base 2
+   (``exp2`` with ``log2(e)`` folded into the scale), never builds the T x T matrix and saves
+   the natural log-sum-exp per query row. The backward recomputes probabilities from it:
+   a preprocess pass ``delta = rowsum(dO * O)``, a pass that owns a K/V tile and sweeps query
+   tiles (dK, dV) and a pass that owns a Q tile and sweeps K/V tiles (dQ). Every output tile
+   is written by exactly one program with a fixed loop order: no atomics, so repeated
+   backward passes are bitwise equal.
+2. Launchers ``attention_fwd`` / ``attention_bwd``: allocate, pick tiles from
+   ``_attention_config``, launch on the tensors' device. Inputs may be any strided views
+   (q, k, v sliced out of a fused qkv projection, a transposed dO): every stride is passed.
+3. ``torch.library`` ops ``barkgpt_triton::attention_fwd`` / ``attention_bwd`` with fake
+   (meta) kernels and ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one op.
+
+Head dims 1..256 are padded inside the kernels to a power of two >= 16 (``tl.dot`` needs 16)
+with masked loads. Causal runs visit only tiles at or below the diagonal and mask only the
+diagonal band. fp32 inputs use ``input_precision="ieee"`` so they match an fp32 reference;
+fp16/bf16 use tensor cores; all accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _attention_config as _cfg
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_GRID_AXIS_LIMIT = 65535  # CUDA limit for grid dims 1 and 2 (heads, batch)
 
 
-def attention(*args, **kwargs):
-    raise NotImplementedError("the Triton attention kernel has not been written yet")
+def _interpret() -> bool:
+    from . import interpret_mode
+
+    return interpret_mode()
+
+
+# ---- 1. kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _attention_fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt,
+                         offs_m, offs_n0, offs_d, T, D, qk_scale, lo, hi,
+                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold K/V rows [lo, hi) into the running (acc, l_i, m_i). MASKED tiles may cross T and,
+    when CAUSAL, the diagonal; unmasked tiles are fully valid and skip every select."""
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        row = tl.cast(start_n, tl.int64)
+        if MASKED:
+            n_ok = offs_n < T
+            kT = tl.load(kT_ptrs + row * stride_kt, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + row * stride_vt, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + row * stride_kt)
+            v = tl.load(v_ptrs + row * stride_vt)
+        else:
+            kT = tl.load(kT_ptrs + row * stride_kt, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + row * stride_vt, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32, unscaled
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(keep, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            # qk_scale > 0, so max(s) * scale == max(s * scale) exactly.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE,  # Q/K/V/O: (B, H, T, D) any strides; LSE: (B, H, T) fp32 contiguous
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T, D, qk_scale,  # qk_scale = log2(e) / sqrt(D)
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Tiles near the end of the sequence do the most work: launch them first.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+
+    q_ptrs = (Q + b * stride_qb + h * stride_qh + row0.to(tl.int64) * stride_qt
+              + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vt + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Keys before row0 are visible to every row of the tile; the band [row0, row0 + BLOCK_M)
+        # holds the diagonal; keys past it are never visited.
+        mask_lo = row0
+        hi = tl.minimum(row0 + BLOCK_M, T)
+    else:
+        mask_lo = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt,
+                                         offs_m, offs_n0, offs_d, T, D, qk_scale, 0, mask_lo,
+                                         BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt,
+                                         offs_m, offs_n0, offs_d, T, D, qk_scale, mask_lo, hi,
+                                         BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
+    # Every row (padding rows included) saw at least one unmasked key, so l_i > 0.
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + (b * H + h) * T + offs_m, lse, mask=m_ok)
+    o_ptrs = (O + b * stride_ob + h * stride_oh + row0.to(tl.int64) * stride_ot
+              + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O, DO, DELTA,  # O/DO: (B, H, T, D) any strides; DELTA: (B, H, T) fp32 contiguous
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, stride_qt, stride_dot, LSE_bh, DELTA_bh,
+                              offs_n, offs_m0, offs_d, T, D, qk_scale, lo, hi,
+                              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                              EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate the contributions of query rows [lo, hi) to this program's dK, dV tile.
+    Works on transposed scores (keys x queries) so no tile needs a transpose but dO's."""
+    d_ok = offs_d < D
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row = tl.cast(start_m, tl.int64)
+        if MASKED:
+            m_ok = offs_m < T
+            qT = tl.load(qT_ptrs + row * stride_qt, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs + row * stride_dot, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE_bh + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA_bh + offs_m, mask=m_ok, other=0.0)
+        else:
+            if EVEN_D:
+                qT = tl.load(qT_ptrs + row * stride_qt)
+                do = tl.load(do_ptrs + row * stride_dot)
+            else:
+                qT = tl.load(qT_ptrs + row * stride_qt, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs + row * stride_dot, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(LSE_bh + offs_m)
+            delta = tl.load(DELTA_bh + offs_m)
+        sT = tl.dot(k, qT, input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT * qk_scale - (lse * 1.4426950408889634)[None, :])
+        if MASKED:
+            keep = m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pT = tl.where(keep, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,  # (B, H, T, D) any strides; LSE/DELTA (B, H, T) fp32
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, T, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Causal: early key tiles see the most queries and already come first in launch order.
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    col0 = pid_n * BLOCK_N
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < T
+    d_ok = offs_d < D
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+    rows_n = col0.to(tl.int64) + tl.arange(0, BLOCK_N)[:, None]
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows_n * stride_kt + offs_d[None, :] * stride_kd,
+                mask=nd_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows_n * stride_vt + offs_d[None, :] * stride_vd,
+                mask=nd_mask, other=0.0)
+    qT_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[None, :] * stride_qt + offs_d[:, None] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    LSE_bh = LSE + (b * H + h) * T
+    DELTA_bh = DELTA + (b * H + h) * T
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    t_full = (T // BLOCK_M) * BLOCK_M  # query tiles below this need no bounds check
+    if CAUSAL:
+        # Queries before col0 see none of these keys (skipped); the band [col0, col0 + BLOCK_N)
+        # holds the diagonal; queries after it see every key of the tile.
+        band_hi = tl.minimum(col0 + BLOCK_N, T)
+        dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, stride_qt, stride_dot, LSE_bh,
+                                           DELTA_bh, offs_n, offs_m0, offs_d, T, D, qk_scale, col0, band_hi,
+                                           BLOCK_M, True, True, EVEN_D, PRECISION)
+        full_lo = col0 + BLOCK_N
+    else:
+        full_lo = 0
+    full_hi = tl.maximum(t_full, full_lo)
+    dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, stride_qt, stride_dot, LSE_bh,
+                                       DELTA_bh, offs_n, offs_m0, offs_d, T, D, qk_scale, full_lo, full_hi,
+                                       BLOCK_M, False, False, EVEN_D, PRECISION)
+    dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, stride_qt, stride_dot, LSE_bh,
+                                       DELTA_bh, offs_n, offs_m0, offs_d, T, D, qk_scale, full_hi, T,
+                                       BLOCK_M, True, False, EVEN_D, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + rows_n * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + rows_n * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_inner(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt,
+                            offs_m, offs_n0, offs_d, T, D, qk_scale, lo, hi,
+                            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                            EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate the contributions of key rows [lo, hi) to this program's dQ tile."""
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        row = tl.cast(start_n, tl.int64)
+        if MASKED:
+            n_ok = offs_n < T
+            kT = tl.load(kT_ptrs + row * stride_kt, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs + row * stride_vt, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs + row * stride_kt)
+            vT = tl.load(vT_ptrs + row * stride_vt)
+        else:
+            kT = tl.load(kT_ptrs + row * stride_kt, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs + row * stride_vt, mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,  # (B, H, T, D) any strides; LSE/DELTA (B, H, T) fp32
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    rows_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows_m * stride_qt + offs_d[None, :] * stride_qd,
+                mask=md_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=md_mask, other=0.0)
+    # Padding rows get lse = +inf so their probabilities are exactly 0.
+    lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[None, :] * stride_vt + offs_d[:, None] * stride_vd
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        mask_lo = row0
+        hi = tl.minimum(row0 + BLOCK_M, T)
+    else:
+        mask_lo = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt,
+                                 offs_m, offs_n0, offs_d, T, D, qk_scale, 0, mask_lo,
+                                 BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)
+    dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt,
+                                 offs_m, offs_n0, offs_d, T, D, qk_scale, mask_lo, hi,
+                                 BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows_m * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
+
+
+# ---- 2. launchers --------------------------------------------------------------------------
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # "ieee" keeps fp32 exact vs an fp32 reference (no TF32); ignored for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) output laid out as (B, T, H, D) in memory, like PyTorch's flash backend:
+    the model's ``y.transpose(1, 2).reshape(B, T, C)`` is then a free view."""
+    B, H, T, D = q.shape
+    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
+
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``out`` (B, H, T, D) in q.dtype and the natural-log ``lse`` (B, H, T) in fp32."""
+    B, H, T, D = q.shape
+    out = _empty_out(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf") if D > 0 else 0.0)
+        return out, lse
+    cfg = _cfg.tile_config("fwd", D, T, q.dtype, _interpret())
+    block_d = _cfg.padded_head_dim(D)
+    qk_scale = LOG2E / math.sqrt(D)
+    grid = (triton.cdiv(T, cfg.block_m), H, B)
+    with _device_ctx(q):
+        _attention_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            H, T, D, qk_scale,
+            CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            EVEN_D=(block_d == D), PRECISION=_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, in q.dtype) from the upstream gradient ``do`` (any strides)."""
+    B, H, T, D = q.shape
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if dq.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    interp = _interpret()
+    block_d = _cfg.padded_head_dim(D)
+    even_d = block_d == D
+    precision = _precision(q.dtype)
+    sm_scale = 1.0 / math.sqrt(D)
+    qk_scale = sm_scale * LOG2E
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    pre_m = min(16 if interp else 64, max(16, triton.next_power_of_2(T)))
+    cfg_kv = _cfg.tile_config("dkdv", D, T, q.dtype, interp)
+    cfg_q = _cfg.tile_config("dq", D, T, q.dtype, interp)
+    with _device_ctx(q):
+        _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), H, B)](
+            out, do, delta, *_strides(out), *_strides(do), H, T, D,
+            BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
+        )
+        _attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg_kv.block_n), H, B)](
+            q, k, v, do, dk, dv, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            H, T, D, qk_scale, sm_scale,
+            CAUSAL=causal, BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, BLOCK_D=block_d,
+            EVEN_D=even_d, PRECISION=precision, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
+        )
+        _attention_bwd_dq_kernel[(triton.cdiv(T, cfg_q.block_m), H, B)](
+            q, k, v, do, dq, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, T, D, qk_scale, sm_scale,
+            CAUSAL=causal, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=block_d,
+            EVEN_D=even_d, PRECISION=precision, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
+        )
+    return dq, dk, dv
+
+
+# ---- 3. torch.library registration ---------------------------------------------------------
+
+@torch.library.custom_op("barkgpt_triton::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, causal)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, causal):
+    B, H, T, D = q.shape
+    return _empty_out(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("barkgpt_triton::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, out, lse, causal)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, causal):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal = causal
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.causal)
+    return dq, dk, dv, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry ----------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) [+ causal mask]) v for (B, H, T, D) tensors; differentiable.
+
+    barkgpt.ops has already checked shapes, devices and dtype agreement.
+    """
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton attention supports float16, bfloat16 and float32, got {q.dtype}; "
+                        f"use backend='torch' for {q.dtype}")
+    B, H, T, D = q.shape
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention supports head dims up to {MAX_HEAD_DIM}, got {D}; "
+                         f"use backend='torch' or fewer, wider heads")
+    if H > _GRID_AXIS_LIMIT or B > _GRID_AXIS_LIMIT:
+        raise ValueError(f"triton attention supports at most {_GRID_AXIS_LIMIT} heads and batch rows, "
+                         f"got B={B}, H={H}")
+    out, _ = _attention_fwd_op(q, k, v, bool(causal))
+    return out
