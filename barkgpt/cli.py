@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import List, Optional
@@ -117,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_train(a) -> int:
+def _train_config_from_args(a):
     from .config import GPTConfig
-    from .train import TrainConfig, train
+    from .train import TrainConfig
 
     cfg = TrainConfig(
         preset=a.preset, data=a.data, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
@@ -130,7 +131,40 @@ def _cmd_train(a) -> int:
         progress=not a.no_progress, sample=not a.no_sample)
     if a.config:
         cfg.model = GPTConfig.from_json(a.config).to_dict()
-    train(cfg, resume=a.resume)
+    return cfg
+
+
+def _explicit_flags(parser, argv) -> set:
+    """Dest names of the train flags given on the command line (defaults suppressed)."""
+    train_parser = parser._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+    saved = {act.dest: act.default for act in train_parser._actions}
+    try:
+        for act in train_parser._actions:
+            act.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        for act in train_parser._actions:
+            act.default = saved[act.dest]
+    return set(given) - {"command"}
+
+
+def _cmd_train(a, parser=None, argv=None) -> int:
+    from .train import train
+
+    cfg = _train_config_from_args(a)
+    if not a.resume:
+        train(cfg)
+        return 0
+    # On --resume only the flags actually given are passed on: the rest come from the checkpoint.
+    given = _explicit_flags(parser, argv) - {"resume"}
+    full = dataclasses.asdict(cfg)
+    rename = {"skip_nonfinite": "on_nonfinite", "no_progress": "progress", "no_sample": "sample", "config": "model"}
+    overrides = {}
+    for dest in given:
+        key = rename.get(dest, dest)
+        if key in full:
+            overrides[key] = full[key]
+    train(resume=True, **overrides)
     return 0
 
 
@@ -215,7 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .ops import BackendUnavailable
     from .train import TrainingError
 
-    handlers = {"train": _cmd_train, "generate": _cmd_generate, "presets": _cmd_presets, "info": _cmd_info}
+    handlers = {"train": lambda a: _cmd_train(a, parser, argv), "generate": _cmd_generate,
+                "presets": _cmd_presets, "info": _cmd_info}
     try:
         return handlers[a.command](a)
     except (ConfigError, DataError, CheckpointError, TrainingError, BackendUnavailable, ValueError,

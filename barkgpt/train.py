@@ -28,6 +28,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+# Settings a resumed run may change; everything else must match the checkpoint.
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "keep_last", "log_every", "progress", "sample",
+                     "device", "backend", "compile", "on_nonfinite")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (bad settings, a non-finite loss ...); the message says why."""
 
@@ -261,10 +266,16 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
             raise TrainingError(f"nothing to resume in {cfg.out!r}: it has no checkpoints")
         resumed = ckpt.load_training_checkpoint(latest)
         saved = TrainConfig(**resumed["state"]["train_config"])
-        # The run's identity comes from the checkpoint; only these may change on resume.
-        for k in ("steps", "eval_every", "save_every", "keep_last", "log_every", "progress", "sample",
-                  "device", "backend", "compile"):
-            if k in overrides or config is not None:
+        # The run's identity comes from the checkpoint; only RESUME_MAY_CHANGE may differ.
+        for k, v in overrides.items():
+            if k in RESUME_MAY_CHANGE or k == "out":
+                setattr(saved, k, v)
+            elif v != getattr(saved, k):
+                raise TrainingError(f"{k}={v!r} differs from the run being resumed ({getattr(saved, k)!r}); "
+                                    f"a resumed run keeps its settings (only {', '.join(RESUME_MAY_CHANGE)} "
+                                    f"may change): drop the option or start a new run in another --out")
+        if config is not None:
+            for k in RESUME_MAY_CHANGE:
                 setattr(saved, k, getattr(cfg, k))
         saved.out = cfg.out
         cfg = saved
