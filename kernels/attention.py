@@ -195,12 +195,14 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, stride_qt, stride_
             lse = tl.load(LSE_bh + offs_m)
             delta = tl.load(DELTA_bh + offs_m)
         sT = tl.dot(k, qT, input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(sT * qk_scale - (lse * 1.4426950408889634)[None, :])
+        logit = sT * qk_scale - (lse * 1.4426950408889634)[None, :]
         if MASKED:
+            # Select before exp2: a future key can score far above the row's lse (overflow).
             keep = m_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            pT = tl.where(keep, pT, 0.0)
+            logit = tl.where(keep, logit, float("-inf"))
+        pT = tl.math.exp2(logit)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
@@ -291,12 +293,13 @@ def _attention_bwd_dq_inner(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, stride_kt,
             kT = tl.load(kT_ptrs + row * stride_kt, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs + row * stride_vt, mask=d_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        logit = s * qk_scale - lse2[:, None]
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, p, 0.0)
+            logit = tl.where(keep, logit, float("-inf"))
+        p = tl.math.exp2(logit)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
