@@ -291,9 +291,6 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
 
     device = resolve_device(cfg.device)
     amp_dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
 
     model_cfg = resumed["config"] if resumed else cfg.model_config()
@@ -361,6 +358,10 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
     t0, tok_done, skipped = time.perf_counter(), 0, 0
     # RNG/data position as of the last completed step: an interrupt mid-step saves these, so
     # the half-done step is redone exactly on resume.
+    prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:  # deterministic kernels (ours always are) and cuBLAS settings; restored after
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     rng_done = _rng_tensors(data_gen, device)
     try:
         for step in range(start_step, cfg.steps):
@@ -439,6 +440,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
         if bar is not None:
             bar.close()
         metrics.close()
+        torch.use_deterministic_algorithms(prev_deterministic)
 
     if resumed and start_step >= cfg.steps:
         say(f"{out_dir} already trained for {start_step} steps (>= --steps {cfg.steps}); nothing to do")
