@@ -137,3 +137,14 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     calls["n"] = 0
     r = barkgpt.train(steps=10, save_every=2, eval_every=100, out=out + "2", on_nonfinite="skip", **FAST)
     assert len(r.losses) == 10 and r.losses[5] != r.losses[5]  # NaN recorded for the skipped step
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    r = barkgpt.train(steps=40, eval_every=40, dtype="bfloat16", out=str(tmp_path / "r"), **FAST)
+    assert all(l == l for l in r.losses) and r.final_val_loss < BarkCorpus().unigram_loss()
+    assert all(p.dtype == torch.float32 for p in r.model.parameters())  # fp32 master weights
+
+
+def test_fp16_needs_a_gpu(tmp_path):
+    with pytest.raises(TrainingError, match="float16 autocast needs a CUDA GPU"):
+        barkgpt.train(steps=2, dtype="float16", device="cpu", out=str(tmp_path / "r"), **FAST)
