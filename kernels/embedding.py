@@ -1,5 +1,258 @@
-"""Triton embedding_add kernel (placeholder until the kernel lands)."""
+"""Fused token + position embedding add in Triton: ``out[b, t] = tok_weight[idx[b, t]] + pos_weight[t]``.
+
+Three layers (Liger style):
+
+1. ``@triton.jit`` kernels.
+   * forward: one pass; each program gathers ``BLOCK_R`` token rows and their position rows
+     (one read of each, one write), adds in fp32, stores in the promoted table dtype.
+   * token-table gradient, deterministic without atomics: the flattened ids are sorted
+     (stable) once, ``searchsorted`` gives each vocabulary row its segment of positions, and
+     one program per (vocabulary row, column block[, split]) sums that segment in a fixed
+     order in fp32 and writes the whole row (zeros for unused tokens, so no separate memset).
+   * position-table gradient: a sum over the batch in a fixed order, per (t, column) tile.
+   When a grid would leave the GPU idle (a tiny vocabulary such as bark's 9 tokens, or
+   few positions), each sum is split into ``SPLIT`` fixed pieces written as fp32 partials
+   and reduced afterwards in a fixed order (``_utils.sum_partials``): still no atomics, and
+   a vocabulary where every token is the same id stays parallel.
+2. Launchers ``embedding_add_fwd`` / ``embedding_add_bwd``: heuristic tiles (no autotune, so
+   the first call on a shape equals the second), any strides for ids, tables and upstream
+   gradient, launched on the tensors' device.
+3. ``torch.library`` ops ``barkgpt_triton::embedding_add_fwd`` / ``embedding_add_bwd`` with
+   fake kernels and ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one op.
+   The forward op body checks the ids (``check_token_ids``): ids outside ``[0, V)`` raise
+   IndexError instead of reading out of bounds.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from barkgpt._checks import check_token_ids
+
+from ._utils import device_ctx, pow2_floor, sm_count, sum_partials, warps_for
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_MAX_BLOCK_C = 256  # column block: 256 divides the usual widths (768, 1024, ...) with no waste
+_FWD_TILE = 4096
+_BWD_TILE = 2048
+_MAX_SPLIT = 64
 
 
-def embedding_add(*args, **kwargs):
-    raise NotImplementedError("the Triton embedding_add kernel has not been written yet")
+# ---- 1. kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _embedding_add_fwd_kernel(
+    IDX,  # (B, T) int32/int64, any strides
+    TOK,  # (V, C) any strides
+    POS,  # (P, C) any strides, P >= T
+    OUT,  # (B, T, C) contiguous, promoted dtype
+    stride_ib, stride_it, stride_tv, stride_tc, stride_pt, stride_pc,
+    n_tokens, T, C,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat b * T + t
+    r_ok = r < n_tokens
+    b = r // T
+    t = r - b * T
+    ids = tl.load(IDX + b * stride_ib + t * stride_it, mask=r_ok, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = r_ok[:, None] & (cols < C)[None, :]
+    tok = tl.load(TOK + ids[:, None] * stride_tv + cols[None, :] * stride_tc, mask=mask, other=0.0)
+    pos = tl.load(POS + t[:, None] * stride_pt + cols[None, :] * stride_pc, mask=mask, other=0.0)
+    out = tok.to(tl.float32) + pos.to(tl.float32)
+    tl.store(OUT + r[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _embedding_add_bwd_tok_kernel(
+    DOUT,  # (B, T, C) any strides
+    ORDER,  # (B * T,) int64: flat positions sorted by token id (stable)
+    BOUNDS,  # (V + 1,) int64: positions of token v are ORDER[BOUNDS[v]:BOUNDS[v + 1]]
+    DTOK,  # (SPLIT, V, C) contiguous: fp32 partials, or the (V, C) gradient when SPLIT == 1
+    stride_db, stride_dt, stride_dc, T, V, C, SPLIT,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    v = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2).to(tl.int64)
+    col_ok = cols < C
+    start = tl.load(BOUNDS + v)
+    n = tl.load(BOUNDS + v + 1) - start
+    lo = start + (n * s) // SPLIT
+    hi = start + (n * (s + 1)) // SPLIT
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < hi
+        r = tl.load(ORDER + p, mask=p_ok, other=0)
+        b = r // T
+        t = r - b * T
+        g = tl.load(DOUT + b[:, None] * stride_db + t[:, None] * stride_dt + cols[None, :] * stride_dc,
+                    mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += g.to(tl.float32)
+    tl.store(DTOK + (s * V + v) * C + cols, tl.sum(acc, 0).to(DTOK.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _embedding_add_bwd_pos_kernel(
+    DOUT,  # (B, T, C) any strides
+    DPOS,  # (SPLIT, T, C) contiguous: fp32 partials, or rows [0, T) of the gradient when SPLIT == 1
+    stride_db, stride_dt, stride_dc, B, T, C, SPLIT,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(2).to(tl.int64)
+    mask = (t < T)[:, None] & (cols < C)[None, :]
+    ptrs = DOUT + t[:, None] * stride_dt + cols[None, :] * stride_dc
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for b in range((B * s) // SPLIT, (B * (s + 1)) // SPLIT):
+        acc += tl.load(ptrs + tl.cast(b, tl.int64) * stride_db, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DPOS + (s * T + t[:, None]) * C + cols[None, :], acc.to(DPOS.dtype.element_ty), mask=mask)
+
+
+# ---- 2. launchers --------------------------------------------------------------------------
+
+class _Tile(NamedTuple):
+    block_rows: int
+    block_c: int
+    num_warps: int
+
+
+def _tile(rows: int, C: int, target_elems: int, min_programs: int) -> _Tile:
+    """Column block up to _MAX_BLOCK_C; rows fill ``target_elems`` but keep >= min_programs row tiles."""
+    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C)
+    block_rows = max(1, min(target_elems // block_c, pow2_floor(triton.cdiv(rows, min_programs))))
+    return _Tile(block_rows, block_c, warps_for(block_rows * block_c, 8))
+
+
+def _split(programs: int, work: int, device: torch.device) -> int:
+    """Pieces per sum so that ~2 programs per SM exist; never more pieces than ``work`` items."""
+    want = triton.cdiv(2 * sm_count(device), max(programs, 1))
+    return max(1, min(want, work, _MAX_SPLIT))
+
+
+def embedding_add_fwd(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    B, T = idx.shape
+    C = tok_weight.shape[1]
+    out = torch.empty((B, T, C), dtype=torch.promote_types(tok_weight.dtype, pos_weight.dtype),
+                      device=tok_weight.device)
+    n_tokens = B * T
+    if out.numel() == 0:
+        return out
+    tile = _tile(n_tokens, C, _FWD_TILE, 2 * sm_count(idx.device))
+    grid = (triton.cdiv(n_tokens, tile.block_rows), triton.cdiv(C, tile.block_c))
+    with device_ctx(idx):
+        _embedding_add_fwd_kernel[grid](
+            idx, tok_weight, pos_weight, out,
+            idx.stride(0), idx.stride(1), tok_weight.stride(0), tok_weight.stride(1),
+            pos_weight.stride(0), pos_weight.stride(1), n_tokens, T, C,
+            BLOCK_R=tile.block_rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps)
+    return out
+
+
+def embedding_add_bwd(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int, n_pos: int,
+                      tok_dtype: torch.dtype, pos_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the token table (vocab_size, C) and the position table (n_pos, C)."""
+    B, T, C = dout.shape
+    dev = dout.device
+    n_tokens = B * T
+    dtok = torch.empty((vocab_size, C), dtype=tok_dtype, device=dev)
+    dpos = torch.empty((n_pos, C), dtype=pos_dtype, device=dev)
+    dpos[T:].zero_()
+    if n_tokens == 0 or C == 0:
+        return dtok.zero_(), dpos.zero_()
+
+    # Token table: positions grouped by id. int32 keys sort faster; the stable sort keeps each
+    # group in increasing position order, so the summation order is fixed.
+    keys = idx.reshape(-1).to(torch.int32)
+    sorted_ids, order = torch.sort(keys, stable=True)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(vocab_size + 1, dtype=torch.int32, device=dev))
+    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C)
+    n_cb = triton.cdiv(C, block_c)
+    mean_len = triton.cdiv(n_tokens, vocab_size)
+    split = _split(vocab_size * n_cb, mean_len, dev)
+    block_p = max(1, min(_BWD_TILE // block_c, triton.next_power_of_2(triton.cdiv(mean_len, split))))
+    target = dtok if split == 1 else torch.empty((split, vocab_size, C), dtype=torch.float32, device=dev)
+    with device_ctx(dout):
+        _embedding_add_bwd_tok_kernel[(vocab_size, n_cb, split)](
+            dout, order, bounds, target, dout.stride(0), dout.stride(1), dout.stride(2),
+            T, vocab_size, C, split,
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps_for(block_p * block_c, 8))
+    if split > 1:
+        sum_partials(target.view(split, vocab_size * C), dtok.view(-1))
+
+    # Position table: rows [0, T) summed over the batch; rows [T, n_pos) stay zero.
+    tile = _tile(T, C, _BWD_TILE, 1)
+    grid_tc = triton.cdiv(T, tile.block_rows) * triton.cdiv(C, tile.block_c)
+    split = _split(grid_tc, B, dev)
+    target = dpos if split == 1 else torch.empty((split, T, C), dtype=torch.float32, device=dev)
+    with device_ctx(dout):
+        _embedding_add_bwd_pos_kernel[(triton.cdiv(T, tile.block_rows), triton.cdiv(C, tile.block_c), split)](
+            dout, target, dout.stride(0), dout.stride(1), dout.stride(2), B, T, C, split,
+            BLOCK_T=tile.block_rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps)
+    if split > 1:
+        sum_partials(target.view(split, T * C), dpos[:T].view(-1))
+    return dtok, dpos
+
+
+# ---- 3. torch.library registration ---------------------------------------------------------
+
+@torch.library.custom_op("barkgpt_triton::embedding_add_fwd", mutates_args=())
+def _embedding_add_fwd_op(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    check_token_ids(idx, tok_weight.shape[0])
+    return embedding_add_fwd(idx, tok_weight, pos_weight)
+
+
+@_embedding_add_fwd_op.register_fake
+def _(idx, tok_weight, pos_weight):
+    B, T = idx.shape
+    return tok_weight.new_empty((B, T, tok_weight.shape[1]),
+                                dtype=torch.promote_types(tok_weight.dtype, pos_weight.dtype))
+
+
+@torch.library.custom_op("barkgpt_triton::embedding_add_bwd", mutates_args=())
+def _embedding_add_bwd_op(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int, n_pos: int,
+                          tok_dtype: torch.dtype, pos_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    return embedding_add_bwd(dout, idx, vocab_size, n_pos, tok_dtype, pos_dtype)
+
+
+@_embedding_add_bwd_op.register_fake
+def _(dout, idx, vocab_size, n_pos, tok_dtype, pos_dtype):
+    C = dout.shape[-1]
+    return dout.new_empty((vocab_size, C), dtype=tok_dtype), dout.new_empty((n_pos, C), dtype=pos_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    idx, tok_weight, pos_weight = inputs
+    ctx.save_for_backward(idx)
+    ctx.vocab_size, ctx.n_pos = tok_weight.shape[0], pos_weight.shape[0]
+    ctx.tok_dtype, ctx.pos_dtype = tok_weight.dtype, pos_weight.dtype
+
+
+def _backward(ctx, dout):
+    (idx,) = ctx.saved_tensors
+    dtok, dpos = _embedding_add_bwd_op(dout, idx, ctx.vocab_size, ctx.n_pos, ctx.tok_dtype, ctx.pos_dtype)
+    return None, dtok, dpos
+
+
+_embedding_add_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry ----------------------------------------------------------------------------
+
+def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """``tok_weight[idx] + pos_weight[:T]`` for ids ``idx`` (B, T); differentiable in both tables.
+
+    barkgpt.ops has already checked shapes, devices and dtypes; the op itself checks id range.
+    """
+    for name, t in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"triton embedding_add supports float16, bfloat16 and float32 tables, got "
+                            f"{name} in {t.dtype}; use backend='torch' for {t.dtype}")
+    return _embedding_add_fwd_op(idx, tok_weight, pos_weight)

@@ -1,0 +1,96 @@
+"""Launch helpers shared by the LayerNorm and embedding-add Triton kernels.
+
+* ``device_ctx``: launch on the tensor's own GPU (``torch.cuda.device``), not the current one.
+* ``num_programs_target``: how many programs fill the device; fixes the number of partial
+  sums the deterministic reductions use (depends only on the device, so repeated runs on one
+  device reduce in the same order and are bitwise equal).
+* ``as_rows``: a 2-D ``(rows, N)`` view of any-rank tensor without copying when the strides
+  allow it (transposed or expanded last-dim views stay views; their strides go to the kernel).
+* ``sum_partials``: sums a ``(G, N)`` fp32 buffer of per-program partials over G in a fixed
+  order (the second stage of every no-atomics reduction) and writes ``N`` values in any dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 every program is a Python loop iteration: a small "device" keeps
+# CPU tests quick while still giving each persistent program several tiles to walk.
+_INTERPRET_SMS = 4
+
+
+def interpret() -> bool:
+    from . import interpret_mode
+
+    return interpret_mode()
+
+
+def device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRET_SMS
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def warps_for(tile_elems: int, max_warps: int = 16) -> int:
+    """About 16 elements per thread: enough independent loads in flight, few registers."""
+    return max(1, min(max_warps, tile_elems // 512))
+
+
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as ``(rows, n)``; a view when strides allow (last dim may have any stride)."""
+    try:
+        return t.view(-1, n)
+    except RuntimeError:  # leading dims not mergeable (e.g. a permuted 3-D view): copy once
+        return t.reshape(-1, n)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    P,  # (G, N) fp32 contiguous partial sums
+    OUT,  # (N,) contiguous, any float dtype
+    G, N,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        ptrs = P + g.to(tl.int64)[:, None] * N + cols[None, :]
+        acc += tl.load(ptrs, mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=col_ok)
+
+
+def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[:] = partials.sum(0)`` in a fixed order; ``partials`` (G, N) fp32 contiguous,
+    ``out`` a contiguous tensor of N elements (any float dtype)."""
+    G, N = partials.shape
+    assert out.is_contiguous() and out.numel() == N and partials.is_contiguous()
+    if N == 0:
+        return out
+    block_n = min(triton.next_power_of_2(N), 256)
+    block_g = max(1, min(triton.next_power_of_2(G), 2048 // block_n))
+    with device_ctx(partials):
+        _sum_partials_kernel[(triton.cdiv(N, block_n),)](
+            partials, out, G, N, BLOCK_G=block_g, BLOCK_N=block_n,
+            num_warps=warps_for(block_g * block_n, 8))
+    return out
