@@ -1,0 +1,360 @@
+"""The ``"cpp"`` backend: C++ CPU kernels from ``csrc/``, registered as ``barkgpt_cpp::*`` ops.
+
+Importing this module loads the kernels or raises (barkgpt.ops then records the reason, warns
+once and uses the torch backend). Where the compiled library comes from, first match wins:
+
+1. ``barkgpt._C`` built by setup.py, only if its build record says it was compiled against the
+   running torch from the sources shipped beside it;
+2. a JIT build (``torch.utils.cpp_extension.load``, ninja) in a cache directory keyed by the
+   torch version, Python, compiler flags, CPU and a hash of the sources, so a build for
+   another torch is never loaded. It is compiled once, under a file lock so parallel
+   processes do not race, with a one-line message on stderr.
+
+``BARKGPT_NO_CPP=1`` disables the backend; ``BARKGPT_CACHE_DIR`` moves the build cache.
+C++ registers only schemas and CPU kernels; this module adds the fake (meta) kernels and the
+autograd formulas with ``torch.library``, so ``torch.compile(fullgraph=True)`` sees each op as
+one node and ``torch.library.opcheck`` passes.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = ["layer_norm", "attention", "embedding_add", "unavailable_reason", "LIBRARY", "BUILD"]
+
+_NS = "barkgpt_cpp"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_RECORD = "_C.build.json"  # written by setup.py beside the prebuilt barkgpt._C
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# ---- finding and building the library ------------------------------------------------------
+
+def source_dir() -> Optional[str]:
+    """csrc/ of an installed package (barkgpt/csrc) or of a source checkout (../csrc)."""
+    for d in (os.path.join(_HERE, "csrc"), os.path.join(os.path.dirname(_HERE), "csrc")):
+        if os.path.isfile(os.path.join(d, "ops.cpp")):
+            return d
+    return None
+
+
+def source_files(src: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(src, "*.cpp")) + glob.glob(os.path.join(src, "*.h")))
+
+
+def sources_hash(src: str) -> str:
+    """sha256 over the names and contents of csrc/*.cpp and *.h (setup.py computes the same)."""
+    h = hashlib.sha256()
+    for f in source_files(src):
+        h.update(os.path.basename(f).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def _uses_openmp() -> bool:
+    # ATen's parallel_for is header-inline OpenMP when torch was built with it: we need -fopenmp.
+    try:
+        return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    except Exception:  # pragma: no cover - very old torch
+        return True
+
+
+def _jit_flags() -> Tuple[List[str], List[str]]:
+    if os.name == "nt":
+        return ["/O2", "/openmp"], []
+    cflags, ldflags = ["-O3"], []
+    # Built on (and for) the machine that runs it, so it may use every instruction this CPU has.
+    machine = platform.machine().lower()
+    if not _truthy("BARKGPT_CPP_PORTABLE"):
+        if machine in ("x86_64", "amd64"):
+            cflags.append("-march=native")
+        elif machine in ("aarch64", "arm64"):
+            cflags.append("-mcpu=native")
+    if _uses_openmp():
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def _cpu_id() -> str:
+    """Distinguishes CPUs for -march=native builds in a cache shared between machines."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_root() -> str:
+    root = os.environ.get("BARKGPT_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "barkgpt")
+    return os.path.join(root, "cpp")
+
+
+def _compiler_problem() -> Optional[str]:
+    cxx = os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        return f"no C++ compiler found (looked for {cxx!r}; install one, or set CXX)"
+    from torch.utils import cpp_extension
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        try:  # the pip 'ninja' package (a dependency of barkgpt) may not be on PATH
+            import ninja  # noqa: F401
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            cpp_extension.verify_ninja_availability()
+        except Exception:
+            return "ninja is not available (pip install ninja)"
+    return None
+
+
+class _FileLock:
+    """An exclusive lock held while building; the OS drops it if the process dies."""
+
+    def __init__(self, path: str):
+        self.path, self.fh = path, None
+
+    def __enter__(self):
+        self.fh = open(self.path, "a+")
+        try:
+            import fcntl
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # Windows: torch's own build lock still applies
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def _short_build_error(text: str, log_path: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith(("FAILED", "c++ ", "g++ "))]
+    detail = "; ".join((errors or lines[-3:])[:3])
+    return f"compiling csrc/ failed: {detail[:600]} (full log: {log_path})"
+
+
+def _jit_build(src: str) -> str:
+    """Path of the JIT-built library for this torch/Python/CPU/sources, compiling it if needed."""
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = _jit_flags()
+    key_parts = [torch.__version__, sys.version.split()[0], platform.platform(), " ".join(cflags + ldflags),
+                 sources_hash(src)]
+    if any("native" in f for f in cflags):
+        key_parts.append(_cpu_id())
+    key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]
+    name = f"barkgpt_cpp_{key}"
+    root = _cache_root()
+    build_dir = os.path.join(root, f"torch-{torch.__version__}-{key}")
+    ext = getattr(cpp_extension, "LIB_EXT", ".pyd" if os.name == "nt" else ".so")
+    lib = os.path.join(build_dir, name + ext)
+    if os.path.isfile(lib):
+        return lib
+    problem = _compiler_problem()
+    if problem is not None:
+        raise ImportError(problem)
+    os.makedirs(build_dir, exist_ok=True)
+    with _FileLock(os.path.join(root, name + ".lock")):
+        if os.path.isfile(lib):  # another process built it while we waited
+            return lib
+        stale = os.path.join(build_dir, "lock")  # torch's own build marker, left by a killed build
+        if os.path.exists(stale):
+            os.remove(stale)
+        sys.stderr.write(f"barkgpt: compiling the C++ CPU kernels for torch {torch.__version__} "
+                         f"(once, about a minute) in {build_dir}\n")
+        sys.stderr.flush()
+        try:
+            cpp_extension.load(name=name, sources=[f for f in source_files(src) if f.endswith(".cpp")],
+                               extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build_dir,
+                               is_python_module=False, verbose=False)
+        except Exception as e:  # compiler errors, missing headers, link failures
+            log = os.path.join(build_dir, "build.log")
+            with open(log, "w", encoding="utf-8") as f:
+                f.write(str(e))
+            raise ImportError(_short_build_error(str(e), log)) from None
+    if not os.path.isfile(lib):
+        raise ImportError(f"the C++ build finished but {lib} is missing")
+    return lib
+
+
+def _prebuilt(src: Optional[str]) -> Optional[str]:
+    """barkgpt._C from setup.py, if it was built for the running torch and these sources."""
+    try:
+        spec = importlib.util.find_spec("barkgpt._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), BUILD_RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None  # no record: built by something we cannot vouch for
+    if record.get("torch") != torch.__version__:
+        return None
+    if src is not None and record.get("sources") != sources_hash(src):
+        return None  # csrc/ changed since setup.py built it (editable checkout)
+    return spec.origin
+
+
+def _op_registered(name: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NS}::{name}", "CPU")
+    except Exception:
+        return False
+
+
+def _load_library() -> Tuple[str, str]:
+    """Load the compiled kernels; returns (path, how) or raises ImportError with the reason."""
+    if _truthy("BARKGPT_NO_CPP"):
+        raise ImportError("disabled by the environment variable BARKGPT_NO_CPP")
+    if _op_registered("attention_fwd"):  # already loaded in this process (module re-import)
+        return "<already loaded>", "loaded"
+    src = source_dir()
+    path, how = _prebuilt(src), "prebuilt"
+    if path is None:
+        if src is None:
+            raise ImportError("the C++ sources (csrc/) were not found next to barkgpt and no "
+                              "prebuilt barkgpt._C matches this torch; reinstall barkgpt")
+        path, how = _jit_build(src), "jit"
+    try:
+        torch.ops.load_library(path)
+    except Exception as e:
+        raise ImportError(f"loading {path} failed: {e}") from None
+    info = torch.ops.barkgpt_cpp.build_info()
+    if info != "torch " + ".".join(torch.__version__.split("+")[0].split(".")[:3]):
+        raise ImportError(f"{path} was compiled against {info}, but torch {torch.__version__} is running")
+    return path, how
+
+
+LIBRARY, BUILD = _load_library()
+_ops = torch.ops.barkgpt_cpp
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    if device_type == "cpu":
+        return None
+    return f"the cpp backend runs on CPU tensors only, not {device_type}"
+
+
+# ---- fake (meta) kernels: shapes and dtypes only, same layout as the CPU kernels ----------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake(f"{_NS}::layer_norm_fwd")
+    def _(x, weight, bias, eps):
+        stat = x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+        return x.new_empty(x.shape), stat, torch.empty_like(stat)
+
+    @torch.library.register_fake(f"{_NS}::layer_norm_bwd")
+    def _(grad, x, weight, bias, mean, rstd):
+        db_dtype = (bias if bias is not None else weight).dtype
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=db_dtype)
+
+    @torch.library.register_fake(f"{_NS}::attention_fwd")
+    def _(q, k, v, causal):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+
+    @torch.library.register_fake(f"{_NS}::attention_bwd")
+    def _(grad, q, k, v, out, lse, causal):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    @torch.library.register_fake(f"{_NS}::embedding_add_fwd")
+    def _(idx, tok_weight, pos_weight):
+        return tok_weight.new_empty((idx.shape[0], idx.shape[1], tok_weight.shape[1]))
+
+    @torch.library.register_fake(f"{_NS}::embedding_add_bwd")
+    def _(grad, idx, vocab_size, num_positions):
+        return grad.new_empty((vocab_size, grad.shape[2])), grad.new_empty((num_positions, grad.shape[2]))
+
+
+# ---- autograd: forward ops save what backward needs; backward ops are C++ kernels too --------
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_backward(ctx, gy, _gmean, _grstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _ops.layer_norm_bwd.default(gy, x, weight, bias, mean, rstd)
+    return dx, dw, (db if bias is not None else None), None
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, causal = inputs
+    out, lse = output
+    ctx.causal = causal
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_backward(ctx, gout, _glse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ops.attention_bwd.default(gout, q, k, v, out, lse, ctx.causal)
+    return dq, dk, dv, None
+
+
+def _emb_setup(ctx, inputs, output):
+    idx, tok_weight, pos_weight = inputs
+    ctx.vocab_size, ctx.num_positions = tok_weight.shape[0], pos_weight.shape[0]
+    ctx.save_for_backward(idx)
+
+
+def _emb_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    dtok, dpos = _ops.embedding_add_bwd.default(grad, idx, ctx.vocab_size, ctx.num_positions)
+    return None, dtok, dpos
+
+
+def _register_autograd() -> None:
+    torch.library.register_autograd(f"{_NS}::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
+    torch.library.register_autograd(f"{_NS}::attention_fwd", _attn_backward, setup_context=_attn_setup)
+    torch.library.register_autograd(f"{_NS}::embedding_add_fwd", _emb_backward, setup_context=_emb_setup)
+
+
+# Python registrations live as long as the process; a re-import must not repeat them.
+if not getattr(torch.ops.barkgpt_cpp, "_barkgpt_python_registered", False):
+    _register_fakes()
+    _register_autograd()
+    torch.ops.barkgpt_cpp._barkgpt_python_registered = True
+
+
+# ---- the backend interface (ops.py has validated shapes, devices and dtypes) ---------------------
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    return _ops.layer_norm_fwd.default(x, weight, bias, float(eps))[0]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    return _ops.attention_fwd.default(q, k, v, bool(causal))[0]
+
+
+def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    # Out-of-range ids raise IndexError inside the C++ kernel (same message as check_token_ids),
+    # on every path, compiled or not, before any table row is read.
+    dtype = torch.promote_types(tok_weight.dtype, pos_weight.dtype)
+    return _ops.embedding_add_fwd.default(idx, tok_weight.to(dtype), pos_weight.to(dtype))

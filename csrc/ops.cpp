@@ -1,0 +1,70 @@
+// Operator schemas (namespace barkgpt_cpp) and their CPU kernels.
+//
+// Only the schemas and CPU kernels live in C++; the fake (meta) kernels, the autograd
+// formulas and the user-facing wrappers are registered from Python in barkgpt/_cpp.py, so
+// torch.compile traces each op as one node and opcheck can test the whole registration.
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace barkgpt {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd);
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, bool causal);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal);
+at::Tensor embedding_add_fwd_cpu(const at::Tensor& idx, const at::Tensor& tok_weight,
+                                 const at::Tensor& pos_weight);
+std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& idx,
+                                                         int64_t vocab_size,
+                                                         int64_t num_positions);
+
+// The torch version these kernels were compiled against (barkgpt/_cpp.py checks it).
+std::string build_info() { return std::string("torch ") + TORCH_VERSION; }
+
+}  // namespace barkgpt
+
+TORCH_LIBRARY(barkgpt_cpp, m) {
+  // (y, mean, rstd); mean/rstd are fp32 (fp64 for fp64 x), shape x.shape[:-1].
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // (dx, dweight, dbias); dbias has bias's dtype (weight's when bias is None).
+  m.def("layer_norm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor mean, "
+        "Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  // (out, lse); lse is fp32 (fp64 for fp64 inputs), shape (B, H, T).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "bool causal) -> (Tensor, Tensor, Tensor)");
+  m.def("embedding_add_fwd(Tensor idx, Tensor tok_weight, Tensor pos_weight) -> Tensor");
+  // (dtok (vocab_size, C), dpos (num_positions, C)), in grad's dtype.
+  m.def("embedding_add_bwd(Tensor grad, Tensor idx, SymInt vocab_size, SymInt num_positions) "
+        "-> (Tensor, Tensor)");
+  m.def("build_info() -> str", &barkgpt::build_info);
+}
+
+TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
+  m.impl("layer_norm_fwd", &barkgpt::layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &barkgpt::layer_norm_bwd_cpu);
+  m.impl("attention_fwd", &barkgpt::attention_fwd_cpu);
+  m.impl("attention_bwd", &barkgpt::attention_bwd_cpu);
+  m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
+  m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
+}
+
+#ifdef BARKGPT_PYTHON_MODULE
+// setup.py builds this file as the Python extension barkgpt._C; barkgpt/_cpp.py loads it with
+// torch.ops.load_library, but setuptools expects a module init symbol to export.
+#include <Python.h>
+static struct PyModuleDef barkgpt_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&barkgpt_c_module); }
+#endif
