@@ -124,8 +124,16 @@ def resolve_backend(backend: Optional[str], device) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def _resolve_for_trace(backend: Optional[str], device_type: str) -> str:
+    # torch.compile evaluates this eagerly while tracing (imports, locks and warnings cannot be
+    # traced) and bakes the name into the graph: dispatch costs nothing in compiled code.
+    return resolve_backend(backend, device_type)
+
+
 def get_backend(backend: Optional[str], device):
-    return _loaded[resolve_backend(backend, device)]
+    dev = _device_type(device)
+    return _loaded[_resolve_for_trace(backend, dev)]
 
 
 # ---- the ops -----------------------------------------------------------------------------

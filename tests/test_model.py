@@ -142,3 +142,17 @@ def test_sampling_options():
     assert draws == {2, 3}
     draws = {sample_next(logits, temperature=1.0, top_k=None, top_p=0.5, generator=g).item() for _ in range(50)}
     assert draws == {2}
+
+
+def test_torch_compile_fullgraph_auto_backend_matches_eager():
+    m = BarkGPT(GPTConfig.preset("bark-tiny", dropout=0.0), backend=None)
+    idx = torch.randint(0, 9, (3, 32))
+    tgt = torch.randint(0, 9, (3, 32))
+    cm = torch.compile(m, fullgraph=True)  # fails on any graph break (dispatch included)
+    _, loss_c = cm(idx, tgt)
+    grads_c = torch.autograd.grad(loss_c, list(m.parameters()))
+    _, loss_e = m(idx, tgt)
+    grads_e = torch.autograd.grad(loss_e, list(m.parameters()))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
