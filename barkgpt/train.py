@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import ConfigError, GPTConfig
 from .data import BarkCorpus, load_dataset
 from .model import BarkGPT
@@ -159,14 +160,16 @@ def _free_out_dir(base: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int, device: torch.device, amp_ctx) -> float:
-    """Mean loss over every non-ignored target of the held-out set."""
+def evaluate(model, dataset, batch_size: int, device: torch.device, amp_ctx,
+             world: Optional[distributed.World] = None) -> float:
+    """Mean loss over every non-ignored target of the held-out set (split across ranks)."""
+    world = world or distributed.World()
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        for x, y in dataset.eval_batches(batch_size):
+        for x, y in world.shard(dataset.eval_batches(batch_size)):
             x, y = x.to(device), y.to(device)
             with amp_ctx():
                 logits = model(x)
@@ -178,6 +181,9 @@ def evaluate(model, dataset, batch_size: int, device: torch.device, amp_ctx) -> 
             count += n
     finally:
         model.train(was_training)
+    if world.enabled:
+        sums = world.sum_(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+        total, count = sums[0], int(sums[1])
     return float(total) / max(count, 1)
 
 
@@ -211,10 +217,14 @@ def _restore_rng(extra: Dict[str, torch.Tensor], data_gen: torch.Generator, devi
 
 
 class _Metrics:
-    """Append-only JSON-lines metrics file (one object per log/eval event)."""
+    """Append-only JSON-lines metrics file (one object per log/eval event); ``path=None``
+    (ranks other than 0) writes nothing."""
 
-    def __init__(self, path: str, resume_step: Optional[int]):
+    def __init__(self, path: Optional[str], resume_step: Optional[int]):
         self.path = path
+        self.f = None
+        if path is None:
+            return
         if resume_step is not None and os.path.exists(path):
             # Drop events after the checkpoint we resume from: they will be logged again.
             with open(path, encoding="utf-8") as f:
@@ -229,11 +239,13 @@ class _Metrics:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, **event) -> None:
-        self.f.write(json.dumps(event) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(event) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -244,19 +256,21 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
     ``barkgpt.train(preset="bark", steps=300, out="runs/demo")``. With ``resume=True`` the run in
     ``out`` continues from its latest checkpoint, exactly as if it had never stopped.
     ``log(msg)`` receives progress messages (default: stderr); ``on_step(step, loss)`` is called
-    after every optimizer step (an exception from it ends the run, as a crash would)."""
-    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"train() got an unknown option {k!r}; options: "
-                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
-        setattr(cfg, k, v)
-    if isinstance(cfg.model, GPTConfig):
-        cfg.model = cfg.model.to_dict()
-    cfg.validate()
-    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    after every optimizer step (an exception from it ends the run, as a crash would).
 
-    # -- run directory and resume --
+    Launched by torchrun with several processes, this trains data-parallel (see
+    barkgpt/distributed.py): ``batch_size`` is per process, rank 0 logs and writes the files,
+    and every rank returns the same result."""
+    world = distributed.init()
+    try:
+        return _train(world, config, resume, log, on_step, overrides)
+    finally:
+        world.close()
+
+
+def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[str, Any], resume: bool,
+              world_size: int, say) -> tuple:
+    """Pick the run directory or load the checkpoint to resume: (cfg, start_step, resumed)."""
     start_step, resumed = 0, None
     if resume:
         if cfg.out is None:
@@ -266,6 +280,16 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
             raise TrainingError(f"nothing to resume in {cfg.out!r}: it has no checkpoints")
         resumed = ckpt.load_training_checkpoint(latest)
         saved = TrainConfig(**resumed["state"]["train_config"])
+        # batch_size is per process: the global micro-batch (the data stream) stays the run's.
+        saved_world = resumed["state"].get("world_size", 1)
+        if saved_world != world_size:
+            try:
+                per_rank = distributed.resume_batch_size(saved.batch_size, saved_world, world_size)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+            say(f"resuming a {saved_world}-process run on {world_size}: batch_size {saved.batch_size} -> "
+                f"{per_rank} per process keeps the global batch")
+            saved.batch_size = per_rank
         # The run's identity comes from the checkpoint; only RESUME_MAY_CHANGE may differ.
         for k, v in overrides.items():
             if k in RESUME_MAY_CHANGE or k == "out":
@@ -286,10 +310,33 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
         elif ckpt.list_checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE)):
             raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
                                 f"or choose another --out")
-    out_dir = os.path.abspath(cfg.out)
-    os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(cfg.out, exist_ok=True)
+    return cfg, start_step, resumed
 
-    device = resolve_device(cfg.device)
+
+def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"train() got an unknown option {k!r}; options: "
+                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+        setattr(cfg, k, v)
+    if isinstance(cfg.model, GPTConfig):
+        cfg.model = cfg.model.to_dict()
+    cfg.validate()
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not world.is_main:
+        say = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
+
+    # -- run directory and resume: rank 0 decides (and reads the checkpoint), every rank follows --
+    cfg, start_step, resumed = world.run_on_main(
+        lambda: _open_run(cfg, config, overrides, resume, world.size, say))
+    out_dir = os.path.abspath(cfg.out)
+
+    try:
+        device = world.device(resolve_device(cfg.device))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     amp_dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
@@ -328,19 +375,25 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    fwd = torch.compile(model) if cfg.compile else model
+    ddp_model = world.wrap(model, device)  # `model` itself when there is one process
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     optimal = dataset.optimal_loss(getattr(dataset, "val", None)) if isinstance(dataset, BarkCorpus) else None
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * model_cfg.block_size  # all ranks
     say(f"barkgpt: {model.num_params():,} parameters, {cfg.steps} steps of {tokens_per_step:,} tokens, "
-        f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}")
+        f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}"
+        + (f", {world.size} processes" if world.enabled else ""))
 
-    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl"), start_step if resumed else None)
-    with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if world.is_main else None,
+                       start_step if resumed else None)
+    if world.is_main:
+        with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
 
     def save_checkpoint(step: int, rng: Dict[str, torch.Tensor]) -> str:
+        # Rank 0's optimizer and RNG state: the weights and optimizer are the same on every rank.
         state = {"train_config": dataclasses.asdict(cfg), "losses": losses, "val_history": val_history,
-                 "best_val_loss": best[0], "best_step": best[1], "dataset": dataset.describe()}
+                 "best_val_loss": best[0], "best_step": best[1], "dataset": dataset.describe(),
+                 "world_size": world.size}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         return ckpt.save_training_checkpoint(out_dir, step, model, optimizer, state,
@@ -348,12 +401,12 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
                                              keep_steps=(best[1],) if best[1] >= 0 else ())
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and world.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5)
-    last_ckpt = ckpt.latest_checkpoint(out_dir) if resumed else None
+    last_ckpt = world.run_on_main(lambda: ckpt.latest_checkpoint(out_dir)) if resumed else None
     model.train()
     t0, tok_done, skipped = time.perf_counter(), 0, 0
     # RNG/data position as of the last completed step: an interrupt mid-step saves these, so
@@ -368,15 +421,18 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            world.seed_dropout(data_gen)
             loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                x, y = dataset.get_batch(cfg.batch_size, data_gen)
+            for micro in range(cfg.grad_accum):
+                x, y = world.local_batch(dataset, cfg.batch_size, data_gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with amp_ctx():
-                    _, loss = fwd(x, y, dataset.ignore_index)
-                # Each micro-step's loss is a mean; dividing by the count makes the sum of
-                # gradients the gradient of the mean over the whole (accumulated) batch.
-                scaler.scale(loss / cfg.grad_accum).backward()
+                # Under DDP, gradients are averaged across ranks on the last micro-step only.
+                with world.grad_sync(ddp_model, micro == cfg.grad_accum - 1):
+                    with amp_ctx():
+                        _, loss = fwd(x, y, dataset.ignore_index)
+                    # Each micro-step's loss is a mean; dividing by the count makes the sum of
+                    # gradients the gradient of the mean over the whole (accumulated) batch.
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -384,7 +440,8 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            step_loss, gnorm_v = torch.stack([loss_sum / cfg.grad_accum, gnorm.float()]).tolist()
+            # the gradients (so gnorm) are the same on every rank; the loss is averaged over ranks
+            step_loss, gnorm_v = torch.stack([world.mean(loss_sum / cfg.grad_accum), gnorm.float()]).tolist()
             if not (math.isfinite(step_loss) and math.isfinite(gnorm_v)) and not scaler.is_enabled():
                 optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(step_loss) else "gradient norm"
@@ -411,7 +468,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
                 metrics.write(step=done, loss=step_loss, lr=lr, grad_norm=gnorm_v, tokens_per_sec=tps,
                               elapsed_sec=elapsed)
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                vl = evaluate(model, dataset, cfg.batch_size, device, amp_ctx)
+                vl = evaluate(model, dataset, cfg.batch_size, device, amp_ctx, world)
                 val_history.append({"step": done, "val_loss": vl})
                 if vl < best[0]:
                     best = (vl, done)
@@ -423,7 +480,8 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
                     post["val"] = f"{val_history[-1]['val_loss']:.4f}"
                 bar.set_postfix(post, refresh=False)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                last_ckpt = save_checkpoint(done, rng_done)
+                # every rank waits for the save (and learns if it failed)
+                last_ckpt = world.run_on_main(lambda: save_checkpoint(done, rng_done))
             if on_step is not None:
                 on_step(done, step_loss)
     except KeyboardInterrupt:
@@ -432,7 +490,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
             bar.close()
             bar = None
         done = len(losses)
-        if done > start_step:
+        if done > start_step and world.is_main:  # no collectives here: other ranks may be gone
             last_ckpt = save_checkpoint(done, rng_done)
             say(f"interrupted: saved {last_ckpt}; continue with --resume --out {out_dir}")
         raise
@@ -444,7 +502,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
 
     if resumed and start_step >= cfg.steps:
         say(f"{out_dir} already trained for {start_step} steps (>= --steps {cfg.steps}); nothing to do")
-    model.save(out_dir)
+    world.run_on_main(lambda: model.save(out_dir))
     elapsed = time.perf_counter() - t0
     tps = tok_done / elapsed if elapsed > 0 and tok_done else 0.0
     final_val = val_history[-1]["val_loss"] if val_history else None
@@ -457,7 +515,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
         msg += f", {skipped} non-finite steps skipped"
     say(msg + f"; model saved to {out_dir}")
     sample = None
-    if cfg.sample:
+    if cfg.sample and world.is_main:
         sample = _sample_text(model, dataset, device)
         if sample is not None:
             say(f"sample: {sample}")
