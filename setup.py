@@ -8,24 +8,70 @@ isolated build torch is absent and barkgpt compiles the extension on first use i
 """
 
 import glob
+import hashlib
+import json
 import os
+import platform
+import warnings
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-ext_modules, cmdclass = [], {}
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-if sources and os.environ.get("BARKGPT_NO_BUILD_EXT", "0") == "0":
+
+def _csrc_hash(folder):
+    """sha256 over csrc/*.cpp and *.h names and contents (barkgpt/_cpp.py computes the same)."""
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(folder, "*.cpp")) + glob.glob(os.path.join(folder, "*.h"))):
+        h.update(os.path.basename(f).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def _cpp_extension():
+    """(ext_modules, cmdclass) for barkgpt._C, or empty ones when torch is absent at build time."""
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources or os.environ.get("BARKGPT_NO_BUILD_EXT", "0") != "0":
+        return [], {}
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except Exception:  # torch absent from the build env: build on first use instead
-        pass
+    except Exception:  # torch absent from the build env: barkgpt/_cpp.py builds on first use instead
+        return [], {}
+
+    class BuildExtensionWithRecord(BuildExtension):
+        """Writes _C.build.json (torch version + source hash) beside the library, so barkgpt
+        loads it only with the torch it was built for; a failed build is skipped, not fatal
+        (barkgpt then compiles on first use, or warns and runs on the torch backend)."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:
+                warnings.warn(f"barkgpt: building {ext.name} failed, it will be compiled on first use "
+                              f"instead: {e}")
+                return
+            record = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
+            with open(record, "w", encoding="utf-8") as f:
+                json.dump({"torch": torch.__version__, "sources": _csrc_hash(os.path.join(HERE, "csrc"))}, f)
+
+    if os.name == "nt":
+        cflags, ldflags = ["/O2", "/openmp", "/DBARKGPT_PYTHON_MODULE"], []
     else:
-        ext_modules = [CppExtension("barkgpt._C", sources,
-                                    extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
-                                    extra_link_args=["-fopenmp"])]
-        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+        # No -march=native: a built wheel must run on any CPU of its platform. The JIT build
+        # (barkgpt/_cpp.py) targets the running CPU; BARKGPT_CPU_NATIVE=1 opts in here too.
+        cflags, ldflags = ["-O3", "-DBARKGPT_PYTHON_MODULE"], []
+        if os.environ.get("BARKGPT_CPU_NATIVE", "0") == "1" and platform.machine().lower() in ("x86_64", "amd64"):
+            cflags.append("-march=native")
+        if "OpenMP" in torch.__config__.parallel_info():  # ATen's parallel_for is inline OpenMP
+            cflags.append("-fopenmp")
+            ldflags.append("-fopenmp")
+    ext = CppExtension("barkgpt._C", sources, extra_compile_args={"cxx": cflags}, extra_link_args=ldflags)
+    return [ext], {"build_ext": BuildExtensionWithRecord.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cpp_extension()
 
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
@@ -37,9 +83,10 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["barkgpt", "barkgpt.*"]) + ["barkgpt.kernels"],
-    package_dir={"barkgpt.kernels": "kernels"},
-    package_data={"barkgpt": ["csrc/*.cpp", "csrc/*.h"]},
+    # csrc/ ships as barkgpt/csrc so an installed barkgpt can JIT-build its C++ kernels.
+    packages=find_packages(include=["barkgpt", "barkgpt.*"]) + ["barkgpt.kernels", "barkgpt.csrc"],
+    package_dir={"barkgpt.kernels": "kernels", "barkgpt.csrc": "csrc"},
+    package_data={"barkgpt.csrc": ["*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
