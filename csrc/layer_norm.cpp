@@ -49,9 +49,11 @@ void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y,
 }
 
 // dx for rows [r0, r1); adds this chunk's dW, dB contributions into pw, pb (length N).
+// gw and xhat are row scratch: reusing the rounded g*w of the sums keeps dx exactly 0 where it
+// should be (N = 1), instead of leaving an FMA rounding residue amplified by rstd.
 template <typename scalar_t, typename acc_t>
 void ln_bwd_rows(const scalar_t* dy, const scalar_t* x, const acc_t* w, const acc_t* mean,
-                 const acc_t* rstd, scalar_t* dx, acc_t* pw, acc_t* pb, acc_t* xhat,
+                 const acc_t* rstd, scalar_t* dx, acc_t* pw, acc_t* pb, acc_t* gw, acc_t* xhat,
                  int64_t r0, int64_t r1, int64_t N) {
   const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int64_t r = r0; r < r1; ++r) {
@@ -62,19 +64,19 @@ void ln_bwd_rows(const scalar_t* dy, const scalar_t* x, const acc_t* w, const ac
     acc_t sum_gw = 0, sum_gwx = 0;
 #pragma omp simd reduction(+ : sum_gw, sum_gwx)
     for (int64_t i = 0; i < N; ++i) {
-      acc_t g = to_acc<acc_t>(gr[i]);
-      acc_t xh = (to_acc<acc_t>(xr[i]) - mu) * rs;
+      const acc_t g = to_acc<acc_t>(gr[i]);
+      const acc_t xh = (to_acc<acc_t>(xr[i]) - mu) * rs;
+      const acc_t p = g * w[i];
       xhat[i] = xh;
-      acc_t gw = g * w[i];
-      sum_gw += gw;
-      sum_gwx += gw * xh;
+      gw[i] = p;
+      sum_gw += p;
+      sum_gwx += p * xh;
       pw[i] += g * xh;
       pb[i] += g;
     }
     const acc_t a = sum_gw * inv_n, c = sum_gwx * inv_n;
 #pragma omp simd
-    for (int64_t i = 0; i < N; ++i)
-      dxr[i] = from_acc<scalar_t>(rs * (to_acc<acc_t>(gr[i]) * w[i] - a - xhat[i] * c));
+    for (int64_t i = 0; i < N; ++i) dxr[i] = from_acc<scalar_t>(rs * ((gw[i] - a) - xhat[i] * c));
   }
 }
 
@@ -94,11 +96,11 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   acc_t* pb_all = pw_all + nchunks * N;
   if (rows > 0) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> xhat(N);
+      std::vector<acc_t> scratch(2 * N);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = c * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
         ln_bwd_rows<scalar_t, acc_t>(gp, xp, wp, mp, rp, dxp, pw_all + c * N, pb_all + c * N,
-                                     xhat.data(), r0, r1, N);
+                                     scratch.data(), scratch.data() + N, r0, r1, N);
       }
     });
   }

@@ -1,0 +1,461 @@
+"""The "cpp" backend (barkgpt._cpp, kernels in csrc/) against reference.py.
+
+Forward and every gradient with random upstream gradients over awkward shapes, fp32 and bf16,
+against the reference evaluated in float64 (the oracle), gradcheck in float64, opcheck,
+torch.compile(fullgraph=True), bitwise determinism (also across thread counts), non-contiguous
+inputs and gradients, a whole BarkGPT "cpp" vs "torch", the out-of-range token id error, and
+the fallback when the extension is unavailable (in subprocesses).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from barkgpt import BarkGPT, GPTConfig, ops
+from barkgpt.reference import attention_math, attention_ref, embedding_add_ref, layer_norm_ref
+
+if os.environ.get("BARKGPT_NO_CPP", "") not in ("", "0"):
+    pytest.skip("BARKGPT_NO_CPP is set: the cpp backend is disabled on purpose", allow_module_level=True)
+
+import barkgpt._cpp as cpp  # noqa: E402  (builds the extension on first use; a failure is an error)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tolerances against the float64 oracle, relative to the largest magnitude of the expected tensor.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
+
+
+def _close(actual, expected, dtype, name=""):
+    """max |actual - expected| <= tol * max(1, max |expected|), elementwise and in norm."""
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], g)
+
+
+def _f64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+# ---- LayerNorm ---------------------------------------------------------------------------------
+
+# rows = 4097 and 300 span many fixed-size dW/dB partial-sum chunks
+LN_CASES = [(n, rows) for n in (1, 3, 8, 97, 768) for rows in (1, 7, 4097)]
+LN_CASES += [(n, rows) for n in (1500, 1536) for rows in (1, 7, 300)]
+LN_CASES += [(4096, 1), (4096, 7), (4096, 33)]
+
+
+@pytest.mark.parametrize("n,rows", LN_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_matches_reference(n, rows, dtype):
+    x = (torch.randn(rows, n) * 2 + 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(n) * 0.5 + 1).to(dtype).requires_grad_()
+    b = torch.randn(n).to(dtype).requires_grad_()
+    g = torch.randn(rows, n).to(dtype)
+    y = cpp.layer_norm(x, w, b, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    gx, gw, gb = _grads(y, (x, w, b), g)
+    x64, w64, b64 = _f64(x, w, b)
+    y64 = layer_norm_ref(x64, w64, b64, 1e-5)
+    rx, rw, rb = _grads(y64, (x64, w64, b64), g.double())
+    _close(y, y64, dtype, "y")
+    _close(gx, rx, dtype, "dx")
+    _close(gw, rw, dtype, "dweight")
+    _close(gb, rb, dtype, "dbias")
+    assert gx.dtype == gw.dtype == gb.dtype == dtype
+
+
+@pytest.mark.parametrize("n", [3, 97, 768])
+def test_layer_norm_no_bias_fp32_params_bf16_input_any_rank(n):
+    # autocast layout: bf16 activations, fp32 parameters, no bias, a 3-D input
+    x = torch.randn(2, 5, n).bfloat16().requires_grad_()
+    w = torch.randn(n).requires_grad_()
+    g = torch.randn(2, 5, n).bfloat16()
+    y = cpp.layer_norm(x, w, None, 1e-5)
+    assert y.dtype == torch.bfloat16
+    gx, gw = _grads(y, (x, w), g)
+    assert gw.dtype == torch.float32
+    x64, w64 = _f64(x, w)
+    y64 = layer_norm_ref(x64, w64, None, 1e-5)
+    rx, rw = _grads(y64, (x64, w64), g.double())
+    _close(y, y64, torch.bfloat16, "y")
+    _close(gx, rx, torch.bfloat16, "dx")
+    _close(gw, rw, torch.bfloat16, "dweight")
+    # and it is the reference's own result in bf16 (fp32 math inside, one rounding)
+    torch.testing.assert_close(y, layer_norm_ref(x, w, None, 1e-5), atol=1e-2, rtol=1e-2)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+ATTN_T = [1, 2, 15, 17, 64, 100, 129]
+ATTN_D = [1, 3, 8, 16, 24, 64, 80, 128]
+
+
+def _attn_check(B, H, T, D, causal, dtype):
+    q, k, v = (torch.randn(B, H, T, D).to(dtype).requires_grad_() for _ in range(3))
+    g = torch.randn(B, H, T, D).to(dtype)
+    o = cpp.attention(q, k, v, causal)
+    assert o.dtype == dtype and o.shape == q.shape
+    dq, dk, dv = _grads(o, (q, k, v), g)
+    q64, k64, v64 = _f64(q, k, v)
+    o64 = attention_ref(q64, k64, v64, causal)
+    rq, rk, rv = _grads(o64, (q64, k64, v64), g.double())
+    _close(o, o64, dtype, "out")
+    _close(dq, rq, dtype, "dq")
+    _close(dk, rk, dtype, "dk")
+    _close(dv, rv, dtype, "dv")
+
+
+@pytest.mark.parametrize("T", ATTN_T)
+@pytest.mark.parametrize("D", ATTN_D)
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_reference_fp32(T, D, causal):
+    _attn_check(2, 2, T, D, causal, torch.float32)
+
+
+@pytest.mark.parametrize("T,D", [(1, 1), (17, 3), (64, 16), (100, 64), (129, 80)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_reference_bf16(T, D, causal):
+    _attn_check(1, 3, T, D, causal, torch.bfloat16)
+
+
+def test_attention_matches_textbook_formula_long_sequence():
+    # several query and key blocks, T not a multiple of the block: an independent oracle
+    q, k, v = (torch.randn(1, 2, 300, 32, dtype=torch.float64) for _ in range(3))
+    for causal in (True, False):
+        torch.testing.assert_close(cpp.attention(q, k, v, causal), attention_math(q, k, v, causal),
+                                   atol=1e-10, rtol=1e-10)
+
+
+def test_attention_qkv_views_and_noncontiguous_grad():
+    # q, k, v split from a fused qkv projection (the model's layout) and a transposed grad
+    B, T, H, D = 2, 37, 3, 24
+    qkv = torch.randn(B, T, 3 * H * D, requires_grad=True)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    g = torch.randn(B, T, H, D).transpose(1, 2)
+    (dqkv,) = torch.autograd.grad(cpp.attention(q, k, v, True), qkv, g)
+    qkv64 = qkv.detach().double().requires_grad_()
+    q64, k64, v64 = (t.view(B, T, H, D).transpose(1, 2) for t in qkv64.split(H * D, dim=2))
+    (r,) = torch.autograd.grad(attention_ref(q64, k64, v64, True), qkv64, g.double())
+    _close(dqkv, r, torch.float32, "dqkv")
+
+
+# ---- embedding-add ------------------------------------------------------------------------------
+
+EMB_CASES = [  # (V, B, T, C, P)
+    (9, 4, 7, 5, 10),
+    (9, 32, 32, 32, 32),
+    (256, 3, 17, 97, 20),
+    (50, 2, 1, 1, 1),
+    (1000, 2, 65, 130, 65),
+]
+
+
+@pytest.mark.parametrize("V,B,T,C,P", EMB_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_embedding_add_matches_reference(V, B, T, C, P, dtype, id_dtype):
+    idx = torch.randint(0, V, (B, T), dtype=id_dtype)
+    tok = torch.randn(V, C).to(dtype).requires_grad_()
+    pos = torch.randn(P, C).to(dtype).requires_grad_()
+    g = torch.randn(B, T, C).to(dtype)
+    out = cpp.embedding_add(idx, tok, pos)
+    assert out.dtype == dtype and out.shape == (B, T, C)
+    dtok, dpos = _grads(out, (tok, pos), g)
+    tok64, pos64 = _f64(tok, pos)
+    out64 = embedding_add_ref(idx.long(), tok64, pos64)
+    rtok, rpos = _grads(out64, (tok64, pos64), g.double())
+    _close(out, out64, dtype, "out")
+    _close(dtok, rtok, dtype, "dtok")
+    _close(dpos, rpos, dtype, "dpos")
+    assert dtok.dtype == dpos.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_add_all_equal_ids(dtype):
+    # every row lands on one token: the bucketed sum over 4096 rows must stay fp32-accurate
+    idx = torch.full((16, 256), 3, dtype=torch.long)
+    tok = torch.randn(9, 48).to(dtype).requires_grad_()
+    pos = torch.randn(256, 48).to(dtype).requires_grad_()
+    g = torch.randn(16, 256, 48).to(dtype)
+    dtok, dpos = _grads(cpp.embedding_add(idx, tok, pos), (tok, pos), g)
+    expect = g.double().sum(dim=(0, 1))
+    _close(dtok[3], expect, dtype, "dtok[3]")
+    assert torch.count_nonzero(dtok[torch.arange(9) != 3]) == 0
+    _close(dpos, g.double().sum(0), dtype, "dpos")
+
+
+def test_embedding_add_mixed_table_dtypes_and_noncontiguous():
+    idx = torch.randint(0, 11, (3, 40))[:, ::2]  # non-contiguous ids
+    tok = torch.randn(11, 16, requires_grad=True)
+    pos = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 16, 20).transpose(1, 2)  # non-contiguous grad
+    out = cpp.embedding_add(idx, tok, pos)
+    assert out.dtype == torch.float64
+    dtok, dpos = _grads(out, (tok, pos), g)
+    assert dtok.dtype == torch.float32 and dpos.dtype == torch.float64
+    tok64, pos64 = _f64(tok, pos)
+    rtok, rpos = _grads(embedding_add_ref(idx, tok64, pos64), (tok64, pos64), g.double())
+    _close(dtok, rtok, torch.float32, "dtok")
+    _close(dpos, rpos, torch.float32, "dpos")
+
+
+@pytest.mark.parametrize("bad", [9, 1000, -1])
+def test_out_of_range_token_id_raises_index_error(bad):
+    tok, pos = torch.randn(9, 4, requires_grad=True), torch.randn(8, 4)
+    idx = torch.tensor([[0, 1, bad, 2]])
+    with pytest.raises(IndexError, match=f"token id {bad} is out of range for a vocabulary of 9"):
+        cpp.embedding_add(idx, tok, pos)
+    with pytest.raises(IndexError, match="out of range"):
+        ops.embedding_add(idx.int(), tok, pos, backend="cpp")
+    with pytest.raises(IndexError, match="out of range"), torch.no_grad():
+        cpp.embedding_add(idx, tok, pos)
+
+
+def test_out_of_range_token_id_raises_when_compiled():
+    torch._dynamo.reset()
+    tok, pos = torch.randn(9, 4, requires_grad=True), torch.randn(8, 4)
+    f = torch.compile(lambda i, t, p: cpp.embedding_add(i, t, p) * 2, fullgraph=True, backend="aot_eager")
+    assert f(torch.tensor([[0, 8]]), tok, pos).shape == (1, 2, 4)
+    with pytest.raises(IndexError, match="token id 9 is out of range"):
+        f(torch.tensor([[0, 9]]), tok, pos)
+
+
+# ---- gradcheck (float64), opcheck, torch.compile ------------------------------------------------
+
+def test_gradcheck_float64():
+    d = dict(dtype=torch.float64)
+    x, w, b = torch.randn(4, 7, **d), torch.randn(7, **d), torch.randn(7, **d)
+    for args in ((x, w, b), (x, w, None)):
+        args = tuple(None if t is None else t.clone().requires_grad_() for t in args)
+        assert torch.autograd.gradcheck(lambda *a: cpp.layer_norm(*a, 1e-5), args)
+    for H, T, D, causal in ((2, 5, 3, True), (2, 5, 3, False), (1, 1, 1, True), (1, 66, 1, True)):
+        qkv = tuple(torch.randn(1, H, T, D, **d, requires_grad=True) for _ in range(3))
+        assert torch.autograd.gradcheck(lambda q, k, v: cpp.attention(q, k, v, causal), qkv)
+    idx = torch.tensor([[1, 1, 0], [2, 1, 1]])  # repeated ids
+    tok = torch.randn(4, 3, **d, requires_grad=True)
+    pos = torch.randn(5, 3, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, p: cpp.embedding_add(idx, t, p), (tok, pos))
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_all_ops():
+    lib = torch.ops.barkgpt_cpp
+    x = torch.randn(3, 5, 10, requires_grad=True)
+    w, b = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
+    _opcheck(lib.layer_norm_fwd.default, (x, w, b, 1e-5))
+    _opcheck(lib.layer_norm_fwd.default, (x, w, None, 1e-5))
+    y, mean, rstd = lib.layer_norm_fwd.default(x.detach(), w.detach(), b.detach(), 1e-5)
+    _opcheck(lib.layer_norm_bwd.default, (torch.randn(3, 5, 10), x.detach(), w.detach(), b.detach(), mean, rstd))
+    q, k, v = (torch.randn(2, 2, 9, 5, requires_grad=True) for _ in range(3))
+    for causal in (True, False):
+        _opcheck(lib.attention_fwd.default, (q, k, v, causal))
+    out, lse = lib.attention_fwd.default(q.detach(), k.detach(), v.detach(), True)
+    _opcheck(lib.attention_bwd.default, (torch.randn(2, 2, 9, 5), q.detach(), k.detach(), v.detach(), out, lse, True))
+    idx = torch.randint(0, 7, (2, 6))
+    tok, pos = torch.randn(7, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    _opcheck(lib.embedding_add_fwd.default, (idx, tok, pos))
+    _opcheck(lib.embedding_add_bwd.default, (torch.randn(2, 6, 4), idx, 7, 8))
+
+
+def test_compile_fullgraph_small_function():
+    torch._dynamo.reset()
+
+    def f(idx, tok, pos, w, b):
+        x = cpp.embedding_add(idx, tok, pos)  # (B, T, C)
+        h = cpp.layer_norm(x, w, b, 1e-5)
+        B, T, C = h.shape
+        q = h.view(B, T, 2, C // 2).transpose(1, 2)
+        y = cpp.attention(q, q * 0.5, q.sin(), True).transpose(1, 2).reshape(B, T, C)
+        return (y * y).sum(-1)
+
+    args = (torch.randint(0, 9, (3, 11)), torch.randn(9, 8, requires_grad=True),
+            torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True),
+            torch.randn(8, requires_grad=True))
+    g = torch.randn(3, 11)
+    params = args[1:]
+    eager = f(*args)
+    ge = torch.autograd.grad(eager, params, g)
+    # aot_eager: graph capture + AOTAutograd through the fake and autograd registrations
+    # (the BarkGPT test below goes through inductor)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    gc = torch.autograd.grad(out, params, g)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_barkgpt_cpp():
+    torch._dynamo.reset()
+    config = GPTConfig.preset("bark")
+    model = BarkGPT(config, backend="cpp")
+    idx = torch.randint(0, config.vocab_size, (4, 32))
+    tgt = torch.randint(0, config.vocab_size, (4, 32))
+    _, loss_e = model(idx, tgt)
+    grads_e = torch.autograd.grad(loss_e, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True)
+    _, loss_c = compiled(idx, tgt)
+    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+    for a, e in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+# ---- determinism ---------------------------------------------------------------------------------
+
+def _all_ops_fwd_bwd(seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x, w, b = r(1030, 200).requires_grad_(), r(200).requires_grad_(), r(200).requires_grad_()
+    q, k, v = (r(2, 3, 150, 40).requires_grad_() for _ in range(3))
+    idx = torch.randint(0, 5, (16, 64), generator=gen)  # heavy repeats
+    tok, pos = r(5, 96).requires_grad_(), r(64, 96).requires_grad_()
+    outs = [cpp.layer_norm(x, w, b, 1e-5), cpp.attention(q, k, v, True), cpp.embedding_add(idx, tok, pos)]
+    ins = [(x, w, b), (q, k, v), (tok, pos)]
+    res = []
+    for o, i in zip(outs, ins):
+        res.append(o.detach())
+        res.extend(torch.autograd.grad(o, i, r(*o.shape)))
+    return res
+
+
+def test_bitwise_deterministic_across_runs_and_thread_counts():
+    first = _all_ops_fwd_bwd(1)
+    again = _all_ops_fwd_bwd(1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _all_ops_fwd_bwd(1)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, single):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+
+
+# ---- the whole model, and dispatch ----------------------------------------------------------------
+
+def _model_step(model, idx, tgt, g):
+    logits, loss = model(idx, tgt)
+    params = [p for _, p in model.named_parameters()]
+    return logits, loss, torch.autograd.grad(loss + (logits * g.to(logits.dtype)).sum(), params)
+
+
+@pytest.mark.parametrize("preset", ["bark", "bark-tiny", "bark-article", "small"])
+def test_barkgpt_cpp_matches_torch(preset):
+    config = GPTConfig.preset(preset)
+    ref = BarkGPT(config, backend="torch")
+    mod = BarkGPT(config, backend="cpp")
+    mod.load_state_dict(ref.state_dict())
+    oracle = BarkGPT(config, backend="torch").double()
+    oracle.load_state_dict(ref.state_dict())
+    B, T = 3, min(config.block_size, 40)
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    tgt = torch.randint(0, config.vocab_size, (B, T))
+    g = torch.randn(B, T, config.vocab_size)
+    l_r, loss_r, g_r = _model_step(ref, idx, tgt, g)
+    l_c, loss_c, g_c = _model_step(mod, idx, tgt, g)
+    _, _, g_64 = _model_step(oracle, idx, tgt, g)
+    torch.testing.assert_close(l_c, l_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5)
+    for (name, _), a, e, o in zip(ref.named_parameters(), g_c, g_r, g_64):
+        # Different fp32 summation orders: judge both against float64. cpp must be as accurate
+        # as torch (a wrong gradient would be off by ~100%, not by 1e-7).
+        err_c = ((a.double() - o).norm() / o.norm()).item()
+        err_t = ((e.double() - o).norm() / o.norm()).item()
+        assert err_c <= max(3 * err_t, 1e-6), f"{name}: cpp error {err_c:.3g} vs torch {err_t:.3g}"
+        if name in ("token_emb.weight", "pos_emb.weight", "ln_f.weight"):
+            assert a.abs().max() > 0, name
+
+
+def test_auto_backend_picks_cpp_on_cpu():
+    assert ops.unavailable_reason("cpp", "cpu") is None
+    assert ops.resolve_backend(None, "cpu") == "cpp"
+    assert cpp.unavailable_reason("cuda") is not None
+
+
+# ---- build records, cache keys and the fallback ------------------------------------------------
+
+def test_prebuilt_library_used_only_for_the_running_torch(tmp_path, monkeypatch):
+    import importlib.machinery
+    lib = tmp_path / "_C.so"
+    lib.write_bytes(b"")
+    spec = importlib.machinery.ModuleSpec("barkgpt._C", None, origin=str(lib))
+    monkeypatch.setattr(cpp.importlib.util, "find_spec", lambda name: spec)
+    src = cpp.source_dir()
+    record = tmp_path / cpp.BUILD_RECORD
+    assert cpp._prebuilt(src) is None  # no record: never trusted
+    record.write_text(json.dumps({"torch": "1.0.0", "sources": cpp.sources_hash(src)}))
+    assert cpp._prebuilt(src) is None  # built for another torch
+    record.write_text(json.dumps({"torch": torch.__version__, "sources": "stale"}))
+    assert cpp._prebuilt(src) is None  # csrc/ changed since
+    record.write_text(json.dumps({"torch": torch.__version__, "sources": cpp.sources_hash(src)}))
+    assert cpp._prebuilt(src) == str(lib)
+
+
+def test_loaded_library_matches_running_torch():
+    assert torch.ops.barkgpt_cpp.build_info() == "torch " + torch.__version__.split("+")[0]
+    if cpp.BUILD == "jit":
+        assert f"torch-{torch.__version__}-" in cpp.LIBRARY
+
+
+def _run(code, **env):
+    full_env = dict(os.environ, **env)
+    full_env.pop("BARKGPT_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+FALLBACK = """
+    import warnings, torch
+    from barkgpt import ops, BackendUnavailable
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y1 = ops.layer_norm(x, w, None)
+        y2 = ops.attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)))
+        y3 = ops.layer_norm(x, w, None)
+    msgs = [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert ops.resolve_backend(None, "cpu") == "torch"
+    torch.testing.assert_close(y1, torch.nn.functional.layer_norm(x, (8,), w))
+    try:
+        ops.layer_norm(x, w, None, backend="cpp")
+    except BackendUnavailable as e:
+        print("RAISED:", e)
+    else:
+        raise AssertionError("backend='cpp' did not raise")
+    print("WARNED:", msgs[0])
+"""
+
+
+def test_fallback_when_disabled_warns_once_and_explicit_cpp_raises():
+    out = _run(FALLBACK, BARKGPT_NO_CPP="1")
+    assert "BARKGPT_NO_CPP" in out.split("RAISED:")[1].split("\n")[0]
+    assert "WARNED:" in out and "cpp" in out.split("WARNED:")[1] and "BARKGPT_NO_CPP" in out.split("WARNED:")[1]
+
+
+def test_fallback_when_no_compiler(tmp_path):
+    # an empty build cache, no compiler (and no prebuilt barkgpt._C): the reason names the compiler
+    hide_prebuilt = "import sys, types; sys.modules['barkgpt._C'] = types.ModuleType('barkgpt._C')\n"
+    out = _run(hide_prebuilt + textwrap.dedent(FALLBACK), BARKGPT_CACHE_DIR=str(tmp_path),
+               CXX="no-such-compiler-barkgpt")
+    assert "no C++ compiler found" in out.split("RAISED:")[1]
+    assert "no C++ compiler found" in out.split("WARNED:")[1]
