@@ -259,7 +259,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # (BARKGPT_DEBUG=1 shows it).
         if os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0"):
             raise
-        print(f"barkgpt {a.command}: error: {e}", file=sys.stderr)
+        # Under torchrun an error of rank 0's (a taken --out ...) reaches every rank: say it once.
+        if not getattr(e, "reported_by_main", False):
+            print(f"barkgpt {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("barkgpt: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ exactly the single-process loop.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -54,9 +55,8 @@ class World:
 
     ``World()`` is the single-process world; :func:`init` builds the distributed one."""
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, owns_group: bool = False):
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0):
         self.rank, self.size, self.local_rank = rank, size, local_rank
-        self._owns_group = owns_group
 
     @property
     def enabled(self) -> bool:
@@ -66,19 +66,13 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def close(self) -> None:
-        """Leave the process group if :func:`init` created it (one a caller set up is theirs)."""
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_group = False
-
     # ---- devices ---------------------------------------------------------------------------
     def device(self, device: torch.device) -> torch.device:
         """The device this rank trains on: ``cuda`` means the GPU of this local rank."""
         if not self.enabled or device.type != "cuda":
             return device
         if device.index is not None and device.index != self.local_rank:
-            raise RuntimeError(f"under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda "
+            raise ValueError(f"under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda "
                                f"(or auto), not {device}")
         count = torch.cuda.device_count()
         if self.local_rank < count:
@@ -86,7 +80,7 @@ class World:
         elif count == 1:  # a launcher that shows each process only its own GPU
             index = 0
         else:
-            raise RuntimeError(f"local rank {self.local_rank} has no GPU: this machine shows {count}; start at "
+            raise ValueError(f"local rank {self.local_rank} has no GPU: this machine shows {count}; start at "
                                f"most {count} processes per machine (--nproc_per_node)")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -187,19 +181,26 @@ def _portable_error(e: Exception) -> Exception:
 
 def init() -> World:
     """The world of this process: joins the process group when launched by torchrun with more
-    than one process (reusing one the caller already initialized)."""
+    than one process, or uses the one the caller (or an earlier train()) initialized."""
     rank, size, local = env_world()
     if size == 1:
         return World()
+    if not dist.is_initialized():
+        # gloo serves CPU tensors (and object broadcasts), NCCL CUDA ones: the device type may
+        # only be known once rank 0 has read the checkpoint to resume.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=size)
+        # Kept for the life of the process (re-creating a group after destroying it is not
+        # reliable with gloo): a second train() in the same torchrun script reuses it.
+        atexit.register(_destroy)
+    if dist.get_world_size() != size or dist.get_rank() != rank:
+        raise RuntimeError("the initialized process group does not match RANK/WORLD_SIZE")
+    return World(rank, size, local)
+
+
+def _destroy() -> None:
     if dist.is_initialized():
-        if dist.get_world_size() != size or dist.get_rank() != rank:
-            raise RuntimeError("the initialized process group does not match RANK/WORLD_SIZE")
-        return World(rank, size, local, owns_group=False)
-    # gloo serves CPU tensors (and object broadcasts), NCCL CUDA ones: the device type may only
-    # be known after rank 0 has read the checkpoint to resume.
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=size)
-    return World(rank, size, local, owns_group=True)
+        dist.destroy_process_group()
 
 
 def resume_batch_size(batch_size: int, saved_world: int, world: int) -> int:

@@ -261,11 +261,7 @@ def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=
     Launched by torchrun with several processes, this trains data-parallel (see
     barkgpt/distributed.py): ``batch_size`` is per process, rank 0 logs and writes the files,
     and every rank returns the same result."""
-    world = distributed.init()
-    try:
-        return _train(world, config, resume, log, on_step, overrides)
-    finally:
-        world.close()
+    return _train(distributed.init(), config, resume, log, on_step, overrides)
 
 
 def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[str, Any], resume: bool,
