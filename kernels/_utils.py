@@ -6,14 +6,16 @@
   device reduce in the same order and are bitwise equal).
 * ``as_rows``: a 2-D ``(rows, N)`` view of any-rank tensor without copying when the strides
   allow it (transposed or expanded last-dim views stay views; their strides go to the kernel).
-* ``sum_partials``: sums a ``(G, N)`` fp32 buffer of per-program partials over G in a fixed
-  order (the second stage of every no-atomics reduction) and writes ``N`` values in any dtype.
+* ``sum_partials``: sums a ``(G, K)`` fp32 buffer of per-program partials over G in a fixed
+  order (the second stage of every no-atomics reduction) and writes the K values, in any
+  dtype, to one output or split across two.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -64,33 +66,40 @@ def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 @triton.jit
 def _sum_partials_kernel(
-    P,  # (G, N) fp32 contiguous partial sums
-    OUT,  # (N,) contiguous, any float dtype
-    G, N,
+    P,  # (G, K) fp32 contiguous partial sums; columns [0, N0) go to OUT0, [N0, K) to OUT1
+    OUT0, OUT1,  # contiguous, any float dtype (OUT1 unused when K == N0)
+    G, K, N0,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    col_ok = cols < K
     acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
     for g0 in range(0, G, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
-        ptrs = P + g.to(tl.int64)[:, None] * N + cols[None, :]
+        ptrs = P + g.to(tl.int64)[:, None] * K + cols[None, :]
         acc += tl.load(ptrs, mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=col_ok)
+    total = tl.sum(acc, 0)
+    tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=cols < N0)
+    tl.store(OUT1 + (cols - N0), total.to(OUT1.dtype.element_ty), mask=col_ok & (cols >= N0))
 
 
-def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[:] = partials.sum(0)`` in a fixed order; ``partials`` (G, N) fp32 contiguous,
-    ``out`` a contiguous tensor of N elements (any float dtype)."""
-    G, N = partials.shape
-    assert out.is_contiguous() and out.numel() == N and partials.is_contiguous()
-    if N == 0:
-        return out
-    block_n = min(triton.next_power_of_2(N), 256)
-    block_g = max(1, min(triton.next_power_of_2(G), 2048 // block_n))
+def sum_partials(partials: torch.Tensor, out: torch.Tensor, out2: Optional[torch.Tensor] = None) -> None:
+    """``concat(out, out2)[:] = partials.sum(0)`` in a fixed order, in one launch.
+
+    ``partials`` (G, K) fp32 contiguous; ``out`` (and ``out2``) contiguous tensors of any float
+    dtype whose sizes add up to K (two outputs let LayerNorm reduce dweight and dbias together)."""
+    G, K = partials.shape
+    n0 = out.numel()
+    assert partials.is_contiguous() and out.is_contiguous()
+    assert K == n0 + (out2.numel() if out2 is not None else 0)
+    assert out2 is None or out2.is_contiguous()
+    if K == 0:
+        return
+    # Narrow column blocks: enough programs to spread G x K over the device.
+    block_n = min(triton.next_power_of_2(K), 64)
+    block_g = max(1, min(triton.next_power_of_2(G), 4096 // block_n))
     with device_ctx(partials):
-        _sum_partials_kernel[(triton.cdiv(N, block_n),)](
-            partials, out, G, N, BLOCK_G=block_g, BLOCK_N=block_n,
-            num_warps=warps_for(block_g * block_n, 8))
-    return out
+        _sum_partials_kernel[(triton.cdiv(K, block_n),)](
+            partials, out, out2 if out2 is not None else out, G, K, n0,
+            BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps_for(block_g * block_n, 8))

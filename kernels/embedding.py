@@ -164,7 +164,8 @@ def embedding_add_bwd(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int, n_
     n_tokens = B * T
     dtok = torch.empty((vocab_size, C), dtype=tok_dtype, device=dev)
     dpos = torch.empty((n_pos, C), dtype=pos_dtype, device=dev)
-    dpos[T:].zero_()
+    if T < n_pos:
+        dpos[T:].zero_()
     if n_tokens == 0 or C == 0:
         return dtok.zero_(), dpos.zero_()
 

@@ -110,15 +110,17 @@ def _layer_norm_bwd_kernel(
     W,  # (N,) contiguous
     MEAN, RSTD,  # (M,) fp32
     DX,  # (M, N) contiguous, x.dtype
-    DW_P, DB_P,  # (G, N) fp32 partials, one row per program (zeroed when not SINGLE)
-    stride_dym, stride_dyn, stride_xm, stride_xn, M, N,
+    PART,  # (G, K) fp32 partials, one row per program: dweight in [0, N), dbias in [N, 2N)
+           # when HAS_BIAS (K = 2N, else K = N); zeroed beforehand when not SINGLE
+    stride_dym, stride_dyn, stride_xm, stride_xn, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     n_tiles = tl.cdiv(M, BLOCK_M)
     cols0 = tl.arange(0, BLOCK_N)
-    part_row = pid.to(tl.int64) * N
+    dw_row = PART + pid.to(tl.int64) * K
+    db_row = dw_row + N
     if SINGLE:
         col_ok = cols0 < N
         w = tl.load(W + cols0, mask=col_ok, other=0.0).to(tl.float32)
@@ -144,9 +146,9 @@ def _layer_norm_bwd_kernel(
             dw_acc += dy * xhat
             if HAS_BIAS:
                 db_acc += dy
-        tl.store(DW_P + part_row + cols0, tl.sum(dw_acc, 0), mask=col_ok)
+        tl.store(dw_row + cols0, tl.sum(dw_acc, 0), mask=col_ok)
         if HAS_BIAS:
-            tl.store(DB_P + part_row + cols0, tl.sum(db_acc, 0), mask=col_ok)
+            tl.store(db_row + cols0, tl.sum(db_acc, 0), mask=col_ok)
     else:
         for tile in range(pid, n_tiles, n_prog):
             rows = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,10 +185,10 @@ def _layer_norm_bwd_kernel(
                 dx = (dy * w[None, :] - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
                 tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 # This program owns its partial row: plain read-modify-write, no atomics.
-                dw_ptrs = DW_P + part_row + cols
+                dw_ptrs = dw_row + cols
                 tl.store(dw_ptrs, tl.load(dw_ptrs, mask=col_ok, other=0.0) + tl.sum(dy * xhat, 0), mask=col_ok)
                 if HAS_BIAS:
-                    db_ptrs = DB_P + part_row + cols
+                    db_ptrs = db_row + cols
                     tl.store(db_ptrs, tl.load(db_ptrs, mask=col_ok, other=0.0) + tl.sum(dy, 0), mask=col_ok)
             # The next tile's read of the partial row may run on other threads than this store.
             tl.debug_barrier()
@@ -261,18 +263,15 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     x2, dy2 = as_rows(x, N), as_rows(dy, N)
     M = x2.shape[0]
     cfg, grid = _bwd_config(M, N, x.device)
-    alloc = torch.empty if cfg.single else torch.zeros
-    dw_p = alloc((grid, N), dtype=torch.float32, device=x.device)
-    db_p = alloc((grid, N), dtype=torch.float32, device=x.device) if bias is not None else dw_p
+    K = 2 * N if bias is not None else N
+    part = (torch.empty if cfg.single else torch.zeros)((grid, K), dtype=torch.float32, device=x.device)
     with device_ctx(x):
         _layer_norm_bwd_kernel[(grid,)](
-            dy2, x2, weight.contiguous(), mean, rstd, dx, dw_p, db_p,
-            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N,
+            dy2, x2, weight.contiguous(), mean, rstd, dx, part,
+            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N, K,
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE=cfg.single,
             num_warps=cfg.num_warps)
-    sum_partials(dw_p, dw)
-    if bias is not None:
-        sum_partials(db_p, db)
+    sum_partials(part, dw, db if bias is not None else None)
     return dx, dw, db
 
 
