@@ -71,17 +71,21 @@ class World:
         """The device this rank trains on: ``cuda`` means the GPU of this local rank."""
         if not self.enabled or device.type != "cuda":
             return device
-        if device.index is not None and device.index != self.local_rank:
+        if device.index is not None:  # refused on every rank alike, so none is left waiting
             raise ValueError(f"under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda "
-                               f"(or auto), not {device}")
+                             f"(or auto), not {device}")
         count = torch.cuda.device_count()
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        if per_machine > count:
+            raise ValueError(f"{per_machine} processes were started on a machine that shows {count} GPU(s); "
+                             f"start at most {count} per machine (--nproc_per_node {count}) or use --device cpu")
         if self.local_rank < count:
             index = self.local_rank
         elif count == 1:  # a launcher that shows each process only its own GPU
             index = 0
         else:
             raise ValueError(f"local rank {self.local_rank} has no GPU: this machine shows {count}; start at "
-                               f"most {count} processes per machine (--nproc_per_node)")
+                             f"most {count} processes per machine (--nproc_per_node)")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
 

@@ -38,7 +38,10 @@ class Crash(Exception):
 def _worker(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     rank = int(os.environ["RANK"])
+    real_wrap = distributed.World.wrap
     seen = {}
     for job in spec["jobs"]:
         name, kw, stop = job["name"], dict(job["train"]), job.get("stop")
@@ -47,12 +50,22 @@ def _worker(spec_path):
             def hook(step, loss, at=stop["at"], exc=stop["with"]):
                 if step == at:
                     raise KeyboardInterrupt if exc == "interrupt" else Crash(f"simulated crash after step {at}")
+        syncs = []
+        if job.get("count_syncs"):  # count DDP's gradient all-reduces through a comm hook
+            def wrap(world, model, device, real=distributed.World.wrap):
+                ddp = real(world, model, device)
+                ddp.register_comm_hook(None, lambda pg, bucket: (syncs.append(1),
+                                                                 default_hooks.allreduce_hook(pg, bucket))[1])
+                return ddp
+            distributed.World.wrap = wrap
         try:
             r = barkgpt.train(on_step=hook, log=lambda m: None, **kw)
-            seen[name] = {"outcome": "ok", "losses": r.losses, "val": r.val_history}
+            seen[name] = {"outcome": "ok", "losses": r.losses, "val": r.val_history, "syncs": len(syncs)}
         except (KeyboardInterrupt, Crash, barkgpt.TrainingError) as e:
             seen[name] = {"outcome": type(e).__name__, "message": str(e),
                           "reported_by_main": getattr(e, "reported_by_main", False)}
+        finally:
+            distributed.World.wrap = real_wrap
     with open(f"{spec_path}.rank{rank}.json", "w") as f:
         json.dump(seen, f)
 
@@ -136,6 +149,9 @@ def worker_runs(tmp_path_factory, data_file):
                  stop={"at": 4, "with": "interrupt"}),
             dict(name="dropout_resumed", train=dict(out=str(d / "dropout_cut"), resume=True, progress=False,
                                                     sample=False)),
+            # gradient accumulation: 2 micro-steps of 2 rows per rank, synced on the second only
+            dict(name="accum", train=dict(common, batch_size=2, grad_accum=2, out=str(d / "accum")),
+                 count_syncs=True),
             # rank 0 refuses a taken --out: every rank must stop with its error
             dict(name="taken", train=dict(common, out=str(d / "dropout_full"))),
         ]
@@ -232,6 +248,16 @@ def test_two_process_resume_is_exact_with_dropout(worker_runs):
     full, resumed = barkgpt.load(str(d / "dropout_full")), barkgpt.load(str(d / "dropout_cut"))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_accumulation_syncs_gradients_on_the_last_micro_step_only(worker_runs, data_file, tmp_path):
+    d, seen, _ = worker_runs
+    # this tiny model's gradients fit one DDP bucket: one all-reduce per optimizer step, not per micro-step
+    assert [s["accum"]["syncs"] for s in seen] == [RUN["steps"]] * 2
+    one = _single(tmp_path / "one", data_file, batch_size=4, grad_accum=2)
+    _assert_weights_close(str(d / "accum"), one.model)
+    torch.testing.assert_close(torch.tensor(seen[0]["accum"]["losses"]), torch.tensor(one.losses),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_an_error_of_rank_0_stops_every_rank(worker_runs):
