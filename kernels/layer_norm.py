@@ -215,17 +215,22 @@ def _fwd_config(M: int, N: int, device: torch.device) -> _Config:
 
 
 def _bwd_config(M: int, N: int, device: torch.device) -> Tuple[_Config, int]:
-    """Tile config and the number of persistent programs G (= partial-sum rows)."""
+    """Tile config and the number of persistent programs G (= partial-sum rows).
+
+    The backward keeps x, dy, xhat, w*dy and two accumulators live per element: 8 elements per
+    thread keeps it near 64 registers (sm_90), so ~32 warps stay resident per SM; G is sized to
+    fill exactly that many warps, each program then walks its share of row tiles."""
     n_pow2 = triton.next_power_of_2(N)
-    target = 2 * sm_count(device)
+    sms = sm_count(device)
     if n_pow2 <= _MAX_FUSED_N:
         block_n, single = n_pow2, True
-        block_m = max(1, min(_BWD_TILE // block_n, pow2_floor(triton.cdiv(M, target))))
+        block_m = max(1, min(_BWD_TILE // block_n, pow2_floor(triton.cdiv(M, 4 * sms))))
     else:
         block_n, single = min(_LOOP_BLOCK_N_BWD, _MAX_FUSED_N), False
-        block_m = max(1, min(_LOOP_BWD_ROWS, pow2_floor(triton.cdiv(M, target))))
-    grid = max(1, min(target, triton.cdiv(M, block_m)))
-    return _Config(block_m, block_n, single, warps_for(block_m * block_n)), grid
+        block_m = max(1, min(_LOOP_BWD_ROWS, pow2_floor(triton.cdiv(M, 4 * sms))))
+    warps = warps_for(block_m * block_n, max_warps=32, per_thread=8)
+    grid = max(1, min(sms * max(1, 32 // warps), triton.cdiv(M, block_m)))
+    return _Config(block_m, block_n, single, warps), grid
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
