@@ -1,0 +1,203 @@
+"""pytest configuration of the benchmark suite (``pytest benchmarks/``).
+
+Settings come from the environment (see benchmarks/README.md): BARKGPT_BENCH_SIZE=small|full,
+BARKGPT_BENCH_DEVICE, BARKGPT_BENCH_DTYPE, BARKGPT_BENCH_BUDGET_S, BARKGPT_BENCH_MEASURE_S,
+BARKGPT_BENCH_OUT (results folder; default benchmarks/results). At the end of the session the
+results are written as JSON + Markdown + PNG, named by device kind and size (cpu-small.*,
+h100-full.*); a run that selected only part of the suite writes *-partial.* instead.
+"""
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # the suite's helpers (_bench, _report) import by name
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+
+# Every shape and every model is a new specialization of the same functions: keep them all
+# compiled instead of silently falling back to eager after the default 8 recompiles.
+for _name in ("cache_size_limit", "recompile_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, max(getattr(torch._dynamo.config, _name), 512))
+for _name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, max(getattr(torch._dynamo.config, _name), 4096))
+
+import _bench  # noqa: E402
+import _report  # noqa: E402
+
+# Run order: the copy ceiling first, then the cheap op groups, the attention shapes the targets
+# name, training, and the other attention shapes (the longest) last, so a time budget cuts the least.
+_ORDER = {"test_bench_copy.py": 0, "test_bench_layer_norm.py": 1, "test_bench_embedding.py": 2,
+          "test_bench_training.py": 4, "test_bench_attention.py": 5}  # attention target shapes: 3
+_session = {"deselected": 0, "failed": [], "loadavg_start": None}
+
+
+def _loadavg():
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def pytest_sessionstart(session):
+    _bench.STATE["t0"] = time.time()
+    _session["loadavg_start"] = _loadavg()
+    try:
+        _session["load1_start"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        _session["load1_start"] = None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench_priority(n): run order within the benchmark suite (low first)")
+
+
+def _priority(item):
+    mark = item.get_closest_marker("bench_priority")
+    if mark is not None:
+        return mark.args[0]
+    return _ORDER.get(os.path.basename(str(item.fspath)), 9)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    bench = [i for i in items if os.path.dirname(str(i.fspath)) == HERE]
+    if not bench:
+        return
+    slots = [n for n, i in enumerate(items) if os.path.dirname(str(i.fspath)) == HERE]
+    bench.sort(key=_priority)
+    for n, item in zip(slots, bench):
+        items[n] = item
+
+
+def pytest_deselected(items):
+    _session["deselected"] += len(items)
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _session["failed"].append(report.nodeid.split("::", 1)[-1])
+
+
+def _command(config) -> str:
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BARKGPT_BENCH_")
+                   and k != "BARKGPT_BENCH_OUT")
+    argv0 = os.path.basename(sys.argv[0])
+    prog = "python -m pytest" if argv0 in ("__main__.py", "pytest.py") else "pytest"
+    args = " ".join(config.invocation_params.args)
+    return " ".join(x for x in (env, prog, args) if x)
+
+
+def _is_partial(session) -> bool:
+    cfg = session.config
+    if _session["deselected"] or cfg.option.keyword or cfg.option.markexpr:
+        return True
+    for a in cfg.args:
+        path = os.path.abspath(a.split("::", 1)[0])
+        if path != HERE:
+            return True
+    return False
+
+
+def _git_commit() -> str:
+    try:
+        root = os.path.dirname(HERE)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "unknown"
+
+
+def _meta(session, exitstatus):
+    from barkgpt import perf
+
+    dev = _bench.DEVICE
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = "not installed"
+    try:
+        auto = __import__("barkgpt").ops.resolve_backend(None, dev)
+    except Exception as e:  # noqa: BLE001
+        auto = f"error: {e}"
+    return {
+        "device_type": dev.type,
+        "device_name": perf.device_name(dev),
+        "kind": perf.device_kind(dev),
+        "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "cpu_model": perf.cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": _git_commit(),
+        "command": _command(session.config),
+        "size": _bench.SIZE,
+        "dtype": str(_bench.DTYPE).replace("torch.", ""),
+        "cache_bytes": _bench.CACHE_BYTES,
+        "backends": _bench.backend_status(),
+        "auto_backend": auto,
+        "loadavg_start": _session["loadavg_start"],
+        "loadavg_end": _loadavg(),
+        "elapsed_s": round(time.time() - _bench.STATE["t0"], 1),
+        "exitstatus": int(exitstatus),
+        "failed": _session["failed"],
+        "budget_skipped": _bench.STATE["budget_skipped"],
+        "measure_s": _bench.MEASURE_S,
+        "busy": _busy(),
+    }
+
+
+def _busy():
+    """A sentence when other work shared the CPU during the run, else None. This process adds up
+    to torch's thread count to the load, so only load beyond that counts."""
+    cores = os.cpu_count() or 1
+    loads = [r["loadavg_1m"] for r in _bench.STATE["records"] if "loadavg_1m" in r]
+    start = _session.get("load1_start")
+    worst = max(loads, default=0.0)
+    others = max((start or 0.0), worst - torch.get_num_threads())
+    if others > 0.5 * cores:
+        return (f"1-minute load average {start} at start and up to {worst} during the run on {cores} cores "
+                f"(this run accounts for at most {torch.get_num_threads()})")
+    return None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    records = _bench.STATE["records"]
+    if not any(r.get("median_s") for r in records):
+        _session["written"] = []  # nothing timed (e.g. --benchmark-disable): keep the last results
+        return
+    meta = _meta(session, exitstatus)
+    stem = f"{meta['kind']}-{meta['size']}" + ("-partial" if _is_partial(session) else "")
+    out_dir = os.environ.get("BARKGPT_BENCH_OUT") or os.path.join(HERE, "results")
+    paths = _report.write(records, meta, out_dir, stem)
+    _session["written"] = paths
+    _session["targets"] = _report.evaluate_targets(records, meta)
+    _session["busy"] = meta["busy"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if _session.get("targets"):
+        tr.section("barkgpt targets (same-run ratios)")
+        if _session.get("busy"):
+            tr.write_line(f"WARNING: the machine was busy ({_session['busy']}): timings are unreliable")
+        for t in _session["targets"]:
+            tr.write_line(f"{t['result']:>4}  {t['target']} ({t['issue']}, needs {t['needs']}): {t['measured']}")
+    if _session.get("written"):
+        tr.write_line("results: " + ", ".join(os.path.relpath(p) for p in _session["written"]))

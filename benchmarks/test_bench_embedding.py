@@ -1,0 +1,74 @@
+"""Token + position embedding add, forward / backward / both: barkgpt backends vs PyTorch eager
+(F.embedding + add) vs torch.compile.
+
+Byte model (barkgpt.perf.embedding_bytes): fwd reads the ids, one token row per position and the
+T position rows, writes the output; bwd reads dout and the ids, writes the whole token-table
+gradient (V x C) and the position gradient.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _bench as B
+from barkgpt import ops, perf
+
+
+def _shapes():
+    """(B, T, V, C) cases."""
+    if B.IS_CUDA:
+        out = []
+        for C, V, T in [(8, 9, 32), (32, 9, 32), (128, 256, 128), (768, 50304, 1024),
+                        (1024, 50304, 1024), (4096, 50304, 1024)]:
+            out.append((max(1, (1 << 25) // C // T), T, V, C))  # 32M output elements
+        return out
+    presets = [(64, 32, 9, 8), (64, 32, 9, 32), (32, 128, 256, 128), (2, 1024, 50304, 768)]  # bark-tiny, bark, small, gpt2
+    if B.SIZE == "full":
+        presets += [(2, 1024, 50304, 1024), (2, 1024, 8192, 4096)]
+    return presets
+
+
+SHAPES = _shapes()
+PROVIDERS = [f"barkgpt-{b}" for b in B.barkgpt_backends()] + ["eager", "compile"]
+MODES = ["fwd", "bwd", "fwd+bwd"]
+
+
+def eager_embedding_add(idx, tok, pos):
+    return F.embedding(idx, tok) + pos[: idx.shape[1]]
+
+
+def reference(idx, tok, pos):  # plain indexing, independent of F.embedding
+    return tok[idx] + pos[: idx.shape[1]]
+
+
+_compiled = {}
+
+
+def provider_fn(provider):
+    if provider == "eager":
+        return eager_embedding_add
+    if provider == "compile":
+        if "f" not in _compiled:
+            _compiled["f"] = torch.compile(eager_embedding_add, dynamic=False)
+        return _compiled["f"]
+    backend = provider.split("-", 1)[1]
+    return lambda idx, tok, pos: ops.embedding_add(idx, tok, pos, backend=backend)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xT{}xV{}xC{}".format(*s))
+def test_embedding_add(benchmark, shape, provider, mode):
+    Bsz, T, V, C = shape
+
+    def make_args():
+        idx = torch.randint(0, V, (Bsz, T), device=B.DEVICE)
+        tok = (0.02 * torch.randn(V, C, device=B.DEVICE)).to(B.DTYPE).requires_grad_()
+        pos = (0.02 * torch.randn(T, C, device=B.DEVICE)).to(B.DTYPE).requires_grad_()
+        return [idx, tok, pos]
+
+    elem = torch.finfo(B.DTYPE).bits // 8
+    B.run_op(benchmark, group="embedding_add", case=f"B={Bsz} T={T} V={V} C={C}",
+             shape={"B": Bsz, "T": T, "V": V, "C": C}, provider=provider, mode=mode,
+             make_args=make_args, diff_argnums=(1, 2), call=provider_fn(provider), reference=reference,
+             nbytes=perf.embedding_bytes(Bsz, T, C, V, elem, 8, mode))
