@@ -24,63 +24,126 @@ constexpr int64_t kBlockK = 64;
 static_assert(kBlockK % kPad == 0, "key blocks must be padded-width multiples");
 static_assert(kBlockQ == kBlockK, "the causal block skip assumes aligned square blocks");
 
+// Register blocking for the tile products: kRows rows of C times two SIMD vectors of columns
+// stay in registers while K streams through (16 accumulators with AVX-512's 32 registers,
+// 8 with AVX2/SSE's 16).
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
+constexpr int kRows = 8;
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
+constexpr int kRows = 4;
 #else
 constexpr int kVecBytes = 16;
+constexpr int kRows = 4;
 #endif
 
-// C[r, 0:NC] = (accumulate ? C[r, 0:NC] : 0) + sum_k A[r, k] * B[k, 0:NC] for r < R.
-template <typename T, int R, int NC>
+#if defined(__GNUC__) || defined(__clang__)
+// GCC/Clang vector extensions: lowered to whatever SIMD the build targets.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / sizeof(T);
+  static inline type zero() { return type{}; }
+  static inline type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static inline void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
+};
+#else
+// Other compilers: a plain array the optimizer may vectorize.
+template <typename T>
+struct Vec {
+  static constexpr int W = kVecBytes / sizeof(T);
+  struct type {
+    T v[W];
+    type& operator+=(const type& o) {
+      for (int i = 0; i < W; ++i) v[i] += o.v[i];
+      return *this;
+    }
+    friend type operator*(T s, const type& a) {
+      type r;
+      for (int i = 0; i < W; ++i) r.v[i] = s * a.v[i];
+      return r;
+    }
+  };
+  static inline type zero() { return type{}; }
+  static inline type load(const T* p) {
+    type v;
+    std::memcpy(v.v, p, sizeof(v.v));
+    return v;
+  }
+  static inline void store(T* p, const type& v) { std::memcpy(p, v.v, sizeof(v.v)); }
+};
+#endif
+
+static_assert(kPad % Vec<float>::W == 0 && kPad % Vec<double>::W == 0,
+              "padded widths must be whole vectors");
+
+// C[r, 0:NV*W] = (accumulate ? C : 0) + sum_k A[r*sam + k*sak] * B[k*ldb + 0:NV*W], r < R.
+template <typename T, int R, int NV>
 inline void micro_kernel(int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  T c[R][NC];
+  using V = Vec<T>;
+  using vt = typename V::type;
+  constexpr int W = V::W;
+  vt c[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 64
-    for (int j = 0; j < NC; ++j) c[r][j] = accumulate ? C[r * ldc + j] : T(0);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) c[r][j] = accumulate ? V::load(C + r * ldc + j * W) : V::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const T* b = B + k * ldb;
+    vt b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = V::load(B + k * ldb + j * W);
+    const T* a = A + k * sak;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const T a = A[r * sam + k * sak];
-#pragma GCC unroll 64
-      for (int j = 0; j < NC; ++j) c[r][j] += a * b[j];
+      const T s = a[r * sam];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) c[r][j] += s * b[j];
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 64
-    for (int j = 0; j < NC; ++j) C[r * ldc + j] = c[r][j];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) V::store(C + r * ldc + j * W, c[r][j]);
 }
 
 template <typename T, int R>
 inline void gemm_rows(int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
                       int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int kWide = std::max<int>(kPad, 2 * kVecBytes / sizeof(T));
+  constexpr int W = Vec<T>::W;
   int64_t n0 = 0;
-  for (; n0 + kWide <= N; n0 += kWide)
-    micro_kernel<T, R, kWide>(K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
-  for (; n0 < N; n0 += kPad)
-    micro_kernel<T, R, kPad>(K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+  for (; n0 + 2 * W <= N; n0 += 2 * W)
+    micro_kernel<T, R, 2>(K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+  for (; n0 < N; n0 += W)
+    micro_kernel<T, R, 1>(K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+}
+
+template <typename T, int R>
+inline void gemm_tail(int64_t rows, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
+                      const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      gemm_rows<T, R>(N, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+    else
+      gemm_tail<T, R - 1>(rows, N, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  }
 }
 
 // C[M, N] (+)= A[M, K] * B[K, N]; N must be a multiple of kPad.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
           int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int R = 4;
   int64_t m0 = 0;
-  for (; m0 + R <= M; m0 += R)
-    gemm_rows<T, R>(N, K, A + m0 * sam, sam, sak, B, ldb, C + m0 * ldc, ldc, accumulate);
-  switch (M - m0) {
-    case 3: gemm_rows<T, 3>(N, K, A + m0 * sam, sam, sak, B, ldb, C + m0 * ldc, ldc, accumulate); break;
-    case 2: gemm_rows<T, 2>(N, K, A + m0 * sam, sam, sak, B, ldb, C + m0 * ldc, ldc, accumulate); break;
-    case 1: gemm_rows<T, 1>(N, K, A + m0 * sam, sam, sak, B, ldb, C + m0 * ldc, ldc, accumulate); break;
-    default: break;
-  }
+  for (; m0 + kRows <= M; m0 += kRows)
+    gemm_rows<T, kRows>(N, K, A + m0 * sam, sam, sak, B, ldb, C + m0 * ldc, ldc, accumulate);
+  if (m0 < M)
+    gemm_tail<T, kRows - 1>(M - m0, N, K, A + m0 * sam, sam, sak, B, ldb, C + m0 * ldc, ldc,
+                            accumulate);
 }
 
 // A (B, H, T, D) tensor with unit stride along D.
@@ -118,9 +181,36 @@ void pack_transposed(const scalar_t* src, int64_t st, int64_t rows, int64_t D, a
   }
 }
 
-// Number of keys row i of a block starting at key j0 may see, among the jn in the block.
-inline int64_t visible_keys(bool causal, int64_t i, int64_t j0, int64_t jn) {
-  return causal ? std::min(jn, i - j0 + 1) : jn;
+// Scores are kept transposed, S^T[key j][query i], so every softmax statistic (running max,
+// sum, rescale factor, lse, delta) is a vector over queries: no per-row horizontal reductions,
+// which dominate for the presets' short rows (T = 32, head dim 1..16).
+//
+// Marks the scores no query may use: keys past the block's jn real ones, and (causal) keys
+// after the query. S^T tile is np x bqp with row stride ld; the block's queries start at i0.
+template <typename T>
+void mask_scores(T* st, int64_t ld, int64_t np, int64_t bqp, int64_t jn, int64_t j0, int64_t i0,
+                 bool causal) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < np; ++j) {
+    T* row = st + j * ld;
+    if (j >= jn) {
+      std::fill(row, row + bqp, ninf);
+    } else if (causal) {
+      // key j0 + j is visible to queries i0 + i with i >= j0 + j - i0
+      const int64_t hidden = std::min(bqp, std::max<int64_t>(0, j0 + j - i0));
+      std::fill(row, row + hidden, ninf);
+    }
+  }
+}
+
+// x[j][i] = exp(x[j][i] * a - shift[i]) for j < rows, i < cols; returns nothing.
+template <typename T>
+BARKGPT_NOINLINE void exp_rows(T* x, int64_t rows, int64_t cols, int64_t ld, const T* shift, T a) {
+  for (int64_t j = 0; j < rows; ++j) {
+    T* row = x + j * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < cols; ++i) row[i] = exp_fast(row[i] * a - shift[i]);
+  }
 }
 
 template <typename scalar_t>
@@ -137,61 +227,69 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
   // Items are (batch*head, query block), batch*head major: a thread's contiguous range of
   // items repacks K and V only when its batch*head changes.
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t it0, int64_t it1) {
-    std::vector<acc_t> kt(D * Tp), vpad(Tp * Dp), qb(kBlockQ * D), s(kBlockQ * kBlockK),
-        o(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    std::vector<acc_t> kt(D * Tp), vpad(Tp * Dp), qt(D * kBlockQ), st(kBlockK * kBlockQ),
+        o(kBlockQ * Dp), m(kBlockQ), ms(kBlockQ), mnew(kBlockQ), alpha(kBlockQ), l(kBlockQ);
     int64_t cur = -1;
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t bh = it / nqb, b = bh / H, h = bh % H;
       const int64_t i0 = (it % nqb) * kBlockQ, bq = std::min(kBlockQ, T - i0);
+      const int64_t bqp = round_up(bq, kPad);
       if (bh != cur) {
         cur = bh;
         pack_transposed(kp + b * vk.sb + h * vk.sh, vk.st, T, D, kt.data(), Tp);
         pack_rows(vp + b * vv.sb + h * vv.sh, vv.st, T, D, vpad.data(), Dp, Tp);
       }
-      pack_rows(qp + b * vq.sb + h * vq.sh + i0 * vq.st, vq.st, bq, D, qb.data(), D, bq);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      pack_transposed(qp + b * vq.sb + h * vq.sh + i0 * vq.st, vq.st, bq, D, qt.data(), bqp);
+      std::fill(m.begin(), m.end(), ninf);
       std::fill(l.begin(), l.end(), acc_t(0));
-      std::fill(o.begin(), o.end(), acc_t(0));
+      std::fill(o.begin(), o.begin() + bq * Dp, acc_t(0));
       const int64_t kend = causal ? i0 + bq : T;
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, kend - j0), np = round_up(jn, kPad);
-        gemm<acc_t>(bq, np, D, qb.data(), D, 1, kt.data() + j0, Tp, s.data(), kBlockK, false);
-        for (int64_t r = 0; r < bq; ++r) {
-          acc_t* sr = s.data() + r * kBlockK;
-          const int64_t lim = visible_keys(causal, i0 + r, j0, jn);
-          acc_t mx = m[r];
-          for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, sr[j]);
-          const acc_t alpha = m[r] == -std::numeric_limits<acc_t>::infinity()
-                                  ? acc_t(0) : exp_fast((m[r] - mx) * scale);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < lim; ++j) {
-            const acc_t p = exp_fast((sr[j] - mx) * scale);
-            sr[j] = p;
-            sum += p;
-          }
-          for (int64_t j = lim; j < np; ++j) sr[j] = acc_t(0);
-          m[r] = mx;
-          l[r] = l[r] * alpha + sum;
-          if (alpha != acc_t(1)) {
-            acc_t* orow = o.data() + r * Dp;
+        // S^T = K_blk Q^T: (np x bqp), K read transposed from kt
+        gemm<acc_t>(np, bqp, D, kt.data() + j0, 1, Tp, qt.data(), bqp, st.data(), kBlockQ, false);
+        mask_scores(st.data(), kBlockQ, np, bqp, jn, j0, i0, causal);
+        std::copy(m.begin(), m.begin() + bqp, mnew.begin());
+        for (int64_t j = 0; j < np; ++j) {
+          const acc_t* row = st.data() + j * kBlockQ;
 #pragma omp simd
-            for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
+          for (int64_t i = 0; i < bqp; ++i) mnew[i] = row[i] > mnew[i] ? row[i] : mnew[i];
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < bqp; ++i) ms[i] = mnew[i] * scale;
+        exp_rows(m.data(), 1, bqp, kBlockQ, ms.data(), scale);  // alpha = exp((m - mnew) scale)
+        std::copy(m.begin(), m.begin() + bqp, alpha.begin());
+        exp_rows(st.data(), np, bqp, kBlockQ, ms.data(), scale);  // P^T
+        for (int64_t i = 0; i < bqp; ++i) l[i] *= alpha[i];
+        for (int64_t j = 0; j < np; ++j) {
+          const acc_t* row = st.data() + j * kBlockQ;
+#pragma omp simd
+          for (int64_t i = 0; i < bqp; ++i) l[i] += row[i];
+        }
+        std::copy(mnew.begin(), mnew.begin() + bqp, m.begin());
+        if (j0 > 0) {
+          for (int64_t i = 0; i < bq; ++i) {
+            acc_t* orow = o.data() + i * Dp;
+            const acc_t a = alpha[i];
+#pragma omp simd
+            for (int64_t d = 0; d < Dp; ++d) orow[d] *= a;
           }
         }
-        gemm<acc_t>(bq, Dp, np, s.data(), kBlockK, 1, vpad.data() + j0 * Dp, Dp, o.data(), Dp, true);
+        // O += P V_blk, P read transposed from S^T
+        gemm<acc_t>(bq, Dp, np, st.data(), 1, kBlockQ, vpad.data() + j0 * Dp, Dp, o.data(), Dp, true);
       }
       scalar_t* orow0 = op + ((b * H + h) * T + i0) * D;
       acc_t* lrow = lp + (b * H + h) * T + i0;
-      for (int64_t r = 0; r < bq; ++r) {
-        const acc_t inv = acc_t(1) / l[r];
-        const acc_t* orow = o.data() + r * Dp;
-        for (int64_t d = 0; d < D; ++d) orow0[r * D + d] = from_acc<scalar_t>(orow[d] * inv);
-        lrow[r] = m[r] * scale + std::log(l[r]);
+      for (int64_t i = 0; i < bq; ++i) {
+        const acc_t inv = acc_t(1) / l[i];
+        const acc_t* orow = o.data() + i * Dp;
+        for (int64_t d = 0; d < D; ++d) orow0[i * D + d] = from_acc<scalar_t>(orow[d] * inv);
+        lrow[i] = m[i] * scale + std::log(l[i]);
       }
     }
   });
@@ -219,9 +317,9 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
 
   // One (batch, head) per task: dK and dV accumulate over all query blocks, in a fixed order.
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<acc_t> qpad(Tp * Dp), kpad(Tp * Dp), kt(D * Tp), vt(D * Tp), dopad(Tp * Dp),
-        dqa(Tp * Dp), dka(Tp * Dp), dva(Tp * Dp), delta(T), s(kBlockQ * kBlockK),
-        dpb(kBlockQ * kBlockK);
+    std::vector<acc_t> qt(D * Tp), qpad(Tp * Dp), kt(D * Tp), kpad(Tp * Dp), vt(D * Tp),
+        dot(D * Tp), dopad(Tp * Dp), dqa(Tp * Dp), dka(Tp * Dp), dva(Tp * Dp), lsepad(Tp),
+        delta(Tp), st(kBlockK * kBlockQ), dst(kBlockK * kBlockQ);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const scalar_t* qbh = qp + b * vq.sb + h * vq.sh;
@@ -229,55 +327,54 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
       const scalar_t* vbh = vp + b * vv.sb + h * vv.sh;
       const scalar_t* obh = outp + b * vo.sb + h * vo.sh;
       const scalar_t* dobh = dop + b * vdo.sb + h * vdo.sh;
-      const acc_t* lrow = lsep + bh * T;
+      pack_transposed(qbh, vq.st, T, D, qt.data(), Tp);
       pack_rows(qbh, vq.st, T, D, qpad.data(), Dp, Tp);
-      pack_rows(kbh, vk.st, T, D, kpad.data(), Dp, Tp);
       pack_transposed(kbh, vk.st, T, D, kt.data(), Tp);
+      pack_rows(kbh, vk.st, T, D, kpad.data(), Dp, Tp);
       pack_transposed(vbh, vv.st, T, D, vt.data(), Tp);
+      pack_transposed(dobh, vdo.st, T, D, dot.data(), Tp);
       pack_rows(dobh, vdo.st, T, D, dopad.data(), Dp, Tp);
-      for (int64_t i = 0; i < T; ++i) {
-        const scalar_t* orow = obh + i * vo.st;
-        const acc_t* drow = dopad.data() + i * Dp;
+      // Padded queries get lse = +inf, so their P (and every gradient they touch) is 0.
+      std::copy(lsep + bh * T, lsep + (bh + 1) * T, lsepad.begin());
+      std::fill(lsepad.begin() + T, lsepad.end(), std::numeric_limits<acc_t>::infinity());
+      for (int64_t i = 0; i < Tp; ++i) {
         acc_t acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += drow[d] * to_acc<acc_t>(orow[d]);
+        if (i < T) {
+          const scalar_t* orow = obh + i * vo.st;
+          const acc_t* drow = dopad.data() + i * Dp;
+          for (int64_t d = 0; d < D; ++d) acc += drow[d] * to_acc<acc_t>(orow[d]);
+        }
         delta[i] = acc;
       }
       std::fill(dqa.begin(), dqa.end(), acc_t(0));
       std::fill(dka.begin(), dka.end(), acc_t(0));
       std::fill(dva.begin(), dva.end(), acc_t(0));
       for (int64_t i0 = 0; i0 < T; i0 += kBlockQ) {
-        const int64_t bq = std::min(kBlockQ, T - i0);
+        const int64_t bq = std::min(kBlockQ, T - i0), bqp = round_up(bq, kPad);
         const int64_t kend = causal ? i0 + bq : T;
+        const acc_t* li = lsepad.data() + i0;
+        const acc_t* di = delta.data() + i0;
         for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
           const int64_t jn = std::min(kBlockK, kend - j0), np = round_up(jn, kPad);
-          // S = Q K^T, then P = exp(S * scale - lse), zero where masked or padded.
-          gemm<acc_t>(bq, np, D, qpad.data() + i0 * Dp, Dp, 1, kt.data() + j0, Tp, s.data(),
-                      kBlockK, false);
-          for (int64_t r = 0; r < bq; ++r) {
-            acc_t* sr = s.data() + r * kBlockK;
-            const int64_t lim = visible_keys(causal, i0 + r, j0, jn);
-            const acc_t lr = lrow[i0 + r];
-#pragma omp simd
-            for (int64_t j = 0; j < lim; ++j) sr[j] = exp_fast(sr[j] * scale - lr);
-            for (int64_t j = lim; j < np; ++j) sr[j] = acc_t(0);
-          }
-          // dV += P^T dO
-          gemm<acc_t>(np, Dp, bq, s.data(), 1, kBlockK, dopad.data() + i0 * Dp, Dp,
+          // P^T = exp(S^T scale - lse), zero where masked or padded
+          gemm<acc_t>(np, bqp, D, kt.data() + j0, 1, Tp, qt.data() + i0, Tp, st.data(), kBlockQ, false);
+          mask_scores(st.data(), kBlockQ, np, bqp, jn, j0, i0, causal);
+          exp_rows(st.data(), np, bqp, kBlockQ, li, scale);
+          // dV_blk += P^T dO_blk
+          gemm<acc_t>(np, Dp, bq, st.data(), kBlockQ, 1, dopad.data() + i0 * Dp, Dp,
                       dva.data() + j0 * Dp, Dp, true);
-          // dP = dO V^T, then dS = P * (dP - delta) * scale
-          gemm<acc_t>(bq, np, D, dopad.data() + i0 * Dp, Dp, 1, vt.data() + j0, Tp, dpb.data(),
-                      kBlockK, false);
-          for (int64_t r = 0; r < bq; ++r) {
-            const acc_t* pr = s.data() + r * kBlockK;
-            acc_t* dr = dpb.data() + r * kBlockK;
-            const acc_t dl = delta[i0 + r];
+          // dP^T = V_blk dO^T, then dS^T = P^T (dP^T - delta) scale
+          gemm<acc_t>(np, bqp, D, vt.data() + j0, 1, Tp, dot.data() + i0, Tp, dst.data(), kBlockQ, false);
+          for (int64_t j = 0; j < np; ++j) {
+            const acc_t* pr = st.data() + j * kBlockQ;
+            acc_t* dr = dst.data() + j * kBlockQ;
 #pragma omp simd
-            for (int64_t j = 0; j < np; ++j) dr[j] = pr[j] * (dr[j] - dl) * scale;
+            for (int64_t i = 0; i < bqp; ++i) dr[i] = pr[i] * (dr[i] - di[i]) * scale;
           }
-          // dQ += dS K ; dK += dS^T Q
-          gemm<acc_t>(bq, Dp, np, dpb.data(), kBlockK, 1, kpad.data() + j0 * Dp, Dp,
+          // dQ_blk += dS K_blk ; dK_blk += dS^T Q_blk
+          gemm<acc_t>(bq, Dp, np, dst.data(), 1, kBlockQ, kpad.data() + j0 * Dp, Dp,
                       dqa.data() + i0 * Dp, Dp, true);
-          gemm<acc_t>(np, Dp, bq, dpb.data(), 1, kBlockK, qpad.data() + i0 * Dp, Dp,
+          gemm<acc_t>(np, Dp, bq, dst.data(), kBlockQ, 1, qpad.data() + i0 * Dp, Dp,
                       dka.data() + j0 * Dp, Dp, true);
         }
       }

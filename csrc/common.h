@@ -39,10 +39,12 @@ inline int64_t grain_rows(int64_t row_elems) {
 
 // exp for the softmax. fp32: range reduction to r in [-ln2/2, ln2/2] and a degree-6
 // polynomial (relative error ~2e-7), branch-free so loops over it vectorize without
-// -ffast-math; inputs below -87 flush to 0 (the softmax only ever feeds x <= 0).
+// -ffast-math; inputs below about -87.3 (and -inf, the mask) give exactly 0.
 // fp64 keeps std::exp: its only use is gradcheck, where accuracy is the point.
-inline float exp_fast(float x) {
-  x = std::max(x, -87.0f);
+inline float exp_fast(float x_in) {
+  // Clamping at -104 puts 2^n below the smallest normal for x < -87.3; the exponent field
+  // then saturates at 0, so the result is exactly 0 (also for -inf) with no branch.
+  float x = std::max(x_in, -104.0f);
   x = std::min(x, 88.0f);
   const float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float t = x * 1.44269504088896341f + kMagic;
@@ -56,13 +58,48 @@ inline float exp_fast(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t biased = static_cast<int32_t>(n) + 127;
+  biased = biased > 0 ? biased : 0;
+  int32_t e = biased << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
 }
 
 inline double exp_fast(double x) { return std::exp(x); }
+
+#if defined(_MSC_VER)
+#define BARKGPT_NOINLINE __declspec(noinline)
+#else
+#define BARKGPT_NOINLINE __attribute__((noinline))
+#endif
+
+// x[j] = exp(x[j] * a - b) for j < n; returns their sum. Out of line on purpose: inlined
+// into a big loop nest, GCC turned exp_fast's clamps into branches and stopped vectorizing.
+template <typename T>
+BARKGPT_NOINLINE T exp_affine(T* x, int64_t n, T a, T b) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_fast(x[j] * a - b);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Max of x[0:n] and init, for n a multiple of 16: 16 independent lanes (the loop vectorizes
+// without -ffast-math) folded as a tree (a few shuffles, not 15 dependent scalar steps).
+template <typename T>
+inline T max16(const T* x, int64_t n, T init) {
+  T lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = init;
+  for (int64_t j = 0; j < n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
+  return lanes[0];
+}
 
 // Storage <-> math conversions that the compiler can inline and vectorize.
 template <typename acc_t, typename scalar_t>
