@@ -91,8 +91,11 @@ def check_embedding_args(idx, tok_weight, pos_weight) -> None:
 
 def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
     """Raise if any id is outside [0, vocab_size). Costs one reduction (a sync on GPU);
-    skipped while torch.compile traces (the op body then runs it at execution time)."""
+    skipped while torch.compile traces (the op body then runs it at execution time) and while a
+    CUDA graph is captured (no sync is allowed there: the kernels mask such ids instead)."""
     if _is_compiling() or idx.numel() == 0:
+        return
+    if idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     lo, hi = torch.aminmax(idx)
     lo, hi = int(lo), int(hi)

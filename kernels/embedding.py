@@ -52,7 +52,7 @@ def _embedding_add_fwd_kernel(
     POS,  # (P, C) any strides, P >= T
     OUT,  # (B, T, C) contiguous, promoted dtype
     stride_ib, stride_it, stride_tv, stride_tc, stride_pt, stride_pc,
-    n_tokens, T, C,
+    n_tokens, T, C, V,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat b * T + t
@@ -62,7 +62,10 @@ def _embedding_add_fwd_kernel(
     ids = tl.load(IDX + b * stride_ib + t * stride_it, mask=r_ok, other=0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = r_ok[:, None] & (cols < C)[None, :]
-    tok = tl.load(TOK + ids[:, None] * stride_tv + cols[None, :] * stride_tc, mask=mask, other=0.0)
+    # The host check is skipped while a CUDA graph is captured (it would sync): never read
+    # outside the table even then (such rows get no token embedding).
+    id_ok = (ids >= 0) & (ids < V)
+    tok = tl.load(TOK + ids[:, None] * stride_tv + cols[None, :] * stride_tc, mask=mask & id_ok[:, None], other=0.0)
     pos = tl.load(POS + t[:, None] * stride_pt + cols[None, :] * stride_pc, mask=mask, other=0.0)
     out = tok.to(tl.float32) + pos.to(tl.float32)
     tl.store(OUT + r[:, None] * C + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
@@ -151,7 +154,7 @@ def embedding_add_fwd(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: t
         _embedding_add_fwd_kernel[grid](
             idx, tok_weight, pos_weight, out,
             idx.stride(0), idx.stride(1), tok_weight.stride(0), tok_weight.stride(1),
-            pos_weight.stride(0), pos_weight.stride(1), n_tokens, T, C,
+            pos_weight.stride(0), pos_weight.stride(1), n_tokens, T, C, tok_weight.shape[0],
             BLOCK_R=tile.block_rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps)
     return out
 
