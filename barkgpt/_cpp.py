@@ -288,6 +288,19 @@ def _register_fakes() -> None:
     def _(grad, idx, vocab_size, num_positions):
         return grad.new_empty((vocab_size, grad.shape[2])), grad.new_empty((num_positions, grad.shape[2]))
 
+    # the eager ops with C++ autograd (csrc/autograd.cpp)
+    @torch.library.register_fake(f"{_NS}::layer_norm")
+    def _(x, weight, bias, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{_NS}::attention")
+    def _(q, k, v, causal):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake(f"{_NS}::embedding_add")
+    def _(idx, tok_weight, pos_weight):
+        return tok_weight.new_empty((idx.shape[0], idx.shape[1], tok_weight.shape[1]))
+
 
 # ---- autograd: forward ops save what backward needs; backward ops are C++ kernels too --------
 
@@ -344,17 +357,33 @@ if not getattr(torch.ops.barkgpt_cpp, "_barkgpt_python_registered", False):
 
 
 # ---- the backend interface (ops.py has validated shapes, devices and dtypes) ---------------------
+#
+# Two routes to the same kernels. Under torch.compile: the kernel ops, whose fake kernels and
+# autograd formulas are registered above, so the graph holds *_fwd/*_bwd nodes and runs no
+# Python autograd at all. In eager mode: barkgpt_cpp::layer_norm/attention/embedding_add, whose
+# autograd is C++ (csrc/autograd.cpp) and calls the same kernel ops; the Python autograd layer
+# would add ~15 us per op, as much as the kernels take at the presets' sizes.
+
+_is_compiling = torch.compiler.is_compiling
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
-    return _ops.layer_norm_fwd.default(x, weight, bias, float(eps))[0]
+    if _is_compiling():
+        return _ops.layer_norm_fwd.default(x, weight, bias, float(eps))[0]
+    return _ops.layer_norm.default(x, weight, bias, float(eps))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    return _ops.attention_fwd.default(q, k, v, bool(causal))[0]
+    if _is_compiling():
+        return _ops.attention_fwd.default(q, k, v, bool(causal))[0]
+    return _ops.attention.default(q, k, v, bool(causal))
 
 
 def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
     # Out-of-range ids raise IndexError inside the C++ kernel (same message as check_token_ids),
     # on every path, compiled or not, before any table row is read.
     dtype = torch.promote_types(tok_weight.dtype, pos_weight.dtype)
-    return _ops.embedding_add_fwd.default(idx, tok_weight.to(dtype), pos_weight.to(dtype))
+    tok_weight, pos_weight = tok_weight.to(dtype), pos_weight.to(dtype)
+    if _is_compiling():
+        return _ops.embedding_add_fwd.default(idx, tok_weight, pos_weight)
+    return _ops.embedding_add.default(idx, tok_weight, pos_weight)

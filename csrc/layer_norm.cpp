@@ -15,9 +15,24 @@
 namespace barkgpt {
 namespace {
 
-template <typename scalar_t, typename acc_t>
+// Calls f(std::integral_constant<int, NF>) with NF = N for the narrow widths of the presets
+// (fully unrolled rows held in registers), NF = 0 (width known at run time) otherwise.
+template <typename F>
+void dispatch_width(int64_t N, const F& f) {
+  switch (N) {
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 16: f(std::integral_constant<int, 16>()); break;
+    case 32: f(std::integral_constant<int, 32>()); break;
+    case 64: f(std::integral_constant<int, 64>()); break;
+    case 128: f(std::integral_constant<int, 128>()); break;
+    default: f(std::integral_constant<int, 0>()); break;
+  }
+}
+
+template <int NF, typename scalar_t, typename acc_t>
 void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y, acc_t* mean,
-                 acc_t* rstd, int64_t r0, int64_t r1, int64_t N, acc_t eps) {
+                 acc_t* rstd, int64_t r0, int64_t r1, int64_t N_rt, acc_t eps) {
+  const int64_t N = NF > 0 ? NF : N_rt;
   const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * N;
@@ -51,10 +66,11 @@ void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y,
 // dx for rows [r0, r1); adds this chunk's dW, dB contributions into pw, pb (length N).
 // gw and xhat are row scratch: reusing the rounded g*w of the sums keeps dx exactly 0 where it
 // should be (N = 1), instead of leaving an FMA rounding residue amplified by rstd.
-template <typename scalar_t, typename acc_t>
+template <int NF, typename scalar_t, typename acc_t>
 void ln_bwd_rows(const scalar_t* dy, const scalar_t* x, const acc_t* w, const acc_t* mean,
                  const acc_t* rstd, scalar_t* dx, acc_t* pw, acc_t* pb, acc_t* gw, acc_t* xhat,
-                 int64_t r0, int64_t r1, int64_t N) {
+                 int64_t r0, int64_t r1, int64_t N_rt) {
+  const int64_t N = NF > 0 ? NF : N_rt;
   const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * N;
@@ -99,8 +115,11 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
       std::vector<acc_t> scratch(2 * N);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = c * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
-        ln_bwd_rows<scalar_t, acc_t>(gp, xp, wp, mp, rp, dxp, pw_all + c * N, pb_all + c * N,
-                                     scratch.data(), scratch.data() + N, r0, r1, N);
+        dispatch_width(N, [&](auto nf) {
+          ln_bwd_rows<decltype(nf)::value, scalar_t, acc_t>(gp, xp, wp, mp, rp, dxp, pw_all + c * N,
+                                                            pb_all + c * N, scratch.data(),
+                                                            scratch.data() + N, r0, r1, N);
+        });
       }
     });
   }
@@ -155,7 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
     at::parallel_for(0, rows, grain_rows(N), [&](int64_t r0, int64_t r1) {
-      ln_fwd_rows<scalar_t, acc_t>(xp, wp, bp, yp, mp, rp, r0, r1, N, static_cast<acc_t>(eps));
+      dispatch_width(N, [&](auto nf) {
+        ln_fwd_rows<decltype(nf)::value, scalar_t, acc_t>(xp, wp, bp, yp, mp, rp, r0, r1, N,
+                                                          static_cast<acc_t>(eps));
+      });
     });
   });
   return {y, mean, rstd};
