@@ -11,6 +11,9 @@ How a run is split, so that N processes compute what one process with N times th
   the data position (the generator state) is the same whatever the world size: a checkpoint
   resumes on any number of processes that divides the global micro-batch.
 - DDP averages gradients over ranks, only on the last micro-step of an accumulated batch.
+  Like gradient accumulation, that is the mean of per-rank mean losses: the same as one big
+  batch when every row has as many targets (text); with padded rows (the bark corpus) the
+  ranks' means are weighted equally rather than by their target counts.
 - Rank 0 alone decides (the run directory, what to resume), shows progress and writes files;
   what it decides or fails with is shared with every rank, so no rank waits forever on a
   rank that has already given up.
@@ -25,7 +28,7 @@ import atexit
 import contextlib
 import hashlib
 import os
-from typing import Any, Callable, Optional, Tuple, TypeVar
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist

@@ -50,6 +50,18 @@ def _worker(spec_path):
             def hook(step, loss, at=stop["at"], exc=stop["with"]):
                 if step == at:
                     raise KeyboardInterrupt if exc == "interrupt" else Crash(f"simulated crash after step {at}")
+        if kw.get("backend") == "cpp":
+            # Every rank must agree before training: one rank failing alone would leave the
+            # other waiting in a collective. The failure is then reported by that job's test.
+            import torch.distributed as dist
+
+            distributed.init()  # the process group (kept from the jobs before, or made now)
+            reason = barkgpt.ops.unavailable_reason("cpp", "cpu")
+            ok = torch.tensor([reason is None], dtype=torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not ok.item():
+                seen[name] = {"outcome": "cpp unavailable on a rank", "message": str(reason)}
+                continue
         syncs = []
         if job.get("count_syncs"):  # count DDP's gradient all-reduces through a comm hook
             def wrap(world, model, device, real=distributed.World.wrap):
@@ -272,7 +284,7 @@ def test_cpp_backend_under_ddp(worker_runs, data_file, tmp_path):
     if not _have_cpp():
         pytest.skip(f"the cpp backend is unavailable: {barkgpt.ops.unavailable_reason('cpp', 'cpu')}")
     d, seen, _ = worker_runs
-    assert [s["cpp"]["outcome"] for s in seen] == ["ok", "ok"]
+    assert [s["cpp"]["outcome"] for s in seen] == ["ok", "ok"], [s["cpp"] for s in seen]
     one = _single(tmp_path / "one", data_file, batch_size=8, backend="cpp")
     _assert_weights_close(str(d / "cpp"), one.model)
     torch.testing.assert_close(torch.tensor(seen[0]["cpp"]["losses"]), torch.tensor(one.losses),
