@@ -2,7 +2,7 @@
 
 Settings come from the environment (see benchmarks/README.md): BARKGPT_BENCH_SIZE=small|full,
 BARKGPT_BENCH_DEVICE, BARKGPT_BENCH_DTYPE, BARKGPT_BENCH_BUDGET_S, BARKGPT_BENCH_MEASURE_S,
-BARKGPT_BENCH_OUT (results folder; default benchmarks/results). At the end of the session the
+BARKGPT_BENCH_THREADS, BARKGPT_BENCH_OUT (results folder; default benchmarks/results). At the end of the session the
 results are written as JSON + Markdown + PNG, named by device kind and size (cpu-small.*,
 h100-full.*); a run that selected only part of the suite writes *-partial.* instead.
 """
@@ -29,6 +29,10 @@ for _name in ("cache_size_limit", "recompile_limit"):
 for _name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
     if hasattr(torch._dynamo.config, _name):
         setattr(torch._dynamo.config, _name, max(getattr(torch._dynamo.config, _name), 4096))
+
+# BARKGPT_BENCH_THREADS: intra-op threads for the CPU run (default: torch's own choice).
+if os.environ.get("BARKGPT_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BARKGPT_BENCH_THREADS"]))
 
 import _bench  # noqa: E402
 import _report  # noqa: E402

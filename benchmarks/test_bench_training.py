@@ -9,6 +9,7 @@ barkgpt.perf; n/a where the peak is unknown, e.g. CPUs) and peak memory on CUDA.
 """
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -87,8 +88,16 @@ def _reference_loss(name, cfg, batch):
     return _ref_loss[name]
 
 
+@pytest.fixture
+def free_memory():
+    yield
+    gc.collect()  # models, optimizer states and graphs of GPT-2 sized cases are gigabytes
+    if B.IS_CUDA:
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("name, provider", PARAMS, ids=[f"{n}-{p}" for n, p in PARAMS])
-def test_training_step(benchmark, name, provider):
+def test_training_step(benchmark, free_memory, name, provider):
     cfg, bsz, T = CASES[name]
     backend = "torch" if provider.endswith("torch") else None
     resolved = ops.resolve_backend(backend, B.DEVICE)
