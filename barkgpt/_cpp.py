@@ -105,7 +105,13 @@ def _cache_root() -> str:
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(xdg, "barkgpt")
-    return os.path.join(root, "cpp")
+    root = os.path.join(root, "cpp")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError:  # read-only home: build under the temp dir instead
+        import tempfile
+        root = os.path.join(tempfile.gettempdir(), f"barkgpt-{getattr(os, 'getuid', lambda: 0)()}", "cpp")
+    return root
 
 
 def _compiler_problem() -> Optional[str]:

@@ -27,7 +27,7 @@ import barkgpt._cpp as cpp  # noqa: E402  (builds the extension on first use; a 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerances against the float64 oracle, relative to the largest magnitude of the expected tensor.
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 def _close(actual, expected, dtype, name=""):
@@ -56,7 +56,7 @@ LN_CASES += [(4096, 1), (4096, 7), (4096, 33)]
 
 
 @pytest.mark.parametrize("n,rows", LN_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_norm_matches_reference(n, rows, dtype):
     x = (torch.randn(rows, n) * 2 + 0.5).to(dtype).requires_grad_()
     w = (torch.randn(n) * 0.5 + 1).to(dtype).requires_grad_()
@@ -125,8 +125,9 @@ def test_attention_matches_reference_fp32(T, D, causal):
 
 @pytest.mark.parametrize("T,D", [(1, 1), (17, 3), (64, 16), (100, 64), (129, 80)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_matches_reference_bf16(T, D, causal):
-    _attn_check(1, 3, T, D, causal, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_matches_reference_16bit(T, D, causal, dtype):
+    _attn_check(1, 3, T, D, causal, dtype)
 
 
 def test_attention_matches_textbook_formula_long_sequence():
@@ -163,7 +164,7 @@ EMB_CASES = [  # (V, B, T, C, P)
 
 
 @pytest.mark.parametrize("V,B,T,C,P", EMB_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_embedding_add_matches_reference(V, B, T, C, P, dtype, id_dtype):
     idx = torch.randint(0, V, (B, T), dtype=id_dtype)
