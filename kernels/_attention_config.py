@@ -11,10 +11,12 @@ its own entry because the three kernels keep different tiles live:
   (BLOCK_M % BLOCK_N == 0).
 
 The divisibility keeps every tile either fully below the causal diagonal (unmasked) or part of
-the diagonal band (masked). GPU entries are chosen for H100 (sm_90, 228 KB shared memory per SM)
-from the usual FlashAttention-2 shapes; they have not been tuned on hardware yet (see
-benchmarks/). Under ``TRITON_INTERPRET=1`` small, unequal tiles keep CPU tests fast while still
-exercising multi-tile loops and the diagonal band.
+the diagonal band (masked). GPU entries target H100 (sm_90, 227 KB shared memory per block),
+starting from the usual FlashAttention-2 shapes and kept to those that compile without register
+spills; they have not been timed on hardware yet: ``python -m barkgpt.kernels._attention_config``
+on a GPU times the candidates and prints entries to paste here. Under ``TRITON_INTERPRET=1``
+small, unequal tiles keep CPU tests fast while still exercising multi-tile loops and the
+diagonal band.
 """
 
 from __future__ import annotations
@@ -32,40 +34,45 @@ class TileConfig(NamedTuple):
 
 
 # (pass, padded head dim, "16bit" | "fp32") -> config. Padded head dim is a power of two >= 16.
+# Every entry compiles for sm_90 (16-bit: wgmma) with no register spills and <= 227 KB of shared
+# memory, checked offline with ptxas (cuobjdump -res-usage); none is timed yet: run tune() on a GPU.
 _GPU_TABLE: Dict[Tuple[str, int, str], TileConfig] = {
     # forward: Q tile and O accumulator live in registers, K/V tiles stream through shared memory.
     ("fwd", 16, "16bit"): TileConfig(128, 64, 4, 3),
     ("fwd", 32, "16bit"): TileConfig(128, 64, 4, 3),
-    ("fwd", 64, "16bit"): TileConfig(128, 64, 4, 3),
+    ("fwd", 64, "16bit"): TileConfig(128, 64, 8, 3),
     ("fwd", 128, "16bit"): TileConfig(128, 64, 8, 3),
-    ("fwd", 256, "16bit"): TileConfig(64, 32, 4, 2),
-    ("fwd", 16, "fp32"): TileConfig(64, 32, 4, 3),
-    ("fwd", 32, "fp32"): TileConfig(64, 32, 4, 3),
-    ("fwd", 64, "fp32"): TileConfig(64, 32, 4, 2),
-    ("fwd", 128, "fp32"): TileConfig(64, 32, 4, 2),
-    ("fwd", 256, "fp32"): TileConfig(32, 32, 4, 1),
+    ("fwd", 256, "16bit"): TileConfig(64, 32, 8, 3),
+    # fp32 runs "ieee" dots on FMA units, which hold whole operand tiles in registers: small tiles.
+    ("fwd", 16, "fp32"): TileConfig(64, 32, 4, 2),
+    ("fwd", 32, "fp32"): TileConfig(64, 32, 8, 2),
+    ("fwd", 64, "fp32"): TileConfig(64, 32, 8, 2),
+    ("fwd", 128, "fp32"): TileConfig(32, 16, 8, 2),
+    ("fwd", 256, "fp32"): TileConfig(32, 16, 8, 2),
     # dK/dV: two (BLOCK_N, D) fp32 accumulators per program; Q/dO tiles stream.
     ("dkdv", 16, "16bit"): TileConfig(64, 128, 8, 3),
     ("dkdv", 32, "16bit"): TileConfig(64, 128, 8, 3),
     ("dkdv", 64, "16bit"): TileConfig(64, 128, 8, 3),
     ("dkdv", 128, "16bit"): TileConfig(32, 128, 8, 3),
-    ("dkdv", 256, "16bit"): TileConfig(32, 64, 8, 2),
-    ("dkdv", 16, "fp32"): TileConfig(32, 64, 4, 3),
-    ("dkdv", 32, "fp32"): TileConfig(32, 64, 4, 3),
-    ("dkdv", 64, "fp32"): TileConfig(32, 64, 4, 2),
-    ("dkdv", 128, "fp32"): TileConfig(32, 64, 8, 2),
-    ("dkdv", 256, "fp32"): TileConfig(16, 32, 4, 1),
+    # D=256: 32-row key tiles are below wgmma's 64 rows per warpgroup (mma.sync instead), but
+    # every larger dK/dV tile spills.
+    ("dkdv", 256, "16bit"): TileConfig(32, 32, 8, 3),
+    ("dkdv", 16, "fp32"): TileConfig(32, 64, 8, 2),
+    ("dkdv", 32, "fp32"): TileConfig(16, 64, 8, 2),
+    ("dkdv", 64, "fp32"): TileConfig(16, 64, 8, 2),
+    ("dkdv", 128, "fp32"): TileConfig(16, 32, 8, 2),
+    ("dkdv", 256, "fp32"): TileConfig(16, 16, 8, 1),
     # dQ: one (BLOCK_M, D) fp32 accumulator; K/V tiles stream.
     ("dq", 16, "16bit"): TileConfig(128, 64, 8, 3),
     ("dq", 32, "16bit"): TileConfig(128, 64, 8, 3),
     ("dq", 64, "16bit"): TileConfig(128, 64, 8, 3),
     ("dq", 128, "16bit"): TileConfig(128, 32, 8, 3),
-    ("dq", 256, "16bit"): TileConfig(64, 32, 8, 2),
-    ("dq", 16, "fp32"): TileConfig(64, 32, 4, 3),
-    ("dq", 32, "fp32"): TileConfig(64, 32, 4, 3),
-    ("dq", 64, "fp32"): TileConfig(64, 32, 4, 2),
-    ("dq", 128, "fp32"): TileConfig(64, 32, 8, 2),
-    ("dq", 256, "fp32"): TileConfig(32, 16, 4, 1),
+    ("dq", 256, "16bit"): TileConfig(128, 32, 8, 2),
+    ("dq", 16, "fp32"): TileConfig(64, 32, 8, 2),
+    ("dq", 32, "fp32"): TileConfig(64, 32, 8, 2),
+    ("dq", 64, "fp32"): TileConfig(64, 32, 8, 2),
+    ("dq", 128, "fp32"): TileConfig(32, 32, 8, 2),
+    ("dq", 256, "fp32"): TileConfig(16, 16, 8, 1),
 }
 
 # Interpreter: numpy cost per tile is mostly fixed overhead, so small but multi-tile shapes.
@@ -97,3 +104,92 @@ def tile_config(kind: str, head_dim: int, seq_len: int, dtype: torch.dtype, inte
         cfg = _GPU_TABLE[(kind, padded_head_dim(head_dim), width)]
     cap = max(16, _pow2_at_least(seq_len))
     return cfg._replace(block_m=min(cfg.block_m, cap), block_n=min(cfg.block_n, cap))
+
+
+# ---- tuning on a GPU -----------------------------------------------------------------------
+# Candidates per pass, as (block_m, block_n, num_warps, num_stages). Every one compiles for
+# sm_90 without register spills (checked offline with ptxas / cuobjdump -res-usage) and fits
+# in 227 KB of shared memory, for the head dims it is listed under.
+_CANDIDATES_16BIT = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
+            (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3),
+             (32, 64, 8, 3), (32, 64, 4, 3), (32, 32, 8, 3), (16, 32, 8, 3)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+           (64, 32, 8, 3), (32, 32, 8, 3), (32, 32, 4, 3)],
+}
+_CANDIDATES_FP32 = {
+    "fwd": [(64, 32, 8, 2), (64, 32, 4, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+    "dkdv": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 1), (16, 16, 8, 2)],
+    "dq": [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+}
+
+
+def tune(head_dims=(16, 32, 64, 128, 256), dtypes=(torch.bfloat16, torch.float32), seq_len=4096,
+         batch=4, heads=16, causal=True, device="cuda", bench=None):  # pragma: no cover - needs a GPU
+    """Time every candidate tile per pass on this GPU and print ``_GPU_TABLE`` lines to paste.
+
+    Run: ``python -m barkgpt.kernels._attention_config``. A candidate that fails to launch
+    (shared memory, registers) or disagrees with the current table's result is skipped.
+    """
+    import importlib
+
+    if bench is None:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, warmup=25, rep=100)
+
+    # By package name: under ``python -m`` this file is __main__, a copy the kernels never read.
+    attn = importlib.import_module(__package__ + ".attention")
+    mod = importlib.import_module(__package__ + "._attention_config")
+    table_fn = mod.tile_config
+    for dtype in dtypes:
+        width = "fp32" if dtype == torch.float32 else "16bit"
+        cands = _CANDIDATES_FP32 if dtype == torch.float32 else _CANDIDATES_16BIT
+        for d in head_dims:
+            q, k, v, do = (torch.randn(batch, heads, seq_len, d, device=device, dtype=dtype) for _ in range(4))
+            out, lse = attn.attention_fwd(q, k, v, causal)
+            want_fwd = out.float()
+            want_bwd = [g.float() for g in attn.attention_bwd(do, q, k, v, out, lse, causal)]
+            for kind in ("fwd", "dkdv", "dq"):
+                best = None
+                for c in cands[kind]:
+                    cfg = TileConfig(*c)
+
+                    def pick(kind_, head_dim, t, dt, interpret, cfg=cfg, kind=kind):
+                        if kind_ == kind:
+                            cap = max(16, _pow2_at_least(t))
+                            return mod.TileConfig(min(cfg.block_m, cap), min(cfg.block_n, cap), cfg.num_warps,
+                                                  cfg.num_stages)
+                        return table_fn(kind_, head_dim, t, dt, interpret)
+
+                    mod.tile_config = pick
+                    try:
+                        if kind == "fwd":
+                            fn = lambda: attn.attention_fwd(q, k, v, causal)  # noqa: E731
+                            got = [fn()[0].float()]
+                            want = [want_fwd]
+                        else:
+                            fn = lambda: attn.attention_bwd(do, q, k, v, out, lse, causal)  # noqa: E731
+                            got = [g.float() for g in fn()]
+                            want = want_bwd
+                        if not all(torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(got, want)):
+                            print(f"  {kind} D={d} {cfg}: wrong result, skipped")
+                            continue
+                        ms = bench(fn)
+                    except Exception as e:  # out of resources etc.
+                        print(f"  {kind} D={d} {cfg}: {type(e).__name__}, skipped")
+                        continue
+                    finally:
+                        mod.tile_config = table_fn
+                    print(f"  {kind} D={d} {dtype} {cfg}: {ms:.3f} ms")
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                if best is not None:
+                    print(f'    ("{kind}", {padded_head_dim(d)}, "{width}"): TileConfig{tuple(best[1])},'
+                          f"  # {best[0]:.3f} ms, T={seq_len}, causal={causal}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    tune()
