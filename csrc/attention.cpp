@@ -203,7 +203,9 @@ void mask_scores(T* st, int64_t ld, int64_t np, int64_t bqp, int64_t jn, int64_t
   }
 }
 
-// x[j][i] = exp(x[j][i] * a - shift[i]) for j < rows, i < cols; returns nothing.
+// x[j][i] = exp(x[j][i] * a - shift[i]) for j < rows, i < cols. Out of line on purpose:
+// inlined into the big loop nest, GCC turned exp_fast's clamps into branches and stopped
+// vectorizing it.
 template <typename T>
 BARKGPT_NOINLINE void exp_rows(T* x, int64_t rows, int64_t cols, int64_t ld, const T* shift, T a) {
   for (int64_t j = 0; j < rows; ++j) {

@@ -74,33 +74,6 @@ inline double exp_fast(double x) { return std::exp(x); }
 #define BARKGPT_NOINLINE __attribute__((noinline))
 #endif
 
-// x[j] = exp(x[j] * a - b) for j < n; returns their sum. Out of line on purpose: inlined
-// into a big loop nest, GCC turned exp_fast's clamps into branches and stopped vectorizing.
-template <typename T>
-BARKGPT_NOINLINE T exp_affine(T* x, int64_t n, T a, T b) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const T e = exp_fast(x[j] * a - b);
-    x[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-// Max of x[0:n] and init, for n a multiple of 16: 16 independent lanes (the loop vectorizes
-// without -ffast-math) folded as a tree (a few shuffles, not 15 dependent scalar steps).
-template <typename T>
-inline T max16(const T* x, int64_t n, T init) {
-  T lanes[16];
-  for (int l = 0; l < 16; ++l) lanes[l] = init;
-  for (int64_t j = 0; j < n; j += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) lanes[l] = lanes[l + w] > lanes[l] ? lanes[l + w] : lanes[l];
-  return lanes[0];
-}
-
 // Storage <-> math conversions that the compiler can inline and vectorize.
 template <typename acc_t, typename scalar_t>
 inline acc_t to_acc(scalar_t v) { return static_cast<acc_t>(v); }
