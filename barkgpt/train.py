@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from . import checkpoint as ckpt
+from . import perf
 from . import distributed
 from .config import ConfigError, GPTConfig
 from .data import BarkCorpus, load_dataset
@@ -375,6 +376,10 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
     fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
     optimal = dataset.optimal_loss(getattr(dataset, "val", None)) if isinstance(dataset, BarkCorpus) else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * model_cfg.block_size  # all ranks
+    # MFU per device: tokens/s of all ranks over world.size, against this device's peak (None
+    # where the peak is unknown, e.g. CPUs, unless BARKGPT_PEAK_TFLOPS says).
+    flops_per_token = model.flops_per_token()
+    peak = perf.peak_flops(dtype=amp_dtype, device=device)
     say(f"barkgpt: {model.num_params():,} parameters, {cfg.steps} steps of {tokens_per_step:,} tokens, "
         f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}"
         + (f", {world.size} processes" if world.enabled else ""))
@@ -461,8 +466,9 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
             elapsed = time.perf_counter() - t0
             tps = tok_done / elapsed if elapsed > 0 else 0.0
             if done % cfg.log_every == 0 or done == cfg.steps:
+                util = perf.mfu(flops_per_token, tps / world.size, peak)
                 metrics.write(step=done, loss=step_loss, lr=lr, grad_norm=gnorm_v, tokens_per_sec=tps,
-                              elapsed_sec=elapsed)
+                              elapsed_sec=elapsed, **({"mfu": util} if util is not None else {}))
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 vl = evaluate(model, dataset, cfg.batch_size, device, amp_ctx, world)
                 val_history.append({"step": done, "val_loss": vl})

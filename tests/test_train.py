@@ -148,3 +148,12 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
 def test_fp16_needs_a_gpu(tmp_path):
     with pytest.raises(TrainingError, match="float16 autocast needs a CUDA GPU"):
         barkgpt.train(steps=2, dtype="float16", device="cpu", out=str(tmp_path / "r"), **FAST)
+
+
+def test_metrics_report_mfu_against_the_peak(tmp_path, monkeypatch):
+    monkeypatch.setenv("BARKGPT_PEAK_TFLOPS", "1")  # a known peak so MFU is defined on a CPU
+    r = barkgpt.train(steps=10, eval_every=10, log_every=5, out=str(tmp_path / "r"), **FAST)
+    logs = [e for e in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if "tokens_per_sec" in e]
+    assert logs
+    for e in logs:
+        assert e["mfu"] == pytest.approx(r.model.flops_per_token() * e["tokens_per_sec"] / 1e12)
