@@ -4,11 +4,11 @@ Three layers (Liger style):
 
 1. ``@triton.jit`` kernels. The forward walks K/V tiles with an online softmax in base 2
    (``exp2`` with ``log2(e)`` folded into the scale), never builds the T x T matrix and saves
-   the natural log-sum-exp per query row. The backward recomputes probabilities from it:
-   a preprocess pass ``delta = rowsum(dO * O)``, a pass that owns a K/V tile and sweeps query
-   tiles (dK, dV) and a pass that owns a Q tile and sweeps K/V tiles (dQ). Every output tile
-   is written by exactly one program with a fixed loop order: no atomics, so repeated
-   backward passes are bitwise equal.
+   the natural log-sum-exp per query row. The backward recomputes probabilities from it in
+   two passes: one owns a Q tile, computes ``delta = rowsum(dO * O)`` for its rows (the usual
+   preprocess step, folded in) and sweeps K/V tiles for dQ; then one owns a K/V tile and
+   sweeps Q tiles for dK and dV, reading delta. Every output tile is written by exactly one
+   program with a fixed loop order: no atomics, so repeated backward passes are bitwise equal.
 2. Launchers ``attention_fwd`` / ``attention_bwd``: allocate, pick tiles from
    ``_attention_config``, launch on the tensors' device. Inputs may be any strided views
    (q, k, v sliced out of a fused qkv projection, a transposed dO): every stride is passed.
@@ -143,29 +143,6 @@ def _attention_fwd_kernel(
     o_ptrs = (O + b * stride_ob + h * stride_oh + row0.to(tl.int64) * stride_ot
               + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _attention_bwd_preprocess_kernel(
-    O, DO, DELTA,  # O/DO: (B, H, T, D) any strides; DELTA: (B, H, T) fp32 contiguous
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    row0 = pid_m * BLOCK_M
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
-    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)[:, None]
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + (b * H + h) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
 @triton.jit
@@ -308,10 +285,11 @@ def _attention_bwd_dq_inner(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, stride_kt,
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,  # (B, H, T, D) any strides; LSE/DELTA (B, H, T) fp32
+    Q, K, V, O, DO, DQ, LSE, DELTA,  # (B, H, T, D) any strides; LSE/DELTA (B, H, T) fp32
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, D, qk_scale, sm_scale,
@@ -338,7 +316,12 @@ def _attention_bwd_dq_kernel(
                  mask=md_mask, other=0.0)
     # Padding rows get lse = +inf so their probabilities are exactly 0.
     lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=m_ok, other=0.0)
+    # The "preprocess" step lives here: this program owns these query rows and already holds dO.
+    # dK/dV runs after this kernel and reads delta back.
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows_m * stride_ot + offs_d[None, :] * stride_od,
+                mask=md_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * H + h) * T + offs_m, delta, mask=m_ok)
     kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kt + offs_d[:, None] * stride_kd
     vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[None, :] * stride_vt + offs_d[:, None] * stride_vd
 
@@ -422,13 +405,16 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     sm_scale = 1.0 / math.sqrt(D)
     qk_scale = sm_scale * LOG2E
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    pre_m = min(16 if interp else 64, max(16, triton.next_power_of_2(T)))
     cfg_kv = _cfg.tile_config("dkdv", D, T, q.dtype, interp)
     cfg_q = _cfg.tile_config("dq", D, T, q.dtype, interp)
     with _device_ctx(q):
-        _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), H, B)](
-            out, do, delta, *_strides(out), *_strides(do), H, T, D,
-            BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
+        # dQ first: it also writes delta = rowsum(dO * O), which dK/dV reads.
+        _attention_bwd_dq_kernel[(triton.cdiv(T, cfg_q.block_m), H, B)](
+            q, k, v, out, do, dq, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
+            H, T, D, qk_scale, sm_scale,
+            CAUSAL=causal, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=block_d,
+            EVEN_D=even_d, PRECISION=precision, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
         )
         _attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg_kv.block_n), H, B)](
             q, k, v, do, dk, dv, lse, delta,
@@ -436,13 +422,6 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             H, T, D, qk_scale, sm_scale,
             CAUSAL=causal, BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, BLOCK_D=block_d,
             EVEN_D=even_d, PRECISION=precision, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
-        )
-        _attention_bwd_dq_kernel[(triton.cdiv(T, cfg_q.block_m), H, B)](
-            q, k, v, do, dq, lse, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, T, D, qk_scale, sm_scale,
-            CAUSAL=causal, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=block_d,
-            EVEN_D=even_d, PRECISION=precision, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
         )
     return dq, dk, dv
 

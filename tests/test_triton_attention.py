@@ -140,6 +140,15 @@ def test_fused_qkv_views_and_strided_grad(causal, dtype):
     _assert_close(got_t, want, NAMES, **TOL[dtype])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_broadcast_upstream_gradient(causal):
+    """dO with zero strides, as ``out.sum().backward()``-style graphs produce."""
+    q, k, v = _qkv(2, 2, 21, 8, torch.float32)
+    do = torch.randn(1, 1, 1, 8, device=DEVICE).expand(2, 2, 21, 8)
+    assert do.stride() == (0, 0, 0, 1)
+    _assert_close(_triton(q, k, v, causal, do), _oracle(q, k, v, causal, do), NAMES, **TOL[torch.float32])
+
+
 def test_output_layout_lets_the_model_merge_heads_for_free():
     q, k, v = _qkv(2, 3, 10, 8, torch.float32)
     out = ops.attention(q, k, v, causal=True, backend="triton")
@@ -289,26 +298,30 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+def _assert_within_pytorch_error(got, q, k, v, causal, do):
+    """Error vs a float64 oracle at most twice PyTorch's own SDPA error in the same dtype
+    (plus a small floor): the FlashAttention repo's criterion, fair across dtypes."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        o64 = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
+    want = (o64,) + torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    del q64, k64, v64, o64
+    pt = _reference(q, k, v, causal, do)
+    floor = 1e-5 if q.dtype == torch.float32 else 1e-3
+    for name, g, w, p in zip(NAMES, got, want, pt):
+        assert torch.isfinite(g).all(), name
+        assert _err(g, w) <= 2 * _err(p, w) + floor, f"{name}: {_err(g, w):.3g} vs PyTorch {_err(p, w):.3g}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("T,D", [(1, 64), (17, 1), (255, 16), (1000, 64), (1023, 80), (2048, 128), (513, 256)])
 def test_gpu_against_pytorch_error(T, D, dtype, causal):
-    """Error vs a float64 oracle at most twice PyTorch's own SDPA error in the same dtype
-    (plus a small floor): the FlashAttention repo's criterion, fair across dtypes."""
     B, H = 2, 3
     q, k, v = _qkv(B, H, T, D, dtype)
     do = torch.randn(B, H, T, D, device="cuda").to(dtype)
-    got = _triton(q, k, v, causal, do)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    with sdpa_kernel(SDPBackend.MATH):
-        o64 = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
-    want = (o64,) + torch.autograd.grad(o64, (q64, k64, v64), do.double())
-    pt = _reference(q, k, v, causal, do)
-    floor = 1e-5 if dtype == torch.float32 else 1e-3
-    for name, g, w, p in zip(NAMES, got, want, pt):
-        assert torch.isfinite(g).all(), name
-        assert _err(g, w) <= 2 * _err(p, w) + floor, f"{name}: {_err(g, w):.3g} vs PyTorch {_err(p, w):.3g}"
+    _assert_within_pytorch_error(_triton(q, k, v, causal, do), q, k, v, causal, do)
 
 
 @pytest.mark.gpu
@@ -320,14 +333,12 @@ def test_gpu_long_sequence_memory_is_linear(causal):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out, dq, dk, dv = _triton(q, k, v, causal, do)
+    got = _triton(q, k, v, causal, do)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < 16 * B * H * T * D * 2 + 8 * B * H * T * 4  # a few (B,H,T,D) buffers, no T x T
-    pt = _reference(q, k, v, causal, do)
-    for name, g, p in zip(NAMES, (out, dq, dk, dv), pt):
-        assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.float(), p.float(), atol=3e-2, rtol=3e-2, msg=lambda m, name=name: f"{name}: {m}")
+    # out, dq, dk, dv, lse and delta: a few (B, H, T, D) buffers, nothing T x T (270 MB here).
+    assert extra < 16 * B * H * T * D * 2 + 8 * B * H * T * 4
+    _assert_within_pytorch_error(got, q, k, v, causal, do)
 
 
 @pytest.mark.gpu
