@@ -121,8 +121,13 @@ class BarkCorpus:
         out[torch.arange(n), p + counts] = self.tokenizer.eos_id
         return out
 
-    def get_batch(self, batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, batch_size: int, generator: torch.Generator,
+                  rows: Optional[slice] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` sequences drawn with ``generator``; ``rows`` keeps only those rows
+        (a data-parallel rank's share), the generator advancing as for the whole batch."""
         seq = self.sample(batch_size, generator)
+        if rows is not None:
+            seq = seq[rows]
         return seq[:, :-1], seq[:, 1:]
 
     def eval_batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -242,8 +247,12 @@ class TextCorpus:
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
-    def get_batch(self, batch_size: int, generator: torch.Generator):
+    def get_batch(self, batch_size: int, generator: torch.Generator, rows: Optional[slice] = None):
+        """Windows at ``batch_size`` random offsets; with ``rows``, only those rows are read from
+        the file (a data-parallel rank's share), the generator advancing as for the whole batch."""
         starts = torch.randint(0, self.split_at - self.block_size - 1, (batch_size,), generator=generator)
+        if rows is not None:
+            starts = starts[rows]
         return self._windows(starts)
 
     def eval_batches(self, batch_size: int):

@@ -121,9 +121,9 @@ class World:
         """This rank's ``batch_size`` rows of the global micro-batch drawn from ``generator``."""
         if not self.enabled:
             return dataset.get_batch(batch_size, generator)
-        x, y = dataset.get_batch(batch_size * self.size, generator)
+        # Every rank draws the same global micro-batch positions but reads only its own rows.
         rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        return x[rows], y[rows]
+        return dataset.get_batch(batch_size * self.size, generator, rows=rows)
 
     def seed_dropout(self, data_gen: torch.Generator) -> None:
         """Give each rank its own dropout stream, derived from the shared data position and the

@@ -86,3 +86,21 @@ def test_token_bin_file(tmp_path):
     c = TextCorpus(str(tmp_path / "tok.bin"), block_size=8)
     x, y = c.get_batch(3, torch.Generator().manual_seed(0))
     assert c.vocab_size == 300 and torch.equal((x + 1) % 300, y)
+
+
+def test_rank_rows_are_slices_of_the_global_batch(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("".join(chr(97 + i % 26) for i in range(3000)))
+    for corpus in (TextCorpus(str(p), block_size=8), BarkCorpus()):
+        gx, gy = corpus.get_batch(6, torch.Generator().manual_seed(5))
+        for r in range(3):
+            g = torch.Generator().manual_seed(5)
+            x, y = corpus.get_batch(6, g, rows=slice(2 * r, 2 * r + 2))
+            assert torch.equal(x, gx[2 * r:2 * r + 2]) and torch.equal(y, gy[2 * r:2 * r + 2])
+            assert torch.equal(g.get_state(), _advanced(corpus))
+
+
+def _advanced(corpus):
+    g = torch.Generator().manual_seed(5)
+    corpus.get_batch(6, g)
+    return g.get_state()
