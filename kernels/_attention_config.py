@@ -67,7 +67,7 @@ _GPU_TABLE: Dict[Tuple[str, int, str], TileConfig] = {
     ("dq", 32, "16bit"): TileConfig(128, 64, 8, 3),
     ("dq", 64, "16bit"): TileConfig(128, 64, 8, 3),
     ("dq", 128, "16bit"): TileConfig(128, 32, 8, 3),
-    ("dq", 256, "16bit"): TileConfig(32, 32, 4, 3),
+    ("dq", 256, "16bit"): TileConfig(32, 32, 4, 3),  # mma.sync; larger dQ tiles spill at D=256
     ("dq", 16, "fp32"): TileConfig(64, 32, 8, 2),
     ("dq", 32, "fp32"): TileConfig(64, 32, 8, 2),
     ("dq", 64, "fp32"): TileConfig(64, 32, 8, 2),

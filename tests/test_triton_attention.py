@@ -247,29 +247,11 @@ def test_torch_compile_fullgraph_aot_eager(causal):
 
 # ---- the whole model ------------------------------------------------------------------------
 
-def _placeholder(fn, *args) -> bool:
-    try:
-        fn(*args)
-    except NotImplementedError:
-        return True
-    return False
-
-
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_model_forward_backward_triton_matches_torch(monkeypatch, causal):
+def test_model_forward_backward_triton_matches_torch(causal):
+    """The whole Triton backend (this attention, LayerNorm, embedding-add) inside BarkGPT, at a
+    T that is not a multiple of any tile (tests/test_triton_model.py covers the presets)."""
     from barkgpt import BarkGPT, GPTConfig
-
-    import barkgpt.kernels as kernels
-
-    # Until the Triton LayerNorm / embedding kernels land, route just those two through the
-    # reference so this test still runs the model with Triton attention; once they land it
-    # checks the whole Triton backend with no substitution.
-    x = torch.randn(2, 4, device=DEVICE)
-    if _placeholder(kernels.layer_norm, x, torch.ones(4, device=DEVICE), None, 1e-5):
-        monkeypatch.setattr(kernels, "layer_norm", reference.layer_norm_ref)
-    idx0 = torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
-    if _placeholder(kernels.embedding_add, idx0, torch.randn(3, 4, device=DEVICE), torch.randn(2, 4, device=DEVICE)):
-        monkeypatch.setattr(kernels, "embedding_add", reference.embedding_add_ref)
 
     config = GPTConfig(vocab_size=23, block_size=40, n_layer=2, n_head=2, n_embd=32, causal=causal)
     ref = BarkGPT(config, backend="torch").to(DEVICE)
@@ -288,7 +270,10 @@ def test_model_forward_backward_triton_matches_torch(monkeypatch, causal):
     torch.testing.assert_close(loss_tri, loss_ref, atol=1e-5, rtol=1e-5)
     assert g_ref.keys() == g_tri.keys()
     for n in g_ref:
-        torch.testing.assert_close(g_tri[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+        # Bias grads sum ~100 rows to values near 100: fp32 summation-order noise is ~1e-5 there
+        # (both backends are that far from a float64 model), so scale atol by the tensor's size.
+        atol = 1e-6 * max(1.0, g_ref[n].abs().max().item())
+        torch.testing.assert_close(g_tri[n], g_ref[n], atol=atol, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     assert g_tri["layers.0.attn.qkv.weight"].abs().max() > 0
 
 
