@@ -61,7 +61,7 @@ def _cpp_extension():
     else:
         # No -march=native: a built wheel must run on any CPU of its platform. The JIT build
         # (barkgpt/_cpp.py) targets the running CPU; BARKGPT_CPU_NATIVE=1 opts in here too.
-        cflags, ldflags = ["-O3", "-DBARKGPT_PYTHON_MODULE"], []
+        cflags, ldflags = ["-O3", "-fno-math-errno", "-DBARKGPT_PYTHON_MODULE"], []
         if os.environ.get("BARKGPT_CPU_NATIVE", "0") == "1" and platform.machine().lower() in ("x86_64", "amd64"):
             cflags.append("-march=native")
         if "OpenMP" in torch.__config__.parallel_info():  # ATen's parallel_for is inline OpenMP

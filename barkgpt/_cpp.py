@@ -76,7 +76,7 @@ def _uses_openmp() -> bool:
 def _jit_flags() -> Tuple[List[str], List[str]]:
     if os.name == "nt":
         return ["/O2", "/openmp"], []
-    cflags, ldflags = ["-O3"], []
+    cflags, ldflags = ["-O3", "-fno-math-errno"], []
     # Built on (and for) the machine that runs it, so it may use every instruction this CPU has.
     machine = platform.machine().lower()
     if not _truthy("BARKGPT_CPP_PORTABLE"):

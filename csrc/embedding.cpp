@@ -4,8 +4,8 @@
 // (an id outside [0, V) raises IndexError before any table row is read).
 // Backward, deterministic without atomics: rows of the upstream gradient are bucketed by
 // token id with a stable counting sort, then each token's rows are summed in position order
-// in fp32; the position gradient sums over the batch in batch order. Threads split the
-// channel dim, so the summation order of every element is fixed whatever the thread count.
+// in fp32; the position gradient sums over the batch in batch order. Each output element is
+// summed by one task in that fixed order, so the result does not depend on the thread count.
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -65,19 +65,27 @@ void embedding_bwd_kernel(const scalar_t* gp, const std::vector<int64_t>& start,
                           const std::vector<int64_t>& order, scalar_t* dtp, scalar_t* dpp,
                           int64_t B, int64_t T, int64_t C, int64_t V, int64_t P) {
   using acc_t = acc_type_t<scalar_t>;
-  // Channel slices per task: multiples of 16 so slices stay vector aligned.
-  const int64_t work_rows = B * T + V + P;
-  const int64_t cg = round_up<int64_t>(std::max<int64_t>(16, kGrainElems / work_rows), 16);
-  at::parallel_for(0, ceil_div(C, cg), 1, [&](int64_t s0, int64_t s1) {
-    const int64_t c0 = s0 * cg, w = std::min(C, s1 * cg) - c0;
-    std::vector<acc_t> acc(w);
-    const int64_t* ord = order.data();
-    for (int64_t v = 0; v < V; ++v)
-      sum_rows(gp, C, c0, w, start[v], start[v + 1], [ord](int64_t k) { return ord[k]; },
-               acc.data(), dtp + v * C + c0);
-    for (int64_t t = 0; t < P; ++t)
-      sum_rows(gp, C, c0, w, int64_t(0), t < T ? B : int64_t(0),
-               [T, t](int64_t b) { return b * T + t; }, acc.data(), dpp + t * C + c0);
+  // Tasks are (output row, channel slice): rows 0..V-1 are token rows, V..V+P-1 position rows.
+  // Whole 1 KiB slices keep writes sequential (the token table can be 100+ MB); slicing the
+  // channels also spreads one very frequent token over several threads.
+  const int64_t cw = std::min<int64_t>(C, 256), ns = ceil_div(C, cw);
+  const int64_t rows = V + P;
+  const int64_t sums_per_row = 1 + 2 * B * T / std::max<int64_t>(1, rows);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (cw * sums_per_row));
+  const int64_t* ord = order.data();
+  at::parallel_for(0, rows * ns, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(cw);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t r = task / ns, c0 = (task % ns) * cw, w = std::min(cw, C - c0);
+      if (r < V) {
+        sum_rows(gp, C, c0, w, start[r], start[r + 1], [ord](int64_t k) { return ord[k]; },
+                 acc.data(), dtp + r * C + c0);
+      } else {
+        const int64_t t = r - V;
+        sum_rows(gp, C, c0, w, int64_t(0), t < T ? B : int64_t(0),
+                 [T, t](int64_t b) { return b * T + t; }, acc.data(), dpp + t * C + c0);
+      }
+    }
   });
 }
 
