@@ -209,7 +209,8 @@ def _meta_lines(meta) -> List[str]:
               f"- command: `{meta['command']}`",
               f"- size `{meta['size']}`, dtype {meta['dtype']}, last-level cache {meta['cache_bytes'] >> 20} MiB "
               f"(inputs rotated over 2x that), load average {meta['loadavg_start']} at start, "
-              f"{meta['loadavg_end']} at end",
+              f"{meta['loadavg_end']} at end; other processes used {meta.get('other_processes_cores')} "
+              f"cores on average during the run",
               "- barkgpt backends: " + ", ".join(f"{k}: {v}" for k, v in meta["backends"].items()),
               f"- timing: median of rounds after warm-up (compile/autotune excluded), "
               f"{'CUDA-synchronized clock' if meta['device_type'] == 'cuda' else 'perf_counter'}; "
@@ -275,12 +276,12 @@ def _training_table(records, idx, meta) -> List[str]:
             if r is None:
                 row.append("-")
                 continue
-            m = r.get("mfu")
-            cell = f"{_num(r['tokens_per_s'])} tok/s, {fmt_time(r['median_s'])}/step, MFU " + \
-                   (f"{100 * m:.1f}%" if m is not None else "n/a")
+            extra = [f"{fmt_time(r['median_s'])}/step"]
+            if r.get("mfu") is not None:
+                extra.append(f"MFU {100 * r['mfu']:.1f}%")
             if r.get("peak_mem_mb") is not None:
-                cell += f", {r['peak_mem_mb']:.0f} MB"
-            row.append(cell)
+                extra.append(f"{r['peak_mem_mb']:.0f} MB")
+            row.append(f"{_num(r['tokens_per_s'])} tok/s ({', '.join(extra)})")
         for a, b in ratio_cols:
             row.append(fmt_ratio(speedup(idx, ("training", c, "step", b), ("training", c, "step", a))))
         lines.append("| " + " | ".join(row) + " |")
@@ -315,10 +316,13 @@ def markdown(records, meta, targets) -> str:
             if any(r["group"] == group and r["mode"] == mode for r in records):
                 L += [f"### {mode}", ""] + _op_table(records, idx, group, mode, meta["device_type"]) + [""]
     if any(r["group"] == "training" for r in records):
+        has_mfu = any(r.get("mfu") is not None for r in _ok(records) if r["group"] == "training")
         L += ["## Training step (forward + backward + AdamW)", "",
               f"auto = the `{meta.get('auto_backend')}` backend on this device. MFU = flops_per_token x "
-              "tokens/s / peak (barkgpt.perf table; n/a where the device's peak is unknown). Ratio columns: "
-              "tokens/s speed-up.", ""]
+              "tokens/s / peak from the barkgpt.perf table" +
+              ("" if has_mfu else " (n/a here: no peak is known for this device)") +
+              (". Cells: tokens/s (time per step, MFU, peak memory)" if meta["device_type"] == "cuda"
+               else ". Cells: tokens/s (time per step)") + "; ratio columns: tokens/s speed-up.", ""]
         L += _training_table(records, idx, meta) + [""]
     return "\n".join(L)
 

@@ -54,10 +54,7 @@ def _loadavg():
 def pytest_sessionstart(session):
     _bench.STATE["t0"] = time.time()
     _session["loadavg_start"] = _loadavg()
-    try:
-        _session["load1_start"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        _session["load1_start"] = None
+    _session["ticks_start"] = _cpu_ticks()
 
 
 def pytest_configure(config):
@@ -164,20 +161,51 @@ def _meta(session, exitstatus):
         "budget_skipped": _bench.STATE["budget_skipped"],
         "measure_s": _bench.MEASURE_S,
         "busy": _busy(),
+        "other_processes_cores": _session.get("others_cores"),
     }
 
 
+def _cpu_ticks():
+    """(CPU ticks used by the whole machine, ticks used by this process and its descendants)."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        total = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle, iowait
+        procs = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat", encoding="utf-8") as f:
+                        st = f.read().rsplit(")", 1)[1].split()
+                    procs[int(d)] = (int(st[1]), int(st[11]) + int(st[12]), int(st[13]) + int(st[14]))
+                except (OSError, IndexError, ValueError):
+                    continue
+        me = os.getpid()
+        mine, frontier = {me}, [me]
+        while frontier:
+            parent = frontier.pop()
+            for pid, (ppid, _, _) in procs.items():
+                if ppid == parent and pid not in mine:
+                    mine.add(pid)
+                    frontier.append(pid)
+        own = sum(procs[p][1] for p in mine if p in procs) + procs.get(me, (0, 0, 0))[2]
+        return total, own
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _busy():
-    """A sentence when other work shared the CPU during the run, else None. This process adds up
-    to torch's thread count to the load, so only load beyond that counts."""
-    cores = os.cpu_count() or 1
-    loads = [r["loadavg_1m"] for r in _bench.STATE["records"] if "loadavg_1m" in r]
-    start = _session.get("load1_start")
-    worst = max(loads, default=0.0)
-    others = max((start or 0.0), worst - torch.get_num_threads())
-    if others > 0.5 * cores:
-        return (f"1-minute load average {start} at start and up to {worst} during the run on {cores} cores "
-                f"(this run accounts for at most {torch.get_num_threads()})")
+    """A sentence when other processes used the CPU during the run, else None: on a small machine
+    they deschedule our threads and multi-threaded timings fall apart."""
+    start, end = _session.get("ticks_start"), _cpu_ticks()
+    if not start or not end:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    wall = time.time() - _bench.STATE["t0"]
+    others = ((end[0] - start[0]) - (end[1] - start[1])) / hz / max(wall, 1e-9)
+    _session["others_cores"] = round(others, 2)
+    if others > 0.1 * (os.cpu_count() or 1):
+        return f"other processes used {others:.2f} of {os.cpu_count()} cores on average during the run"
     return None
 
 
