@@ -162,8 +162,8 @@ def _jit_build(src: str) -> str:
     from torch.utils import cpp_extension
 
     cflags, ldflags = _jit_flags()
-    key_parts = [torch.__version__, sys.version.split()[0], platform.platform(), " ".join(cflags + ldflags),
-                 sources_hash(src)]
+    key_parts = [torch.__version__, sys.version.split()[0], sys.platform, platform.machine(),
+                 " ".join(cflags + ldflags), sources_hash(src)]
     if any("native" in f for f in cflags):
         key_parts.append(_cpu_id())
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]

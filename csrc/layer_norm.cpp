@@ -15,6 +15,10 @@
 namespace barkgpt {
 namespace {
 
+// Rows per task: LayerNorm rows are cheap, so even the bark presets' 32K-element activations
+// are worth splitting over two threads.
+inline int64_t ln_grain_rows(int64_t n) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, n)); }
+
 // Calls f(std::integral_constant<int, NF>) with NF = N for the narrow widths of the presets
 // (fully unrolled rows held in registers), NF = 0 (width known at run time) otherwise.
 template <typename F>
@@ -173,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const acc_t* bp = has_bias ? b.const_data_ptr<acc_t>() : nullptr;
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, rows, grain_rows(N), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, ln_grain_rows(N), [&](int64_t r0, int64_t r1) {
       dispatch_width(N, [&](auto nf) {
         ln_fwd_rows<decltype(nf)::value, scalar_t, acc_t>(xp, wp, bp, yp, mp, rp, r0, r1, N,
                                                           static_cast<acc_t>(eps));
@@ -200,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   at::Tensor dx = at::empty(x.sizes(), x.options());
   const int64_t rows = N == 0 ? 0 : x.numel() / N;
   // Fixed chunking (shape-dependent only) so the dW/dB summation order never changes.
-  const int64_t rows_per_chunk = grain_rows(N);
+  // At most 64 chunks, so the partials stay small next to the input for wide rows.
+  const int64_t rows_per_chunk = std::max(ln_grain_rows(N), ceil_div<int64_t>(rows, 64));
   const int64_t nchunks = std::max<int64_t>(1, ceil_div(rows, rows_per_chunk));
   at::Tensor partial = at::zeros({2, nchunks, N}, x.options().dtype(acc_dtype));
   at::Tensor dw_acc = at::empty({N}, x.options().dtype(acc_dtype));
