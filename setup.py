@@ -29,6 +29,22 @@ def _csrc_hash(folder):
     return h.hexdigest()
 
 
+def _cpu_id():
+    """The same text as barkgpt/_cpp.py's _cpu_id(): which CPU a -march=native build is for."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _native_flag():
+    machine = platform.machine().lower()
+    return {"x86_64": "-march=native", "amd64": "-march=native", "aarch64": "-mcpu=native",
+            "arm64": "-mcpu=native"}.get(machine) if os.name != "nt" else None
+
+
 def _cpp_extension():
     """(ext_modules, cmdclass) for barkgpt._C, or empty ones when torch is absent at build time."""
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -41,29 +57,43 @@ def _cpp_extension():
         return [], {}
 
     class BuildExtensionWithRecord(BuildExtension):
-        """Writes _C.build.json (torch version + source hash) beside the library, so barkgpt
-        loads it only with the torch it was built for; a failed build is skipped, not fatal
-        (barkgpt then compiles on first use, or warns and runs on the torch backend)."""
+        """Writes _C.build.json (torch version, source hash, CPU for native builds) beside the
+        library, so barkgpt loads it only where it was built for; a failed build is skipped, not
+        fatal (barkgpt then compiles on first use, or warns and runs on the torch backend).
+
+        A wheel must run on any CPU of its platform: no -march=native. An in-place or editable
+        build stays in this checkout, so it is tuned for this CPU like the JIT build (its record
+        names the CPU; on another one barkgpt ignores it and compiles its own)."""
+
+        def run(self):
+            self._barkgpt_inplace = bool(self.inplace)  # setuptools clears it while building
+            super().run()
 
         def build_extension(self, ext):
+            in_tree = getattr(self, "editable_mode", False) or getattr(self, "_barkgpt_inplace", False)
+            native = _native_flag() if in_tree or os.environ.get("BARKGPT_CPU_NATIVE", "0") == "1" else None
+            if native:
+                ext.extra_compile_args = {"cxx": ext.extra_compile_args["cxx"] + [native]}
             try:
                 super().build_extension(ext)
             except Exception as e:
                 warnings.warn(f"barkgpt: building {ext.name} failed, it will be compiled on first use "
                               f"instead: {e}")
                 return
-            record = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
-            with open(record, "w", encoding="utf-8") as f:
-                json.dump({"torch": torch.__version__, "sources": _csrc_hash(os.path.join(HERE, "csrc"))}, f)
+            record = {"torch": torch.__version__, "sources": _csrc_hash(os.path.join(HERE, "csrc")),
+                      "cpu": hashlib.sha256(_cpu_id().encode()).hexdigest() if native else None}
+            dirs = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+            if in_tree:
+                dirs.add(os.path.join(HERE, "barkgpt"))  # where the in-place copy of the library goes
+            for d in dirs:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, "_C.build.json"), "w", encoding="utf-8") as f:
+                    json.dump(record, f)
 
     if os.name == "nt":
         cflags, ldflags = ["/O2", "/openmp", "/DBARKGPT_PYTHON_MODULE"], []
     else:
-        # No -march=native: a built wheel must run on any CPU of its platform. The JIT build
-        # (barkgpt/_cpp.py) targets the running CPU; BARKGPT_CPU_NATIVE=1 opts in here too.
         cflags, ldflags = ["-O3", "-fno-math-errno", "-DBARKGPT_PYTHON_MODULE"], []
-        if os.environ.get("BARKGPT_CPU_NATIVE", "0") == "1" and platform.machine().lower() in ("x86_64", "amd64"):
-            cflags.append("-march=native")
         if "OpenMP" in torch.__config__.parallel_info():  # ATen's parallel_for is inline OpenMP
             cflags.append("-fopenmp")
             ldflags.append("-fopenmp")

@@ -91,7 +91,8 @@ def _jit_flags() -> Tuple[List[str], List[str]]:
 
 
 def _cpu_id() -> str:
-    """Distinguishes CPUs for -march=native builds in a cache shared between machines."""
+    """Distinguishes CPUs for -march=native builds (a shared cache, an in-place setup.py build);
+    setup.py has a copy of this function."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
@@ -218,6 +219,9 @@ def _prebuilt(src: Optional[str]) -> Optional[str]:
         return None
     if src is not None and record.get("sources") != sources_hash(src):
         return None  # csrc/ changed since setup.py built it (editable checkout)
+    cpu = record.get("cpu")
+    if cpu is not None and cpu != hashlib.sha256(_cpu_id().encode()).hexdigest():
+        return None  # tuned (-march=native) for another CPU
     return spec.origin
 
 

@@ -7,6 +7,7 @@ inputs and gradients, a whole BarkGPT "cpp" vs "torch", the out-of-range token i
 the fallback when the extension is unavailable (in subprocesses).
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -445,7 +446,12 @@ def test_prebuilt_library_used_only_for_the_running_torch(tmp_path, monkeypatch)
     record.write_text(json.dumps({"torch": torch.__version__, "sources": "stale"}))
     assert cpp._prebuilt(src) is None  # csrc/ changed since
     record.write_text(json.dumps({"torch": torch.__version__, "sources": cpp.sources_hash(src)}))
-    assert cpp._prebuilt(src) == str(lib)
+    assert cpp._prebuilt(src) == str(lib)  # a portable build
+    good = {"torch": torch.__version__, "sources": cpp.sources_hash(src)}
+    record.write_text(json.dumps(dict(good, cpu="0" * 64)))
+    assert cpp._prebuilt(src) is None  # -march=native for another CPU
+    record.write_text(json.dumps(dict(good, cpu=hashlib.sha256(cpp._cpu_id().encode()).hexdigest())))
+    assert cpp._prebuilt(src) == str(lib)  # -march=native for this one
 
 
 def test_loaded_library_matches_running_torch():
