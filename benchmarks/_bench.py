@@ -179,7 +179,7 @@ def measure(benchmark, fn: Callable[..., Any], *, warm_calls: int = 3, measure_s
     else:
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
     s = benchmark.stats.stats
-    return {"median_s": s.median, "q1_s": s.q1, "q3_s": s.q3, "rounds": rounds,
+    return {"median_s": s.median, "q1_s": s.q1, "q3_s": s.q3, "min_s": s.min, "rounds": rounds,
             "iterations": calls if setup else iterations}
 
 
