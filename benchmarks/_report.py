@@ -361,6 +361,11 @@ def chart(records, meta, path) -> bool:
             ax.bar([x for x, _ in pts], [y - 1.0 for _, y in pts], width, bottom=1.0, label=p)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([c.replace(" ", "\n", 1) if len(c) > 18 else c for c in cases], fontsize=7)
         ax.set_title(title, fontsize=10)
@@ -388,3 +393,13 @@ def write(records, meta, out_dir, stem) -> List[str]:
     if chart(records, meta, base + ".png"):
         paths.append(base + ".png")
     return paths
+
+
+if __name__ == "__main__":  # re-render the Markdown and PNG of a results JSON: python _report.py results/x.json
+    import sys
+
+    for path in sys.argv[1:]:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        print(" ".join(write(data["records"], data["meta"], os.path.dirname(path) or ".", stem)))
