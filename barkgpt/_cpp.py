@@ -173,14 +173,17 @@ def _jit_build(src: str) -> str:
     build_dir = os.path.join(root, f"torch-{torch.__version__}-{key}")
     ext = getattr(cpp_extension, "LIB_EXT", ".pyd" if os.name == "nt" else ".so")
     lib = os.path.join(build_dir, name + ext)
-    if os.path.isfile(lib):
+    # The linker writes the library in place, so its mere existence does not mean it is whole:
+    # a marker written after a finished build (under the lock) is what says it may be loaded.
+    done = lib + ".done"
+    if os.path.isfile(done) and os.path.isfile(lib):
         return lib
     problem = _compiler_problem()
     if problem is not None:
         raise ImportError(problem)
     os.makedirs(build_dir, exist_ok=True)
     with _FileLock(os.path.join(root, name + ".lock")):
-        if os.path.isfile(lib):  # another process built it while we waited
+        if os.path.isfile(done) and os.path.isfile(lib):  # another process built it meanwhile
             return lib
         stale = os.path.join(build_dir, "lock")  # torch's own build marker, left by a killed build
         if os.path.exists(stale):
@@ -197,8 +200,10 @@ def _jit_build(src: str) -> str:
             with open(log, "w", encoding="utf-8") as f:
                 f.write(str(e))
             raise ImportError(_short_build_error(str(e), log)) from None
-    if not os.path.isfile(lib):
-        raise ImportError(f"the C++ build finished but {lib} is missing")
+        if not os.path.isfile(lib):
+            raise ImportError(f"the C++ build finished but {lib} is missing")
+        with open(done, "w", encoding="utf-8") as f:
+            f.write(torch.__version__ + "\n")
     return lib
 
 

@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -17,6 +19,10 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace barkgpt {
 
@@ -80,5 +86,31 @@ inline acc_t to_acc(scalar_t v) { return static_cast<acc_t>(v); }
 
 template <typename scalar_t, typename acc_t>
 inline scalar_t from_acc(acc_t v) { return static_cast<scalar_t>(v); }
+
+// Outputs at least this large come from empty_huge_pages. glibc maps every allocation of 32 MiB
+// or more afresh (its largest mmap threshold) and frees it back to the OS, so each one is
+// faulted in again page by page: 4 KiB pages cost a fault per page, 2 MiB pages 512x fewer.
+constexpr int64_t kHugePageBytes = int64_t(32) << 20;
+
+// An uninitialized tensor on 2 MiB-aligned memory marked for transparent huge pages
+// (madvise), for large write-once outputs; elsewhere, or if mmap fails, at::empty.
+inline at::Tensor empty_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+  if (nbytes >= kHugePageBytes) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t len = round_up<size_t>(static_cast<size_t>(nbytes), kHuge) + kHuge;
+    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      char* data = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(base), kHuge));
+      madvise(data, len - kHuge, MADV_HUGEPAGE);  // advice only: a refusal leaves 4 KiB pages
+      return at::from_blob(data, sizes, [base, len](void*) { munmap(base, len); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
 
 }  // namespace barkgpt

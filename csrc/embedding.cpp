@@ -136,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad_
   TORCH_CHECK(T <= P, "embedding_add backward: T=", T, " exceeds num_positions=", P);
   at::Tensor grad = grad_in.contiguous();
   at::Tensor idx = idx_in.contiguous();
-  at::Tensor dtok = at::empty({V, C}, grad.options());
+  // Dense and mostly zero: a GPT-2 table's gradient is 154 MB, written once per step.
+  at::Tensor dtok = empty_huge_pages({V, C}, grad.options());
   at::Tensor dpos = at::empty({P, C}, grad.options());
   const int64_t rows = B * T;
   if (C == 0) return {dtok, dpos};

@@ -213,6 +213,32 @@ def test_embedding_add_mixed_table_dtypes_and_noncontiguous():
     _close(dpos, rpos, torch.float32, "dpos")
 
 
+def test_embedding_add_large_table_gradient_accumulates_and_is_freed():
+    # A table gradient of >= 32 MiB is allocated on its own huge-page mapping (csrc/common.h):
+    # it must hold the right values, accumulate into .grad like any tensor, and be released.
+    V, C, P = 16384, 520, 64
+    idx = torch.randint(0, V, (2, P))
+    idx[0, :3] = torch.tensor([0, V - 1, 0])  # first and last rows of the mapping, a repeat
+    tok = torch.randn(V, C, requires_grad=True)
+    pos = torch.randn(P, C, requires_grad=True)
+    gs = [torch.randn(2, P, C) for _ in range(2)]
+    for g in gs:
+        cpp.embedding_add(idx, tok, pos).backward(g)
+    rtok = torch.zeros(V, C, dtype=torch.float64)
+    for g in gs:
+        rtok.index_add_(0, idx.reshape(-1), g.double().reshape(-1, C))
+    assert tok.grad.numel() * 4 >= 32 << 20
+    _close(tok.grad, rtok, torch.float32, "accumulated dtok")
+    _close(pos.grad, sum(g.double().sum(0) for g in gs), torch.float32, "accumulated dpos")
+    dtok, = torch.autograd.grad(cpp.embedding_add(idx, tok, pos), [tok], gs[0])
+    if sys.platform == "linux":
+        assert dtok.data_ptr() % (2 << 20) == 0, "expected the 2 MiB-aligned huge-page mapping"
+    kept = dtok.clone()
+    del dtok  # unmapped here; the clone is its own memory
+    ref = torch.zeros(V, C, dtype=torch.float64).index_add_(0, idx.reshape(-1), gs[0].double().reshape(-1, C))
+    _close(kept, ref, torch.float32, "dtok")
+
+
 @pytest.mark.parametrize("bad", [9, 1000, -1])
 def test_out_of_range_token_id_raises_index_error(bad):
     tok, pos = torch.randn(9, 4, requires_grad=True), torch.randn(8, 4)
@@ -452,6 +478,32 @@ def test_prebuilt_library_used_only_for_the_running_torch(tmp_path, monkeypatch)
     assert cpp._prebuilt(src) is None  # -march=native for another CPU
     record.write_text(json.dumps(dict(good, cpu=hashlib.sha256(cpp._cpu_id().encode()).hexdigest())))
     assert cpp._prebuilt(src) == str(lib)  # -march=native for this one
+
+
+def test_jit_build_loads_only_a_library_whose_build_finished(tmp_path, monkeypatch):
+    # Another process may be mid-link: a library file without the marker written after a
+    # finished build must not be loaded (the build runs again, under the lock).
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("BARKGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "_compiler_problem", lambda: None)
+    builds = []
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        builds.append(name)
+        with open(os.path.join(build_directory, name + cpp_extension.LIB_EXT), "wb") as f:
+            f.write(b"whole library")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    src = cpp.source_dir()
+    lib = cpp._jit_build(src)
+    assert len(builds) == 1 and os.path.isfile(lib + ".done")
+    assert cpp._jit_build(src) == lib and len(builds) == 1  # finished: reused
+    os.remove(lib + ".done")
+    with open(lib, "wb") as f:
+        f.write(b"half a lib")  # as a concurrent link would leave it
+    assert cpp._jit_build(src) == lib and len(builds) == 2
+    with open(lib, "rb") as f:
+        assert f.read() == b"whole library"
 
 
 def test_loaded_library_matches_running_torch():
