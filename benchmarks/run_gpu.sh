@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, for a lent GPU machine (no network there: installs nothing from it).
 #
-#   benchmarks/run_gpu.sh [all|tests|bench]      (default: all)
+#   benchmarks/run_gpu.sh [all|tests|bench|tune]      (default: all)
 #
 # 1. makes barkgpt importable: `pip install --no-deps --no-build-isolation --no-index -e .`,
 #    else a throw-away package tree on PYTHONPATH (kernels/ mapped to barkgpt.kernels);
 # 2. tests: `pytest tests -m gpu` (the correctness tests that need CUDA), log in gpu-tests.log;
 # 3. bench: `pytest benchmarks/` with BARKGPT_BENCH_SIZE=full, bf16, results written as
-#    <kind>-full.{json,md,png} (e.g. h100-full.*) plus gpu-bench.log.
+#    <kind>-full.{json,md,png} (e.g. h100-full.*) plus gpu-bench.log;
+# tune (only when asked): times the attention tile candidates on this GPU
+#    (`python -m barkgpt.kernels._attention_config`) and leaves the table lines to paste into
+#    kernels/_attention_config.py in gpu-attention-tune.log.
 # Everything lands in $OUT when set (the device tool brings that folder back), else in
 # benchmarks/results/. The whole run fits RUN_GPU_BUDGET_S seconds (default 540, for a
 # 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
@@ -16,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-all}
-case "$MODE" in all|tests|bench) ;; *) echo "usage: $0 [all|tests|bench]" >&2; exit 2 ;; esac
+case "$MODE" in all|tests|bench|tune) ;; *) echo "usage: $0 [all|tests|bench|tune]" >&2; exit 2 ;; esac
 START=$(date +%s)
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 TESTS_S=${RUN_GPU_TESTS_S:-180}
@@ -58,6 +61,13 @@ if ! (cd /tmp && $PY -c "import barkgpt.kernels" 2>/dev/null); then
     fi
 fi
 (cd /tmp && $PY -c "import barkgpt, barkgpt.ops as o; print('barkgpt', barkgpt.__file__); print('backends on cuda:', o.available_backends('cuda'))") || exit 1
+
+if [ "$MODE" = tune ]; then
+    echo "== attention tile tuning (at most $(( BUDGET - $(elapsed) ))s)"
+    (cd /tmp && timeout -s INT -k 15 $(( BUDGET - $(elapsed) )) $PY -m barkgpt.kernels._attention_config) 2>&1 \
+        | tee "$DEST/gpu-attention-tune.log"
+    exit "${PIPESTATUS[0]}"
+fi
 
 rc_tests=0
 if [ "$MODE" != bench ]; then

@@ -9,7 +9,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -22,6 +21,9 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__SSE2__) || defined(__AVX__)
+#include <immintrin.h>
 #endif
 
 namespace barkgpt {
@@ -87,30 +89,54 @@ inline acc_t to_acc(scalar_t v) { return static_cast<acc_t>(v); }
 template <typename scalar_t, typename acc_t>
 inline scalar_t from_acc(acc_t v) { return static_cast<scalar_t>(v); }
 
-// Outputs at least this large come from empty_huge_pages. glibc maps every allocation of 32 MiB
-// or more afresh (its largest mmap threshold) and frees it back to the OS, so each one is
-// faulted in again page by page: 4 KiB pages cost a fault per page, 2 MiB pages 512x fewer.
-constexpr int64_t kHugePageBytes = int64_t(32) << 20;
+// Write-once outputs at least this large (the token-table gradient of a GPT-2 vocabulary is
+// 154 MB) get the treatment of empty_large_output and stream_store below.
+constexpr int64_t kLargeOutputBytes = int64_t(32) << 20;
 
-// An uninitialized tensor on 2 MiB-aligned memory marked for transparent huge pages
-// (madvise), for large write-once outputs; elsewhere, or if mmap fails, at::empty.
-inline at::Tensor empty_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// at::empty for a large write-once output. glibc serves a block of 32 MiB or more from memory
+// freed earlier when it has some (already faulted in), else from a fresh mapping that every
+// call faults in again page by page. Only in that second case (the first page is not
+// resident), the block's 2 MiB-aligned interior is marked for transparent huge pages: 512x
+// fewer faults. Advice only: where the kernel refuses it, nothing changes.
+inline at::Tensor empty_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
-  if (nbytes >= kHugePageBytes) {
-    constexpr size_t kHuge = size_t(2) << 20;
-    const size_t len = round_up<size_t>(static_cast<size_t>(nbytes), kHuge) + kHuge;
-    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      char* data = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(base), kHuge));
-      madvise(data, len - kHuge, MADV_HUGEPAGE);  // advice only: a refusal leaves 4 KiB pages
-      return at::from_blob(data, sizes, [base, len](void*) { munmap(base, len); }, options);
-    }
+  const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (nbytes >= kLargeOutputBytes) {
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t lo = round_up(p, kHuge), hi = (p + static_cast<uintptr_t>(nbytes)) / kHuge * kHuge;
+    unsigned char resident = 1;
+    if (hi > lo && mincore(reinterpret_cast<void*>(lo), 1, &resident) == 0 && (resident & 1) == 0)
+      madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
   }
 #endif
-  return at::empty(sizes, options);
+  return t;
+}
+
+// Writes n floats with non-temporal (streaming) stores where the CPU has them. A normal store
+// to a line that is not cached first reads it (read for ownership); a streaming store does
+// not, so a write-once output far larger than the cache costs one DRAM pass instead of two.
+// The writing thread must call stream_fence() before others read the data.
+inline void stream_store(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__AVX__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#elif defined(__SSE2__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__) || defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace barkgpt

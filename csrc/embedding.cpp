@@ -43,18 +43,21 @@ void embedding_fwd_kernel(const index_t* ids, const scalar_t* tp, const scalar_t
 }
 
 // out[0:w] = sum over k in [k0, k1) of rows gp[row(k)] (channels c0 .. c0+w), in k order.
+// With `stream` (fp32 only), out is written with streaming stores.
 template <typename scalar_t, typename acc_t, typename RowOf>
 inline void sum_rows(const scalar_t* gp, int64_t C, int64_t c0, int64_t w, int64_t k0,
-                     int64_t k1, RowOf row_of, acc_t* acc, scalar_t* out) {
-  if (k0 == k1) {
-    std::fill(out, out + w, scalar_t(0));
-    return;
-  }
+                     int64_t k1, RowOf row_of, acc_t* acc, scalar_t* out, bool stream) {
   std::fill(acc, acc + w, acc_t(0));
   for (int64_t k = k0; k < k1; ++k) {
     const scalar_t* g = gp + row_of(k) * C + c0;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) acc[c] += to_acc<acc_t>(g[c]);
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream) {
+      stream_store(out, acc, w);
+      return;
+    }
   }
 #pragma omp simd
   for (int64_t c = 0; c < w; ++c) out[c] = from_acc<scalar_t>(acc[c]);
@@ -73,19 +76,22 @@ void embedding_bwd_kernel(const scalar_t* gp, const std::vector<int64_t>& start,
   const int64_t sums_per_row = 1 + 2 * B * T / std::max<int64_t>(1, rows);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (cw * sums_per_row));
   const int64_t* ord = order.data();
+  // The dense token gradient is written once and read much later (by the optimizer).
+  const bool stream = V * C * int64_t(sizeof(scalar_t)) >= kLargeOutputBytes;
   at::parallel_for(0, rows * ns, grain, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(cw);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t r = task / ns, c0 = (task % ns) * cw, w = std::min(cw, C - c0);
       if (r < V) {
         sum_rows(gp, C, c0, w, start[r], start[r + 1], [ord](int64_t k) { return ord[k]; },
-                 acc.data(), dtp + r * C + c0);
+                 acc.data(), dtp + r * C + c0, stream);
       } else {
         const int64_t t = r - V;
         sum_rows(gp, C, c0, w, int64_t(0), t < T ? B : int64_t(0),
-                 [T, t](int64_t b) { return b * T + t; }, acc.data(), dpp + t * C + c0);
+                 [T, t](int64_t b) { return b * T + t; }, acc.data(), dpp + t * C + c0, false);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -137,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad_
   at::Tensor grad = grad_in.contiguous();
   at::Tensor idx = idx_in.contiguous();
   // Dense and mostly zero: a GPT-2 table's gradient is 154 MB, written once per step.
-  at::Tensor dtok = empty_huge_pages({V, C}, grad.options());
+  at::Tensor dtok = empty_large_output({V, C}, grad.options());
   at::Tensor dpos = at::empty({P, C}, grad.options());
   const int64_t rows = B * T;
   if (C == 0) return {dtok, dpos};
