@@ -112,7 +112,9 @@ def _git_commit() -> str:
         root = os.path.dirname(HERE)
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # Earlier results in benchmarks/results/ do not make the measured code differ from HEAD.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
     except Exception:  # noqa: BLE001 - not a git checkout
