@@ -126,7 +126,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
+        "bpe": ["tokenizers>=0.15"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib", "tokenizers>=0.15"],
     },
     entry_points={"console_scripts": ["barkgpt=barkgpt.cli:main"]},
     ext_modules=ext_modules,

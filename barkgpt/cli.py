@@ -1,4 +1,4 @@
-"""The ``barkgpt`` command line: train, generate, presets, info."""
+"""The ``barkgpt`` command line: train, generate, tokenize, presets, info."""
 
 from __future__ import annotations
 
@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="bark", choices=sorted(PRESETS), help="model preset (default: bark)")
     t.add_argument("--config", metavar="JSON", help="GPTConfig JSON file; overrides --preset")
     t.add_argument("--data", default="bark", help="'bark' (built in), a UTF-8 text file (byte tokens), or a "
-                                                  ".bin token file with a .json sidecar (default: bark)")
+                                                  ".bin token file with a .json sidecar, e.g. from "
+                                                  "`barkgpt tokenize` (default: bark)")
+    t.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="the model's vocabulary instead of the preset's (at least the data's; "
+                        "`barkgpt tokenize` prints it)")
     t.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default: 600)")
     t.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per micro-step (default: 64)")
     t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step (default: 1)")
@@ -113,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
 
+    k = sub.add_parser("tokenize", help="train a BPE tokenizer on a text file and write it as tokens",
+                       description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on a UTF-8 "
+                                   "text file and encode the file with it into a .bin token file plus a .json "
+                                   "sidecar holding the tokenizer; then `barkgpt train --data FILE.bin`.")
+    k.add_argument("input", help="UTF-8 text file")
+    k.add_argument("--vocab-size", type=_positive_int, default=8192, help="tokens in the vocabulary, "
+                   "at least 257 (default: 8192)")
+    k.add_argument("--min-frequency", type=_positive_int, default=2,
+                   help="merge only pairs seen at least this often (default: 2)")
+    k.add_argument("--out", default=None, help="token file to write (default: INPUT with .bin)")
+    k.add_argument("--force", action="store_true", help="overwrite an existing token file and sidecar")
+    k.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     sub.add_parser("presets", help="list the model presets")
     sub.add_parser("info", help="versions and which backends can run on this machine")
     return p
@@ -128,7 +145,7 @@ def _train_config_from_args(a):
         grad_clip=a.grad_clip, seed=a.seed, device=a.device, backend=None if a.backend == "auto" else a.backend,
         dtype=a.dtype, out=a.out, eval_every=a.eval_every, save_every=a.save_every, keep_last=a.keep_last,
         compile=a.compile, deterministic=a.deterministic, on_nonfinite="skip" if a.skip_nonfinite else "stop",
-        progress=not a.no_progress, sample=not a.no_sample)
+        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size)
     if a.config:
         cfg.model = GPTConfig.from_json(a.config).to_dict()
     return cfg
@@ -200,6 +217,21 @@ def _cmd_generate(a) -> int:
     return 0
 
 
+def _cmd_tokenize(a) -> int:
+    import json
+
+    from .data import tokenize_file
+
+    out = tokenize_file(a.input, out=a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency,
+                        overwrite=a.force, progress=not a.no_progress)
+    with open(os.path.splitext(out)[0] + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
+    print(f"wrote {out}: {meta['tokens']:,} tokens ({meta['source_bytes'] / meta['tokens']:.2f} bytes per "
+          f"token), vocabulary {meta['vocab_size']}, tokenizer in {os.path.splitext(out)[0]}.json")
+    print(f"train on it with: barkgpt train --data {out} --preset small --vocab-size {meta['vocab_size']}")
+    return 0
+
+
 def _cmd_presets(_a) -> int:
     from .config import GPTConfig
     from .model import BarkGPT
@@ -250,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import TrainingError
 
     handlers = {"train": lambda a: _cmd_train(a, parser, argv), "generate": _cmd_generate,
-                "presets": _cmd_presets, "info": _cmd_info}
+                "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
     try:
         return handlers[a.command](a)
     except (ConfigError, DataError, CheckpointError, TrainingError, BackendUnavailable, ValueError,

@@ -1,5 +1,9 @@
 """Tokenizers and datasets: the article's bark corpus (built in) and plain text / token files.
 
+Text files are read as UTF-8 bytes (vocabulary 256), or turned once into a ``.bin`` token
+file by ``tokenize_file`` (``barkgpt tokenize``) with a byte-level BPE tokenizer trained on
+them, which then trains like any token file.
+
 Every dataset draws its training batches from a ``torch.Generator`` it is handed, so the
 generator's state *is* the data position: training checkpoints save it and resume exactly.
 """
@@ -9,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+import tempfile
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,13 +76,257 @@ class ByteTokenizer:
         return {"type": self.kind}
 
 
+def _hf_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError("the BPE tokenizer needs the 'tokenizers' package (Hugging Face): "
+                        "pip install 'barkgpt[bpe]'") from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """Byte-level BPE, GPT-2's scheme (every UTF-8 text encodes, no unknown token), trained on
+    your own text by Hugging Face ``tokenizers``. Id 0 is the end-of-text token."""
+
+    kind = "bpe"
+    EOS = "<|endoftext|>"
+    pad_id = None
+    MIN_VOCAB = 257  # the 256 byte symbols + end of text
+
+    def __init__(self, tokenizer):
+        self._tk = tokenizer
+        self.eos_id = tokenizer.token_to_id(self.EOS)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              length: Optional[int] = None, progress: bool = True) -> "BPETokenizer":
+        """Learn merges from ``texts`` (an iterable of strings, e.g. chunks of a file) until the
+        vocabulary has ``vocab_size`` tokens, or no pair occurs ``min_frequency`` times."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < cls.MIN_VOCAB:
+            raise DataError(f"a BPE vocabulary needs at least {cls.MIN_VOCAB} tokens (256 bytes + end of "
+                            f"text), got vocab_size={vocab_size!r}")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+            raise DataError(f"min_frequency must be a positive integer, got {min_frequency!r}")
+        hf = _hf_tokenizers()
+        tk = hf.Tokenizer(hf.models.BPE())
+        tk.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = hf.decoders.ByteLevel()
+        trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                         special_tokens=[cls.EOS], show_progress=progress,
+                                         initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+        tk.train_from_iterator(texts, trainer=trainer, length=length)
+        return cls(tk)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "BPETokenizer":
+        hf = _hf_tokenizers()
+        try:
+            return cls(hf.Tokenizer.from_str(json.dumps(d["tokenizer"])))
+        except Exception as e:  # noqa: BLE001 - the library raises its own exception types
+            raise DataError(f"the saved BPE tokenizer cannot be read: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size()
+
+    def encode(self, text: str) -> List[int]:
+        return self._tk.encode(text).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return [e.ids for e in self._tk.encode_batch(texts)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> Dict:
+        return {"type": self.kind, "tokenizer": json.loads(self._tk.to_str())}
+
+
 def tokenizer_from_dict(d: Dict):
     kind = d.get("type") if isinstance(d, dict) else None
     if kind == "bark":
         return BarkTokenizer()
     if kind == "byte":
         return ByteTokenizer()
-    raise DataError(f"unknown tokenizer description {d!r}")
+    if kind == "bpe":
+        return BPETokenizer.from_dict(d)
+    raise DataError(f"unknown tokenizer description {str(d)[:200]}")
+
+
+# ---- text files -> token files ------------------------------------------------------------------
+
+def _check_data_path(path: str) -> int:
+    """Size of a data file that exists and is not a directory or empty."""
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist (use --data bark for the built-in corpus)")
+    if os.path.isdir(path):
+        raise DataError(f"data path {path!r} is a directory; give a .txt file or a .bin token file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"data file {path!r} is empty")
+    return size
+
+
+def _check_text_head(path: str) -> None:
+    """A text file must not look binary, and its first MiB must be UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if b"\x00" in head:
+        raise DataError(f"data file {path!r} looks binary (it contains NUL bytes); give UTF-8 text, "
+                        f"or a .bin token file with a .json sidecar")
+    try:  # the cut at 1 MiB may split a character: ignore an incomplete tail
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:
+            raise DataError(f"data file {path!r} is not UTF-8 text (bad byte at offset {e.start}); "
+                            f"convert it, e.g. iconv -t UTF-8") from None
+
+
+def _is_seam(text: str, i: int) -> bool:
+    """Whether text may be cut just before ``text[i]`` without changing its byte-level BPE
+    tokens: GPT-2's pre-tokenizer joins runs of whitespace and puts a space in front of the
+    word after it, so the cut goes before a lone space or newline between two characters that
+    are not whitespace."""
+    return (0 < i < len(text) - 1 and text[i] in " \n" and not text[i - 1].isspace()
+            and not text[i + 1].isspace())
+
+
+def _last_seam(text: str) -> int:
+    """The last seam of ``text`` (0: none)."""
+    i = len(text)
+    while i > 0:
+        i = max(text.rfind("\n", 0, i), text.rfind(" ", 0, i))
+        if i > 0 and _is_seam(text, i):
+            return i
+    return 0
+
+
+def _next_seam(text: str, start: int) -> int:
+    """The first seam of ``text`` at or after ``start`` (len(text): none)."""
+    i = start
+    while True:
+        found = [j for j in (text.find("\n", i), text.find(" ", i)) if j >= 0]
+        if not found:
+            return len(text)
+        i = min(found)
+        if _is_seam(text, i):
+            return i
+        i += 1
+
+
+def text_chunks(path: str, chunk_bytes: int = 1 << 22,
+                on_bytes: Optional[Callable[[int], None]] = None) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of about ``chunk_bytes``, cut only at seams (see
+    _is_seam), so that encoding the pieces one by one gives exactly the tokens of the whole file
+    (a stretch of 8 chunks without a single seam, not text in any human language, is cut anyway).
+    ``on_bytes(n)`` is told every n bytes read (progress)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            try:
+                text = carry + decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {path!r} is not UTF-8 text (bad byte near offset "
+                                f"{offset + e.start}); convert it, e.g. iconv -t UTF-8") from None
+            offset += len(block)
+            if on_bytes is not None and block:
+                on_bytes(len(block))
+            if not block:
+                if text:
+                    yield text
+                return
+            cut = _last_seam(text)
+            if cut == 0 and len(text) < 8 * chunk_bytes:
+                carry = text
+                continue
+            cut = cut or len(text)
+            carry = text[cut:]
+            yield text[:cut]
+
+
+def _split_lines(text: str, piece_chars: int = 1 << 16) -> List[str]:
+    """``text`` as consecutive pieces of about ``piece_chars`` cut at seams (see text_chunks),
+    for encode_batch, which encodes the pieces in parallel."""
+    out, start = [], 0
+    while start < len(text):
+        end = _next_seam(text, start + piece_chars) if start + piece_chars < len(text) else len(text)
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
+
+
+def tokenize_file(path: str, out: Optional[str] = None, vocab_size: int = 8192, tokenizer=None,
+                  min_frequency: int = 2, overwrite: bool = False, progress: bool = True) -> str:
+    """Turn a UTF-8 text file into a token file for training: trains a byte-level BPE tokenizer
+    with ``vocab_size`` tokens on the file (unless a ``tokenizer`` is given), encodes the whole
+    file and writes ``out`` (default: the input path with ``.bin``), token ids as uint16 (or
+    uint32 for vocabularies over 65536), plus the sidecar ``.json`` holding the vocabulary size
+    and the tokenizer, so that ``TextCorpus``, checkpoints and ``barkgpt generate`` use it.
+    Both files appear complete or not at all. Returns the ``.bin`` path."""
+    size = _check_data_path(path)
+    if path.endswith(".bin"):
+        raise DataError(f"{path!r} is already a token file")
+    _check_text_head(path)
+    out = out or os.path.splitext(path)[0] + ".bin"
+    if not out.endswith(".bin"):
+        raise DataError(f"the token file must end in .bin, got {out!r}")
+    meta_path = os.path.splitext(out)[0] + ".json"
+    if os.path.abspath(meta_path) == os.path.abspath(path) or os.path.abspath(out) == os.path.abspath(path):
+        raise DataError(f"the token file {out!r} or its sidecar would overwrite the input {path!r}; pass out=")
+    for p in (out, meta_path):
+        if os.path.exists(p) and not overwrite:
+            raise DataError(f"{p!r} exists; remove it or pass overwrite=True (--force)")
+    if tokenizer is None:
+        n_chunks = max(1, math.ceil(size / (1 << 22)))
+        tokenizer = BPETokenizer.train(text_chunks(path), vocab_size, min_frequency=min_frequency,
+                                       length=n_chunks, progress=progress)
+    vocab = tokenizer.vocab_size
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda ts: [tokenizer.encode(t) for t in ts])
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=folder)
+    tmp_meta = None
+    bar = _progress(size, f"tokenizing {os.path.basename(path)}", progress)
+    try:
+        n_tokens = 0
+        with os.fdopen(fd, "wb") as f:
+            for text in text_chunks(path, on_bytes=bar.update if bar is not None else None):
+                for ids in encode_batch(_split_lines(text)):
+                    np.asarray(ids, dtype=dtype).tofile(f)
+                    n_tokens += len(ids)
+            f.flush()
+            os.fsync(f.fileno())
+        if n_tokens < 2:
+            raise DataError(f"{path!r} encodes to {n_tokens} token(s): too little text to train on")
+        meta = {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "tokens": n_tokens,
+                "source": os.path.abspath(path), "source_bytes": size, "tokenizer": tokenizer.to_dict()}
+        mfd, tmp_meta = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+        with os.fdopen(mfd, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        os.replace(tmp_meta, meta_path)
+    finally:
+        if bar is not None:
+            bar.close()
+        for t in (tmp, tmp_meta):
+            if t is not None and os.path.exists(t):
+                os.remove(t)
+    return out
 
 
 # ---- the bark corpus -----------------------------------------------------------------------
@@ -189,17 +438,11 @@ class TextCorpus:
     offsets of the rest, validation windows at fixed offsets."""
 
     def __init__(self, path: str, block_size: int, val_fraction: float = 0.1, eval_windows: int = 256):
-        if not os.path.exists(path):
-            raise DataError(f"data file {path!r} does not exist (use --data bark for the built-in corpus)")
-        if os.path.isdir(path):
-            raise DataError(f"data path {path!r} is a directory; give a .txt file or a .bin token file")
+        size = _check_data_path(path)
         self.path = path
         self.name = os.path.basename(path)
         self.block_size = block_size
         self.ignore_index = -100
-        size = os.path.getsize(path)
-        if size == 0:
-            raise DataError(f"data file {path!r} is empty")
         if path.endswith(".bin"):
             meta_path = os.path.splitext(path)[0] + ".json"
             if not os.path.exists(meta_path):
@@ -214,7 +457,7 @@ class TextCorpus:
             self.vocab_size = int(meta["vocab_size"])
             self.tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
         else:
-            self._check_text(path)
+            _check_text_head(path)
             self.data = np.memmap(path, dtype=np.uint8, mode="r")
             self.tokenizer = ByteTokenizer()
             self.vocab_size = 256
@@ -226,20 +469,6 @@ class TextCorpus:
                             f"with a {val_fraction:.0%} validation split; use a bigger file or a smaller block")
         self.has_val = n_val > 0
         self.eval_windows = eval_windows
-
-    @staticmethod
-    def _check_text(path: str) -> None:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-        if b"\x00" in head:
-            raise DataError(f"data file {path!r} looks binary (it contains NUL bytes); give UTF-8 text, "
-                            f"or a .bin token file with a .json sidecar")
-        try:  # the cut at 1 MiB may split a character: ignore an incomplete tail
-            head.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if e.start < len(head) - 4:
-                raise DataError(f"data file {path!r} is not UTF-8 text (bad byte at offset {e.start}); "
-                                f"convert it, e.g. iconv -t UTF-8") from None
 
     def _windows(self, starts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size

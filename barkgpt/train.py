@@ -45,6 +45,7 @@ class TrainConfig:
 
     preset: str = "bark"
     model: Optional[Dict[str, Any]] = None  # GPTConfig fields; overrides the preset when given
+    vocab_size: Optional[int] = None  # overrides the model's vocab_size (a tokenized corpus's)
     data: str = "bark"
     steps: int = 600
     batch_size: int = 64
@@ -79,6 +80,8 @@ class TrainConfig:
 
         for n in ("steps", "batch_size", "grad_accum", "eval_every", "keep_last", "log_every"):
             positive(n)
+        if self.vocab_size is not None:
+            positive("vocab_size")
         positive("save_every", allow_zero=True)
         if self.warmup_steps is not None:
             positive("warmup_steps", allow_zero=True)
@@ -96,9 +99,10 @@ class TrainConfig:
             raise TrainingError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
     def model_config(self) -> GPTConfig:
-        if self.model is not None:
-            return GPTConfig.from_dict(dict(self.model))
-        return GPTConfig.preset(self.preset)
+        cfg = GPTConfig.from_dict(dict(self.model)) if self.model is not None else GPTConfig.preset(self.preset)
+        if self.vocab_size is not None:
+            cfg = dataclasses.replace(cfg, vocab_size=self.vocab_size)
+        return cfg
 
 
 @dataclass
@@ -341,8 +345,9 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
     dataset = load_dataset(cfg.data, model_cfg.block_size)
     if dataset.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but the model's "
-                            f"vocab_size is {model_cfg.vocab_size}; pick a preset or config with "
-                            f"vocab_size >= {dataset.vocab_size}")
+                            f"vocab_size is {model_cfg.vocab_size}; pass --vocab-size {dataset.vocab_size} "
+                            f"(vocab_size={dataset.vocab_size}) or pick a preset or config with a vocabulary "
+                            f"that large")
     model = BarkGPT(model_cfg, backend=cfg.backend)
     model.tokenizer = dataset.tokenizer
     if resumed:
