@@ -290,8 +290,10 @@ def tokenize_file(path: str, out: Optional[str] = None, vocab_size: int = 8192, 
             raise DataError(f"{p!r} exists; remove it or pass overwrite=True (--force)")
     if tokenizer is None:
         n_chunks = max(1, math.ceil(size / (1 << 22)))
-        tokenizer = BPETokenizer.train(text_chunks(path), vocab_size, min_frequency=min_frequency,
-                                       length=n_chunks, progress=progress)
+        # 64 KB pieces: the trainer holds the pre-tokens of every piece it has in flight.
+        pieces = (p for text in text_chunks(path) for p in _split_lines(text))
+        tokenizer = BPETokenizer.train(pieces, vocab_size, min_frequency=min_frequency,
+                                       length=n_chunks * 64, progress=progress)
     vocab = tokenizer.vocab_size
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda ts: [tokenizer.encode(t) for t in ts])
@@ -304,9 +306,11 @@ def tokenize_file(path: str, out: Optional[str] = None, vocab_size: int = 8192, 
         n_tokens = 0
         with os.fdopen(fd, "wb") as f:
             for text in text_chunks(path, on_bytes=bar.update if bar is not None else None):
-                for ids in encode_batch(_split_lines(text)):
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    n_tokens += len(ids)
+                pieces = _split_lines(text)
+                for k in range(0, len(pieces), 16):  # 1 MB at a time: encodings are bulky
+                    for ids in encode_batch(pieces[k:k + 16]):
+                        np.asarray(ids, dtype=dtype).tofile(f)
+                        n_tokens += len(ids)
             f.flush()
             os.fsync(f.fileno())
         if n_tokens < 2:
