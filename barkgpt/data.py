@@ -49,7 +49,11 @@ class BarkTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self.VOCAB[i] for i in ids if i != self.pad_id)
+        """Words for ``ids``, padding left out; an id outside the vocabulary (a model built with
+        a larger vocab_size can sample one) shows as ``<unk:ID>`` instead of failing."""
+        n = len(self.VOCAB)
+        return " ".join(self.VOCAB[i] if 0 <= i < n else f"<unk:{i}>"
+                        for i in map(int, ids) if i != self.pad_id)
 
     def to_dict(self) -> Dict:
         return {"type": self.kind, "vocab": list(self.VOCAB)}

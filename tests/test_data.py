@@ -10,6 +10,14 @@ def test_bark_vocab_order():
     assert BarkTokenizer.VOCAB == ("<PAD>", "<EOS>", "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak")
 
 
+def test_bark_decode_shows_ids_outside_the_vocabulary():
+    # a model with vocab_size > 9 trained on the bark corpus can sample any of its ids
+    tok = BarkTokenizer()
+    assert tok.decode([6, 8, 7, 2, 12, 1, 0, 0, 9, -1]) == "User: speak Assistant: woof <unk:12> <EOS> <unk:9> <unk:-1>"
+    assert tok.decode(torch.tensor([3, 63, 0])) == "arf <unk:63>"
+    assert tok.decode([]) == ""
+
+
 def test_bark_sequences_follow_the_grammar():
     c = BarkCorpus(block_size=32)
     seq = c.sample(500, torch.Generator().manual_seed(3))
