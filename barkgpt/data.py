@@ -472,7 +472,8 @@ class TextCorpus:
         n = len(self.data)
         n_val = int(n * val_fraction)
         self.split_at = n - n_val
-        if self.split_at < block_size + 2 or (n_val and n_val < block_size + 2):
+        # A split of L tokens holds L - block_size windows of block_size + 1 tokens.
+        if self.split_at < block_size + 1 or (n_val and n_val < block_size + 1):
             raise DataError(f"data file {path!r} has {n} tokens, too few for block_size {block_size} "
                             f"with a {val_fraction:.0%} validation split; use a bigger file or a smaller block")
         self.has_val = n_val > 0
@@ -484,19 +485,27 @@ class TextCorpus:
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
+    # A window starting at s reads tokens s .. s + block_size (inputs s .. s + T - 1, targets
+    # s + 1 .. s + T), so the starts s in [lo, hi - T - 1] are exactly the windows inside the
+    # split [lo, hi): every token of it is a target of some window (but the first), and no
+    # window reaches into the other split.
+
     def get_batch(self, batch_size: int, generator: torch.Generator, rows: Optional[slice] = None):
         """Windows at ``batch_size`` random offsets; with ``rows``, only those rows are read from
         the file (a data-parallel rank's share), the generator advancing as for the whole batch."""
-        starts = torch.randint(0, self.split_at - self.block_size - 1, (batch_size,), generator=generator)
+        starts = torch.randint(0, self.split_at - self.block_size, (batch_size,), generator=generator)
         if rows is not None:
             starts = starts[rows]
         return self._windows(starts)
 
     def eval_batches(self, batch_size: int):
+        """Up to ``eval_windows`` windows evenly spread over the validation split (the training
+        split when there is none), the first and the last window included."""
         lo, hi = (self.split_at, len(self.data)) if self.has_val else (0, self.split_at)
-        span = hi - lo - self.block_size - 1
-        n = min(self.eval_windows, max(1, span))
-        starts = lo + torch.linspace(0, max(span - 1, 0), n).long()
+        span = hi - lo - self.block_size  # windows in the split, >= 1 (checked in __init__)
+        n = min(self.eval_windows, span)
+        # integer steps: float linspace rounds past the last window on splits over 2**24 tokens
+        starts = lo + torch.arange(n, dtype=torch.long) * (span - 1) // max(n - 1, 1)
         for i in range(0, n, batch_size):
             yield self._windows(starts[i:i + batch_size])
 

@@ -1,5 +1,7 @@
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +114,47 @@ def _advanced(corpus):
     g = torch.Generator().manual_seed(5)
     corpus.get_batch(6, g)
     return g.get_state()
+
+
+def _token_file(tmp_path, ids, meta, name="tok"):
+    np.asarray(ids).tofile(tmp_path / f"{name}.bin")
+    side = tmp_path / f"{name}.json"
+    side.write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    return str(tmp_path / f"{name}.bin"), str(side)
+
+
+def _positions(tmp_path, n, val_fraction, block_size, eval_windows=256):
+    # token i of the file is i, so a window's tokens are its positions
+    path, _ = _token_file(tmp_path, np.arange(n, dtype=np.uint16), {"vocab_size": n}, name=f"pos{n}")
+    return TextCorpus(path, block_size=block_size, val_fraction=val_fraction, eval_windows=eval_windows)
+
+
+def test_windows_reach_every_token_of_their_split_and_never_cross_it(tmp_path):
+    T = 4
+    c = _positions(tmp_path, 50, 0.2, T)
+    assert c.split_at == 40
+    x, y = c.get_batch(4000, torch.Generator().manual_seed(0))  # 36 starts: each drawn w.p. ~1 - e**-111
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    assert set(x[:, 0].tolist()) == set(range(40 - T))
+    assert int(y.max()) == 39  # the last training token is a target; no validation token is
+    assert set(y.flatten().tolist()) == set(range(1, 40))
+
+    vx, vy = (torch.cat(t) for t in zip(*c.eval_batches(4)))
+    assert vx[:, 0].tolist() == list(range(40, 50 - T))  # every validation window, once
+    assert int(vx.min()) == 40 and int(vy.max()) == 49
+    # fewer windows than there are: spread evenly, the first and the last included
+    few = _positions(tmp_path, 50, 0.2, T, eval_windows=3)
+    assert torch.cat([b[0] for b in few.eval_batches(2)])[:, 0].tolist() == [40, 42, 45]
+    # no validation split: evaluation runs over the training windows, the last token included
+    whole = _positions(tmp_path, 30, 0.0, T)
+    wx, wy = (torch.cat(t) for t in zip(*whole.eval_batches(64)))
+    assert wx[:, 0].tolist() == list(range(30 - T)) and int(wy.max()) == 29
+
+
+def test_smallest_splits(tmp_path):
+    # a split of block_size + 1 tokens holds exactly one window; block_size tokens none
+    c = _positions(tmp_path, 10, 0.5, 4)
+    assert c.get_batch(3, torch.Generator().manual_seed(0))[0][:, 0].tolist() == [0, 0, 0]
+    assert [b[0][:, 0].tolist() for b in c.eval_batches(8)] == [[5]]
+    with pytest.raises(DataError, match="too few for block_size 5"):
+        _positions(tmp_path, 10, 0.5, 5)
