@@ -439,9 +439,53 @@ class BarkCorpus:
 
 # ---- text files ------------------------------------------------------------------------------
 
+_SIDECAR_FIX = ('{"vocab_size": N, "dtype": "uint16"} (or "uint32"), or make the token file and its '
+                'sidecar again with barkgpt tokenize')
+
+
+def _read_sidecar(path: str, meta_path: str):
+    """(dtype, vocab_size, tokenizer or None) from the ``.json`` sidecar of the token file ``path``."""
+    if not os.path.exists(meta_path):
+        raise DataError(f"token file {path!r} needs a sidecar {meta_path!r} with {_SIDECAR_FIX}")
+
+    def bad(what: str) -> DataError:
+        return DataError(f"sidecar {meta_path!r} of token file {path!r}: {what}; it should hold {_SIDECAR_FIX}")
+
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"not valid JSON ({e})") from None
+    except OSError as e:
+        raise bad(f"cannot be read ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"not a JSON object (got {type(meta).__name__})")
+    if "vocab_size" not in meta:
+        raise bad("no vocab_size")
+    vocab_size = meta["vocab_size"]
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise bad(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    name = meta.get("dtype", "uint16")
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    # token ids are integers: a float dtype would read the file as garbage ids
+    if dtype is None or dtype.kind not in "ui":
+        raise bad(f"dtype must be an integer type such as uint16 or uint32, got {name!r}")
+    tokenizer = None
+    if "tokenizer" in meta:
+        try:
+            tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        except DataError as e:
+            raise DataError(f"sidecar {meta_path!r} of token file {path!r}: {e}") from None
+    return dtype, vocab_size, tokenizer
+
+
 class TextCorpus:
     """A UTF-8 text file tokenized as bytes (memory-mapped: the file is the token array), or a
-    pre-tokenized ``.bin`` file of uint16 token ids with a ``.json`` sidecar giving ``vocab_size``.
+    pre-tokenized ``.bin`` file of integer token ids (uint16, uint32, ...) with a ``.json``
+    sidecar giving ``vocab_size`` and ``dtype``.
     The last ``val_fraction`` of the tokens is held out; training windows are drawn at random
     offsets of the rest, validation windows at fixed offsets."""
 
@@ -453,17 +497,10 @@ class TextCorpus:
         self.ignore_index = -100
         if path.endswith(".bin"):
             meta_path = os.path.splitext(path)[0] + ".json"
-            if not os.path.exists(meta_path):
-                raise DataError(f"token file {path!r} needs a sidecar {meta_path!r} with "
-                                f'{{"vocab_size": N, "dtype": "uint16"}}')
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-            dtype = np.dtype(meta.get("dtype", "uint16"))
+            dtype, self.vocab_size, self.tokenizer = _read_sidecar(path, meta_path)
             if size % dtype.itemsize:
                 raise DataError(f"token file {path!r} is {size} bytes, not a whole number of {dtype} tokens")
             self.data = np.memmap(path, dtype=dtype, mode="r")
-            self.vocab_size = int(meta["vocab_size"])
-            self.tokenizer = tokenizer_from_dict(meta["tokenizer"]) if "tokenizer" in meta else None
         else:
             _check_text_head(path)
             self.data = np.memmap(path, dtype=np.uint8, mode="r")

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -121,6 +122,43 @@ def _token_file(tmp_path, ids, meta, name="tok"):
     side = tmp_path / f"{name}.json"
     side.write_text(meta if isinstance(meta, str) else json.dumps(meta))
     return str(tmp_path / f"{name}.bin"), str(side)
+
+
+@pytest.mark.parametrize("meta, msg", [
+    ({"dtype": "uint16"}, "no vocab_size"),
+    ({"vocab_size": "abc"}, "vocab_size must be a positive integer, got 'abc'"),
+    ({"vocab_size": "300"}, "vocab_size must be a positive integer, got '300'"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"vocab_size": 30.5}, "vocab_size must be a positive integer"),
+    ({"vocab_size": True}, "vocab_size must be a positive integer"),
+    ({"vocab_size": 300, "dtype": "float32"}, "dtype must be an integer type such as uint16 or uint32, got 'float32'"),
+    ({"vocab_size": 300, "dtype": "bool"}, "dtype must be an integer type"),
+    ({"vocab_size": 300, "dtype": "nonsense"}, "dtype must be an integer type"),
+    ({"vocab_size": 300, "dtype": 16}, "dtype must be an integer type"),
+    ('{"vocab_size": 300,', "not valid JSON"),
+    ("[300]", "not a JSON object"),
+    ({"vocab_size": 300, "tokenizer": {"type": "zzz"}}, "unknown tokenizer description"),
+])
+def test_bad_sidecar_names_the_file_and_the_fix(tmp_path, meta, msg):
+    path, side = _token_file(tmp_path, np.arange(400, dtype=np.uint16), meta)
+    with pytest.raises(DataError, match=re.escape(msg)) as e:
+        TextCorpus(path, block_size=8)
+    assert repr(side) in str(e.value) and ('"vocab_size": N' in str(e.value) or "tokenizer" in msg)
+
+
+def test_missing_sidecar(tmp_path):
+    np.arange(400, dtype=np.uint16).tofile(tmp_path / "tok.bin")
+    with pytest.raises(DataError, match=re.escape(f"needs a sidecar {str(tmp_path / 'tok.json')!r}")):
+        TextCorpus(str(tmp_path / "tok.bin"), block_size=8)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "int32", "uint8"])
+def test_token_file_integer_dtypes(tmp_path, dtype):
+    ids = (np.arange(1000) * 7 % 250).astype(dtype)
+    path, _ = _token_file(tmp_path, ids, {"vocab_size": 250, "dtype": dtype})
+    c = TextCorpus(path, block_size=8, val_fraction=0.0)
+    x, y = next(c.eval_batches(1000))
+    assert c.data.dtype == np.dtype(dtype) and x[0].tolist() == ids[:8].tolist()
 
 
 def _positions(tmp_path, n, val_fraction, block_size, eval_windows=256):
