@@ -160,12 +160,14 @@ def tokenizer_from_dict(d: Dict):
 
 # ---- text files -> token files ------------------------------------------------------------------
 
-def _check_data_path(path: str) -> int:
-    """Size of a data file that exists and is not a directory or empty."""
+def _check_data_path(path: str, missing_hint: str = "",
+                     kinds: str = "a .txt file or a .bin token file") -> int:
+    """Size of a data file that exists and is not a directory or empty. ``missing_hint`` is
+    added to the error for a missing file; ``kinds`` names what the caller accepts."""
     if not os.path.exists(path):
-        raise DataError(f"data file {path!r} does not exist (use --data bark for the built-in corpus)")
+        raise DataError(f"data file {path!r} does not exist{missing_hint}")
     if os.path.isdir(path):
-        raise DataError(f"data path {path!r} is a directory; give a .txt file or a .bin token file")
+        raise DataError(f"data path {path!r} is a directory; give {kinds}")
     size = os.path.getsize(path)
     if size == 0:
         raise DataError(f"data file {path!r} is empty")
@@ -279,7 +281,7 @@ def tokenize_file(path: str, out: Optional[str] = None, vocab_size: int = 8192, 
     uint32 for vocabularies over 65536), plus the sidecar ``.json`` holding the vocabulary size
     and the tokenizer, so that ``TextCorpus``, checkpoints and ``barkgpt generate`` use it.
     Both files appear complete or not at all. Returns the ``.bin`` path."""
-    size = _check_data_path(path)
+    size = _check_data_path(path, kinds="a UTF-8 text file")
     if path.endswith(".bin"):
         raise DataError(f"{path!r} is already a token file")
     _check_text_head(path)
@@ -557,4 +559,5 @@ def load_dataset(data: str, block_size: int):
     """``"bark"`` (built in) or a path to a text / .bin token file."""
     if data == "bark":
         return BarkCorpus(block_size=block_size)
+    _check_data_path(data, missing_hint=" (use --data bark for the built-in corpus)")
     return TextCorpus(data, block_size=block_size)

@@ -117,3 +117,13 @@ def test_cli_tokenize_train_generate(tmp_path, capsys):
     assert main(["generate", run, "--prompt", "the quick", "--max-new-tokens", "5", "--seed", "0",
                  "--backend", "torch"]) == 0
     assert capsys.readouterr().out.startswith("the quick")
+
+
+def test_tokenize_missing_input_has_no_data_hint(tmp_path, capsys):
+    with pytest.raises(DataError, match="does not exist$"):
+        tokenize_file(str(tmp_path / "nope.txt"), progress=False)
+    with pytest.raises(DataError, match="is a directory; give a UTF-8 text file$"):
+        tokenize_file(str(tmp_path), progress=False)
+    assert main(["tokenize", str(tmp_path / "nope.txt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--data" not in err

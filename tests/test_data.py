@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from barkgpt.data import BarkCorpus, BarkTokenizer, ByteTokenizer, DataError, TextCorpus
+from barkgpt.data import BarkCorpus, BarkTokenizer, ByteTokenizer, DataError, TextCorpus, load_dataset
 
 
 def test_bark_vocab_order():
@@ -196,3 +196,10 @@ def test_smallest_splits(tmp_path):
     assert [b[0][:, 0].tolist() for b in c.eval_batches(8)] == [[5]]
     with pytest.raises(DataError, match="too few for block_size 5"):
         _positions(tmp_path, 10, 0.5, 5)
+
+
+def test_missing_file_hint_only_for_data(tmp_path):
+    with pytest.raises(DataError, match=re.escape("does not exist (use --data bark for the built-in corpus)")):
+        load_dataset(str(tmp_path / "nope.txt"), block_size=8)
+    with pytest.raises(DataError, match="is a directory; give a .txt file or a .bin token file"):
+        load_dataset(str(tmp_path), block_size=8)
