@@ -174,19 +174,29 @@ def _check_data_path(path: str, missing_hint: str = "",
     return size
 
 
-def _check_text_head(path: str) -> None:
-    """A text file must not look binary, and its first MiB must be UTF-8."""
+def _check_text(path: str, block_bytes: int = 1 << 22) -> None:
+    """A text file must not look binary (NUL bytes in its first block) and must be UTF-8 from
+    its first byte to its last (a character cut off at the end of the file is an error too).
+    Streams the file in blocks, so memory stays flat whatever its size."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0  # of the block being decoded
     with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    if b"\x00" in head:
-        raise DataError(f"data file {path!r} looks binary (it contains NUL bytes); give UTF-8 text, "
-                        f"or a .bin token file with a .json sidecar")
-    try:  # the cut at 1 MiB may split a character: ignore an incomplete tail
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 4:
-            raise DataError(f"data file {path!r} is not UTF-8 text (bad byte at offset {e.start}); "
-                            f"convert it, e.g. iconv -t UTF-8") from None
+        while True:
+            block = f.read(block_bytes)
+            if offset == 0 and b"\x00" in block:
+                raise DataError(f"data file {path!r} looks binary (it contains NUL bytes); give UTF-8 "
+                                f"text, or a .bin token file with a .json sidecar")
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {path!r} is not UTF-8 text (bad byte at offset "
+                                f"{offset - pending + e.start}); convert it, e.g. iconv -t UTF-8") from None
+            if not block:
+                return
+            offset += len(block)
 
 
 def _is_seam(text: str, i: int) -> bool:
@@ -284,7 +294,7 @@ def tokenize_file(path: str, out: Optional[str] = None, vocab_size: int = 8192, 
     size = _check_data_path(path, kinds="a UTF-8 text file")
     if path.endswith(".bin"):
         raise DataError(f"{path!r} is already a token file")
-    _check_text_head(path)
+    _check_text(path)  # before training: a bad byte late in the file would waste the training
     out = out or os.path.splitext(path)[0] + ".bin"
     if not out.endswith(".bin"):
         raise DataError(f"the token file must end in .bin, got {out!r}")
@@ -504,7 +514,7 @@ class TextCorpus:
                 raise DataError(f"token file {path!r} is {size} bytes, not a whole number of {dtype} tokens")
             self.data = np.memmap(path, dtype=dtype, mode="r")
         else:
-            _check_text_head(path)
+            _check_text(path)
             self.data = np.memmap(path, dtype=np.uint8, mode="r")
             self.tokenizer = ByteTokenizer()
             self.vocab_size = 256

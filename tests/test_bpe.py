@@ -119,6 +119,28 @@ def test_cli_tokenize_train_generate(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("the quick")
 
 
+def test_tokenize_checks_the_whole_file_before_any_work(tmp_path):
+    src = tmp_path / "late.txt"
+    good = b"some text here\n" * 100_000  # 1.5 MB: the bad byte lies past the first MiB
+    src.write_bytes(good + b"caf\xe9\n" + good)
+    calls = []
+
+    class Recording:
+        vocab_size = 300
+
+        def encode(self, t):
+            calls.append(t)
+            return [1]
+
+        def to_dict(self):
+            return {"type": "byte"}
+
+    for tok in (None, Recording()):  # training the tokenizer, or encoding with a given one
+        with pytest.raises(DataError, match=rf"not UTF-8 text \(bad byte at offset {len(good) + 3}\)"):
+            tokenize_file(str(src), tokenizer=tok, vocab_size=300, progress=False)
+    assert calls == [] and sorted(os.listdir(tmp_path)) == ["late.txt"]
+
+
 def test_tokenize_missing_input_has_no_data_hint(tmp_path, capsys):
     with pytest.raises(DataError, match="does not exist$"):
         tokenize_file(str(tmp_path / "nope.txt"), progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from barkgpt.data import BarkCorpus, BarkTokenizer, ByteTokenizer, DataError, TextCorpus, load_dataset
+from barkgpt.data import BarkCorpus, BarkTokenizer, ByteTokenizer, DataError, TextCorpus, _check_text, load_dataset
 
 
 def test_bark_vocab_order():
@@ -159,6 +159,40 @@ def test_token_file_integer_dtypes(tmp_path, dtype):
     c = TextCorpus(path, block_size=8, val_fraction=0.0)
     x, y = next(c.eval_batches(1000))
     assert c.data.dtype == np.dtype(dtype) and x[0].tolist() == ids[:8].tolist()
+
+
+def test_non_utf8_anywhere_in_the_file(tmp_path):
+    p = tmp_path / "late.txt"
+    good = b"some text\n" * 150_000  # 1.5 MB: the bad byte is past the first MiB (and block)
+    p.write_bytes(good + b"bad \xff byte\n" + good)
+    with pytest.raises(DataError, match=rf"not UTF-8 text \(bad byte at offset {len(good) + 4}\)"):
+        TextCorpus(str(p), block_size=16)
+    # a short file whose last character is cut off is not UTF-8 either
+    p.write_bytes(b"hello world " * 10 + "\u20ac".encode()[:2])
+    with pytest.raises(DataError, match=r"not UTF-8 text \(bad byte at offset 120\)"):
+        TextCorpus(str(p), block_size=16)
+    p.write_bytes(b"hello world " * 10 + "\u20ac".encode())
+    assert TextCorpus(str(p), block_size=8).vocab_size == 256
+
+
+@pytest.mark.parametrize("content, offset", [
+    (b"ab\xe2\x82\xac\xff cd", 5),  # a bad byte right after a character that blocks may split
+    (b"ab\xe2\x82X cd", 2),  # a character broken off: the offset is where it starts
+    (b"ab\xe2\x82\xacz\xe2\x82", 6),  # cut off at the end of the file
+])
+def test_non_utf8_offset_is_exact_whatever_the_blocks(tmp_path, content, offset):
+    p = tmp_path / "t.txt"
+    p.write_bytes(content)
+    for block_bytes in range(1, len(content) + 2):
+        with pytest.raises(DataError, match=rf"bad byte at offset {offset}\)"):
+            _check_text(str(p), block_bytes=block_bytes)
+
+
+def test_nul_bytes_look_binary_past_a_valid_start(tmp_path):
+    p = tmp_path / "b.txt"
+    p.write_bytes(b"text\n" * 1000 + b"\x00\x01\x02" * 100)
+    with pytest.raises(DataError, match="looks binary"):
+        TextCorpus(str(p), block_size=16)
 
 
 def _positions(tmp_path, n, val_fraction, block_size, eval_windows=256):
