@@ -156,3 +156,57 @@ def test_torch_compile_fullgraph_auto_backend_matches_eager():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-40, 1e-320, 5e-324])
+def test_tiny_temperature_is_the_greedy_limit(temperature):
+    from barkgpt.generate import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    # a top logit 1 to 2 above the rest: divided by 1e-40 the logits overflow float32, and
+    # 1e-320 is 0 in float32
+    logits = torch.randn(64, 50, generator=g) * 10
+    top = torch.randint(0, 50, (64,), generator=g)
+    logits[torch.arange(64), top] = logits.amax(-1) + 1 + torch.rand(64, generator=g)
+    want = top
+    for top_k, top_p in ((None, None), (5, None), (None, 0.9), (40, 0.5)):
+        got = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+        assert torch.equal(got, want)
+    # tokens tied for the top share the draw, as softmax(l / t) does as t -> 0
+    tied = torch.tensor([[1.0, 3.0, 3.0, -2.0]]).expand(400, 4)
+    draws = sample_next(tied, temperature=temperature, top_k=None, generator=g)
+    assert set(draws.tolist()) == {1, 2} and 150 < int((draws == 1).sum()) < 250
+
+
+def test_sampling_matches_softmax_of_logits_over_temperature():
+    from barkgpt.generate import sample_next
+
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    for logits, t in (([0.0, 1.0, 2.0, -1.0], 1.0), ([1000.0, 999.99, 999.98, 990.0], 0.01), ([0.0, 3.0, 1.0, 2.0], 7.0)):
+        row = torch.tensor([logits])
+        want = torch.softmax(row.double() / t, -1)[0]
+        got = torch.bincount(sample_next(row.expand(n, 4), temperature=t, top_k=None, generator=g),
+                             minlength=4).double() / n
+        torch.testing.assert_close(got, want, rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("temperature", [-1.0, -1e-40, float("nan"), float("inf")])
+def test_bad_temperature_is_a_value_error(temperature):
+    from barkgpt.generate import sample_next
+
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        sample_next(torch.zeros(2, 5), temperature=temperature)
+
+
+def test_generate_with_tiny_temperature_equals_greedy():
+    torch.manual_seed(0)
+    m = BarkGPT(small_config(), backend="torch")
+    with torch.no_grad():  # sharpen the logits so that 1e-40 overflows without the fix
+        m.head.weight.mul_(50)
+    idx = torch.randint(0, 11, (3, 4))
+    greedy = m.generate(idx, max_new_tokens=10, greedy=True)
+    for t in (1e-40, 1e-320):
+        g = torch.Generator().manual_seed(0)
+        assert torch.equal(m.generate(idx, max_new_tokens=10, temperature=t, top_k=None, generator=g), greedy)
+        assert torch.equal(m.generate(idx, max_new_tokens=10, temperature=t, top_k=3, top_p=0.9, generator=g), greedy)
