@@ -119,10 +119,18 @@ class GPTConfig:
         """Load from a JSON file path or a JSON string."""
         text = path_or_text
         if not path_or_text.lstrip().startswith("{"):
-            if not os.path.isfile(path_or_text):
+            if os.path.isdir(path_or_text):
+                raise ConfigError(f"config file {path_or_text!r} is a directory; give a GPTConfig JSON file")
+            if not os.path.exists(path_or_text):
                 raise ConfigError(f"config file {path_or_text!r} does not exist")
-            with open(path_or_text, "r", encoding="utf-8") as f:
-                text = f.read()
+            try:
+                with open(path_or_text, "r", encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path_or_text!r}: {e.strerror or e}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"config file {path_or_text!r} is not UTF-8 text (bad byte at offset "
+                                  f"{e.start}); give a GPTConfig JSON file") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -134,15 +142,20 @@ BARK_VOCAB_SIZE = 9
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "bark": {
-        "about": "the article's original BarkGPT: n_embd=32, n_head=2, n_layer=2 on the 9-token bark vocabulary",
+        "about": "the article's BarkGPT sizes (n_embd=32, n_head=2, n_layer=2, 9-token bark vocabulary) "
+                 "as a causal pre-LN GPT, block 32",
         "config": dict(vocab_size=BARK_VOCAB_SIZE, block_size=32, n_layer=2, n_head=2, n_embd=32),
     },
     "bark-tiny": {
-        "about": "the article's GPTConfig example: n_embd=8, n_head=8 (head dim 1), n_layer=2, block_size=32",
+        "about": "the article's GPTConfig example sizes: n_embd=8, n_head=8 (head dim 1), n_layer=2, "
+                 "block_size=32, as a causal pre-LN GPT",
         "config": dict(vocab_size=BARK_VOCAB_SIZE, block_size=32, n_layer=2, n_head=8, n_embd=8),
     },
     "bark-article": {
-        "about": "the article's first model exactly: post-LN, ReLU, ffn 128, no causal mask, bias, block 256",
+        # The article's first model, except that its layers (no batch_first=True) attend across the
+        # batch and its head has a bias: barkgpt attends within each sequence, bias-free head.
+        "about": "the article's first model's layer design: post-LN, ReLU, ffn 128, no causal mask, "
+                 "biases, block 256 (but attention within each sequence, no head bias)",
         "config": dict(vocab_size=BARK_VOCAB_SIZE, block_size=256, n_layer=2, n_head=2, n_embd=32,
                        norm_first=False, activation="relu", causal=False, ffn_hidden=128),
     },
