@@ -48,6 +48,23 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+# torch.manual_seed / Generator.manual_seed take any integer in [-2**63, 2**64 - 1] (negative
+# ones wrap around modulo 2**64); outside it they fail with "Overflow when unpacking long long".
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _seed_type(lo: int, hi: int):
+    def seed(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {s!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {v}")
+        return v
+    return seed
+
+
 def _unit_float(s: str) -> float:
     v = _positive_float(s)
     if v > 1:
@@ -86,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps (default: 5%% of steps, at most 100)")
     t.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW weight decay on matmul weights (default: 0.1)")
     t.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm, 0 disables (default: 1.0)")
-    t.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    # Training also seeds its data stream with seed + 1, hence one less at the top.
+    t.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX - 1), default=1337,
+                   help=f"random seed, an integer in [{SEED_MIN}, {SEED_MAX - 1}] (default: 1337)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     t.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="kernels for attention/LayerNorm/embedding (default: auto by device)")
@@ -108,12 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="run directory or saved model directory")
     g.add_argument("--prompt", default=None, help="prompt text (default: 'User: speak Assistant:' for bark models, a newline otherwise)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default: 64)")
-    g.add_argument("--temperature", type=_nonneg_float, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    g.add_argument("--temperature", type=_nonneg_float, default=0.8,
+                   help="sampling temperature >= 0: lower is more conservative, 0 = greedy, and a tiny "
+                        "one (1e-40) behaves like greedy, tokens tied for the top sharing the draw "
+                        "(default: 0.8)")
     g.add_argument("--top-k", type=_nonneg_int, default=40, help="sample from the k most likely tokens, 0 = all (default: 40)")
     g.add_argument("--top-p", type=_unit_float, default=None, help="nucleus sampling mass in (0, 1]")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--num-samples", type=_positive_int, default=1, help="samples to draw (default: 1)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX), default=None,
+                   help=f"random seed for sampling, an integer in [{SEED_MIN}, {SEED_MAX}] (default: random)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
 
@@ -269,6 +292,19 @@ def _cmd_info(_a) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line; an OSError as 'what: path' without the errno prefix."""
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+        if e.filename is not None:
+            msg += f": {os.fsdecode(e.filename)!r}"
+        if e.filename2 is not None:
+            msg += f" -> {os.fsdecode(e.filename2)!r}"
+    else:
+        msg = str(e)
+    return " ".join(msg.split())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -283,17 +319,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     handlers = {"train": lambda a: _cmd_train(a, parser, argv), "generate": _cmd_generate,
                 "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
+    debug = os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0")
     try:
         return handlers[a.command](a)
+    except BrokenPipeError:
+        # stdout closed early (`barkgpt generate ... | head -1`): not an error of ours. Point
+        # stdout at devnull so the interpreter's final flush does not fail again.
+        if debug:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConfigError, DataError, CheckpointError, TrainingError, BackendUnavailable, ValueError,
-            IndexError, TypeError) as e:
+            IndexError, TypeError, OSError) as e:
         # User errors: one line naming the problem, no traceback from deep inside
-        # (BARKGPT_DEBUG=1 shows it).
-        if os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0"):
+        # (BARKGPT_DEBUG=1 shows it). OSError: a path given by the user that is taken, missing,
+        # not a directory, unwritable, or a full disk.
+        if debug:
             raise
         # Under torchrun an error of rank 0's (a taken --out ...) reaches every rank: say it once.
         if not getattr(e, "reported_by_main", False):
-            print(f"barkgpt {a.command}: error: {e}", file=sys.stderr)
+            print(f"barkgpt {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("barkgpt: interrupted", file=sys.stderr)
