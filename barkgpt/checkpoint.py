@@ -148,9 +148,12 @@ def _verify_dir(directory: str) -> None:
                                   f"corrupted; use another checkpoint")
 
 
-def _model_files(model) -> Dict[str, bytes]:
+def _model_files(model, step: Optional[int] = None) -> Dict[str, bytes]:
+    meta = {"format": "pt", "library": "barkgpt"}
+    if step is not None:  # a training run's final model: the step it was trained to
+        meta["step"] = str(step)
     files = {
-        MODEL_FILE: _tensors_bytes(model.export_state_dict(), metadata={"format": "pt", "library": "barkgpt"}),
+        MODEL_FILE: _tensors_bytes(model.export_state_dict(), metadata=meta),
         CONFIG_FILE: model.config.to_json().encode(),
     }
     if getattr(model, "tokenizer", None) is not None:
@@ -176,16 +179,17 @@ def _replace_dir(tmp: str, final: str) -> None:
 
 # ---- models ------------------------------------------------------------------------------------
 
-def save_model(model, directory: str) -> str:
+def save_model(model, directory: str, step: Optional[int] = None) -> str:
     """Save weights + config (+ tokenizer) into ``directory`` (created if needed; other files
     in it, such as a run's checkpoints/, are left alone). Each file is replaced atomically and
-    the manifest last, so a crash mid-save is detected on load rather than loaded."""
+    the manifest last, so a crash mid-save is detected on load rather than loaded. ``step``
+    (training's final save) records how far the model was trained."""
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     manifest = {}
-    for name, data in _model_files(model).items():
+    for name, data in _model_files(model, step).items():
         atomic_write_bytes(os.path.join(directory, name), data)
         manifest[name] = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(os.path.join(directory, MANIFEST_FILE), _manifest_bytes(manifest))
@@ -226,12 +230,27 @@ def load(path: str, device="cpu", backend: Optional[str] = None):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path!r} is not a directory; barkgpt models are saved as directories "
                               f"(config.json + model.safetensors)")
-    if os.path.exists(os.path.join(path, MODEL_FILE)):
-        return _model_from_dir(path, device, backend)
     latest = latest_checkpoint(path)
+    if os.path.exists(os.path.join(path, MODEL_FILE)):
+        # A run resumed past its earlier end and stopped again: its checkpoint is newer.
+        final_step = _trained_step(os.path.join(path, MODEL_FILE))
+        if latest is None or final_step is None or list_checkpoints(path)[-1][0] <= final_step:
+            return _model_from_dir(path, device, backend)
     if latest is None:
         raise CheckpointError(f"{path!r} holds no barkgpt model ({MODEL_FILE}) and no checkpoints")
     return _model_from_dir(latest, device, backend)
+
+
+def _trained_step(model_file: str) -> Optional[int]:
+    """The step a training run's final model was saved at (None: not recorded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(model_file, framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+        return int(step) if step is not None else None
+    except Exception:  # noqa: BLE001 - unreadable: the full load reports it properly
+        return None
 
 
 # ---- training checkpoints ------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from . import perf
 from . import distributed
-from .config import ConfigError, GPTConfig
+from .config import PRESETS, ConfigError, GPTConfig
 from .data import BarkCorpus, load_dataset
 from .model import BarkGPT
 
@@ -85,8 +85,16 @@ class TrainConfig:
         positive("save_every", allow_zero=True)
         if self.warmup_steps is not None:
             positive("warmup_steps", allow_zero=True)
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TrainingError(f"{name} must be a finite number, got {v!r}")
+        if not 0 < self.lr < 10:
             raise TrainingError(f"lr must be a positive number below 10, got {self.lr!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise TrainingError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.model is None and self.preset not in PRESETS:
+            raise TrainingError(f"unknown preset {self.preset!r}; presets: {', '.join(sorted(PRESETS))}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainingError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
@@ -149,7 +157,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, cfg.steps // 20)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    span = max(1, cfg.steps - warmup)
+    span = max(1, cfg.steps - warmup - 1)  # the last step (steps - 1) gets exactly the minimum
     progress = min(1.0, (step - warmup) / span)
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
@@ -230,7 +238,10 @@ class _Metrics:
         self.f = None
         if path is None:
             return
-        if resume_step is not None and os.path.exists(path):
+        if resume_step is None:  # a new run: whatever a run that crashed before its first save left
+            self.f = open(path, "w", encoding="utf-8")
+            return
+        if os.path.exists(path):
             # Drop events after the checkpoint we resume from: they will be logged again.
             with open(path, encoding="utf-8") as f:
                 keep = []
@@ -251,6 +262,35 @@ class _Metrics:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a request that training honours at the end of the step
+    in progress; a second one raises KeyboardInterrupt at once. Installed only in the main thread
+    over Python's default handler (never over someone else's), restored afterwards."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested, self._old = False, None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nbarkgpt: stopping after this step (it will be saved); Ctrl-C again to stop now",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -293,6 +333,8 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
             saved.batch_size = per_rank
         # The run's identity comes from the checkpoint; only RESUME_MAY_CHANGE may differ.
         for k, v in overrides.items():
+            if k == "data":
+                v = _data_path(v)
             if k in RESUME_MAY_CHANGE or k == "out":
                 setattr(saved, k, v)
             elif v != getattr(saved, k):
@@ -308,11 +350,26 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
     else:
         if cfg.out is None:
             cfg.out = _free_out_dir(os.path.join("runs", cfg.preset if cfg.model is None else "custom"))
+        elif os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            raise TrainingError(f"--out {cfg.out!r} is a file, not a directory; choose another --out")
         elif ckpt.list_checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE)):
             raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
                                 f"or choose another --out")
-        os.makedirs(cfg.out, exist_ok=True)
+        # A path relative to where the run started would not resolve from elsewhere on --resume.
+        cfg.data = _data_path(cfg.data)
     return cfg, start_step, resumed
+
+
+def _data_path(data: str) -> str:
+    return data if data == "bark" else os.path.abspath(data)
+
+
+def _make_run_dir(out: str) -> None:
+    """Created only once the run is known to start (no empty run directories from bad settings)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create the run directory --out {out!r}: {e.strerror or e}") from None
 
 
 def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
@@ -389,6 +446,7 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
         f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}"
         + (f", {world.size} processes" if world.enabled else ""))
 
+    world.run_on_main(lambda: _make_run_dir(out_dir))
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if world.is_main else None,
                        start_step if resumed else None)
     if world.is_main:
@@ -422,58 +480,73 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rng_done = _rng_tensors(data_gen, device)
+    # Ctrl-C: the first one lets the step in progress finish (all ranks agree on where to stop),
+    # then saves and stops; a second one stops at once.
+    stop = _StopRequest()
+    completed, saved_step = start_step, (start_step if resumed else -1)
+    updating = False  # between the optimizer update and the end of its step's bookkeeping
     try:
         for step in range(start_step, cfg.steps):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             world.seed_dropout(data_gen)
+            batches = [world.local_batch(dataset, cfg.batch_size, data_gen) for _ in range(cfg.grad_accum)]
+            # The step's loss is the mean over every non-ignored target of all micro-batches on all
+            # ranks: each micro-batch's mean is weighted by its share of those targets (pad targets
+            # differ from batch to batch), times world.size as DDP averages the ranks' gradients.
+            counts = [int((y != dataset.ignore_index).sum()) for _, y in batches]
+            totals = world.sum_(torch.tensor([float(sum(counts)), float(stop.requested)], dtype=torch.float64,
+                                             device=device if world.enabled else "cpu")).tolist()
+            n_total, stop_after = max(totals[0], 1.0), totals[1] > 0
             loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = world.local_batch(dataset, cfg.batch_size, data_gen)
+            for micro, (x, y) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                weight = counts[micro] * world.size / n_total
                 # Under DDP, gradients are averaged across ranks on the last micro-step only.
                 with world.grad_sync(ddp_model, micro == cfg.grad_accum - 1):
                     with amp_ctx():
                         _, loss = fwd(x, y, dataset.ignore_index)
-                    # Each micro-step's loss is a mean; dividing by the count makes the sum of
-                    # gradients the gradient of the mean over the whole (accumulated) batch.
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
+                    scaler.scale(loss * weight).backward()
+                loss_sum += loss.detach().float() * counts[micro]
             scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
             if cfg.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            # the gradients (so gnorm) are the same on every rank; the loss is averaged over ranks
-            step_loss, gnorm_v = torch.stack([world.mean(loss_sum / cfg.grad_accum), gnorm.float()]).tolist()
-            if not (math.isfinite(step_loss) and math.isfinite(gnorm_v)) and not scaler.is_enabled():
+            # the gradients (so gnorm) are the same on every rank; the loss is summed over ranks
+            step_loss, gnorm_v = torch.stack([world.sum_(loss_sum.clone()) / n_total, gnorm.float()]).tolist()
+            done = step + 1
+            nonfinite = not (math.isfinite(step_loss) and math.isfinite(gnorm_v)) and not scaler.is_enabled()
+            if nonfinite:
                 optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                 if cfg.on_nonfinite == "stop":
                     raise TrainingError(
-                        f"non-finite {what} at step {step} ({step_loss if what == 'loss' else gnorm_v}); "
+                        f"non-finite {what} at step {done} ({step_loss if what == 'loss' else gnorm_v}); "
                         f"stopping. The last good checkpoint is {last_ckpt or 'none (none saved yet)'}; "
-                        f"lower --lr, use float32, or pass on_nonfinite='skip' to drop such steps")
+                        f"lower --lr, use float32, or pass --skip-nonfinite (on_nonfinite='skip') to drop "
+                        f"such steps")
                 skipped += 1
-                metrics.write(step=step, event="skipped_nonfinite", what=what)
+            updating = True
+            if nonfinite:
+                metrics.write(step=done, event="skipped_nonfinite", what=what)
                 losses.append(float("nan"))
-                rng_done = _rng_tensors(data_gen, device)
-                continue
-            scaler.step(optimizer)  # with fp16 the scaler itself skips steps with inf grads
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            else:
+                scaler.step(optimizer)  # with fp16 the scaler itself skips steps with inf grads
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                tok_done += tokens_per_step
             rng_done = _rng_tensors(data_gen, device)
-            tok_done += tokens_per_step
-            done = step + 1
             elapsed = time.perf_counter() - t0
             tps = tok_done / elapsed if elapsed > 0 else 0.0
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if not nonfinite and (done % cfg.log_every == 0 or done == cfg.steps):
                 util = perf.mfu(flops_per_token, tps / world.size, peak)
                 metrics.write(step=done, loss=step_loss, lr=lr, grad_norm=gnorm_v, tokens_per_sec=tps,
                               elapsed_sec=elapsed, **({"mfu": util} if util is not None else {}))
+            # a skipped step still ends its step: the evaluation and checkpoint due there happen
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 vl = evaluate(model, dataset, cfg.batch_size, device, amp_ctx, world)
                 val_history.append({"step": done, "val_loss": vl})
@@ -489,19 +562,32 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 # every rank waits for the save (and learns if it failed)
                 last_ckpt = world.run_on_main(lambda: save_checkpoint(done, rng_done))
+                saved_step = done
+            completed, updating = done, False
+            if stop_after or (stop.requested and not world.enabled):  # ranks must agree: step start only
+                if saved_step != done:
+                    last_ckpt = world.run_on_main(lambda: save_checkpoint(done, rng_done))
+                    saved_step = done
+                raise KeyboardInterrupt
             if on_step is not None:
                 on_step(done, step_loss)
     except KeyboardInterrupt:
-        # Save where we are (a step boundary) so --resume loses nothing, then stop.
         if bar is not None:
             bar.close()
             bar = None
-        done = len(losses)
-        if done > start_step and world.is_main:  # no collectives here: other ranks may be gone
-            last_ckpt = save_checkpoint(done, rng_done)
-            say(f"interrupted: saved {last_ckpt}; continue with --resume --out {out_dir}")
+        # Save the last completed step so --resume loses nothing, unless the interrupt came in
+        # the middle of a step's update and bookkeeping (its state is then half-written).
+        if world.is_main:  # no collectives here: other ranks may be gone
+            if not updating and completed > saved_step:
+                last_ckpt = save_checkpoint(completed, rng_done)
+            if updating:
+                say(f"interrupted in the middle of step {completed + 1}'s update: not saved; "
+                    f"--resume --out {out_dir} continues from {last_ckpt or 'the start'}")
+            else:
+                say(f"interrupted: saved {last_ckpt}; continue with --resume --out {out_dir}")
         raise
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         metrics.close()
@@ -509,7 +595,7 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
 
     if resumed and start_step >= cfg.steps:
         say(f"{out_dir} already trained for {start_step} steps (>= --steps {cfg.steps}); nothing to do")
-    world.run_on_main(lambda: model.save(out_dir))
+    world.run_on_main(lambda: ckpt.save_model(model, out_dir, step=len(losses)))
     elapsed = time.perf_counter() - t0
     tps = tok_done / elapsed if elapsed > 0 and tok_done else 0.0
     final_val = val_history[-1]["val_loss"] if val_history else None
