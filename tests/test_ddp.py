@@ -23,6 +23,7 @@ from barkgpt import distributed
 from barkgpt.checkpoint import list_checkpoints
 
 MODEL = dict(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16)
+BARK = barkgpt.GPTConfig.preset("bark-tiny").to_dict()  # the bark corpus pads: ignored targets
 RUN = dict(steps=6, eval_every=3, save_every=3, device="cpu", progress=False, sample=False)
 LAUNCH_TIMEOUT = 300  # seconds; a hung rendezvous must fail the test, not the CI job
 # Rendezvous/socket failures are the machine's, not barkgpt's: such a launch is retried once.
@@ -164,6 +165,8 @@ def worker_runs(tmp_path_factory, data_file):
             # gradient accumulation: 2 micro-steps of 2 rows per rank, synced on the second only
             dict(name="accum", train=dict(common, batch_size=2, grad_accum=2, out=str(d / "accum")),
                  count_syncs=True),
+            # the bark corpus: ranks hold different numbers of real (non-pad) targets
+            dict(name="bark", train=dict(common, data="bark", model=BARK, out=str(d / "bark"))),
             # rank 0 refuses a taken --out: every rank must stop with its error
             dict(name="taken", train=dict(common, out=str(d / "dropout_full"))),
         ]
@@ -202,6 +205,17 @@ def _files(run_dir):
 
 
 # ---- the tests -----------------------------------------------------------------------------------
+
+def test_two_processes_weight_every_real_target_like_one_process(worker_runs, tmp_path):
+    # The step's gradient is that of the mean over all real targets of the global batch, however
+    # the pad targets fall between the ranks (not the mean of the two ranks' means).
+    d, seen, _ = worker_runs
+    assert seen[0]["bark"]["outcome"] == "ok", seen[0]["bark"]
+    one = barkgpt.train(out=str(tmp_path / "one"), data="bark", model=BARK, batch_size=8, backend="torch",
+                        log=lambda m: None, **RUN)
+    assert seen[0]["bark"]["losses"] == pytest.approx(one.losses, rel=1e-6)
+    _assert_weights_close(str(d / "bark"), one.model)
+
 
 def test_two_processes_train_what_one_process_with_the_global_batch_trains(one_process, cli_run, data_file,
                                                                           tmp_path):
