@@ -93,6 +93,8 @@ class TrainConfig:
             raise TrainingError(f"lr must be a positive number below 10, got {self.lr!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise TrainingError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64 - 1:
+            raise TrainingError(f"seed must be an integer in [-2**63, 2**64 - 2], got {self.seed!r}")
         if self.model is None and self.preset not in PRESETS:
             raise TrainingError(f"unknown preset {self.preset!r}; presets: {', '.join(sorted(PRESETS))}")
         if not 0 <= self.min_lr_ratio <= 1:
