@@ -485,6 +485,12 @@ def _read_sidecar(path: str, meta_path: str):
     # token ids are integers: a float dtype would read the file as garbage ids
     if dtype is None or dtype.kind not in "ui":
         raise bad(f"dtype must be an integer type such as uint16 or uint32, got {name!r}")
+    tokens = meta.get("tokens")  # written by tokenize_file: a shorter file was cut off
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)
+                               or os.path.getsize(path) != tokens * dtype.itemsize):
+        raise DataError(f"token file {path!r} holds {os.path.getsize(path) // dtype.itemsize} tokens but its "
+                        f"sidecar {meta_path!r} says {tokens!r}: the file is truncated or not the one the "
+                        f"sidecar describes; make it again (barkgpt tokenize)")
     tokenizer = None
     if "tokenizer" in meta:
         try:

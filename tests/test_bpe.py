@@ -149,3 +149,15 @@ def test_tokenize_missing_input_has_no_data_hint(tmp_path, capsys):
     assert main(["tokenize", str(tmp_path / "nope.txt"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "--data" not in err
+
+
+def test_truncated_token_file_is_reported(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text(_text(300, seed=2), encoding="utf-8")
+    out = tokenize_file(str(src), vocab_size=300, progress=False)
+    data = open(out, "rb").read()
+    TextCorpus(out, block_size=8)  # whole: fine
+    with open(out, "wb") as f:
+        f.write(data[:-2])  # one uint16 token short, as a copy cut off would be
+    with pytest.raises(DataError, match="holds .* tokens but its sidecar .* says .*truncated"):
+        TextCorpus(out, block_size=8)
