@@ -225,7 +225,14 @@ class BarkGPT(nn.Module):
                  top_k: Optional[int] = 40, top_p: Optional[float] = None, greedy: bool = False,
                  eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None):
         """Sample ``max_new_tokens`` continuations of ``idx`` (B, T). Stops early once every
-        row has produced ``eos_token_id`` (finished rows are padded with it)."""
+        row has produced ``eos_token_id`` (finished rows are padded with it).
+
+        Each token is drawn from softmax(logits / ``temperature``) restricted to the ``top_k``
+        most likely tokens and to the smallest set holding ``top_p`` of the mass (None: no
+        restriction); ``greedy`` (or ``temperature=0``; a tiny positive one samples the same
+        limit) takes the most likely token. Each step the model sees the last ``block_size``
+        tokens of a row (the returned rows keep all of theirs). ``generator`` makes the draws
+        reproducible."""
         from .generate import sample_next
 
         if idx.dim() == 1:
