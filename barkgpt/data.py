@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -199,43 +200,42 @@ def _check_text(path: str, block_bytes: int = 1 << 22) -> None:
             offset += len(block)
 
 
-def _is_seam(text: str, i: int) -> bool:
-    """Whether text may be cut just before ``text[i]`` without changing its byte-level BPE
-    tokens: GPT-2's pre-tokenizer joins runs of whitespace and puts a space in front of the
-    word after it, so the cut goes before a lone space or newline between two characters that
-    are not whitespace."""
-    return (0 < i < len(text) - 1 and text[i] in " \n" and not text[i - 1].isspace()
-            and not text[i + 1].isspace())
+# A seam: a whitespace character right after one that is not. GPT-2's pre-tokenizer (a regex
+# with no lookbehind) has always ended a word, number or punctuation run there and starts
+# afresh, so text cut at a seam encodes exactly like the whole (whitespace runs, CRLF, NBSP,
+# ideographic spaces included: tests/test_bpe.py fuzzes it).
+# "Whitespace" is the tokenizer's (Unicode White_Space); Python's \s also counts \x1c-\x1f, so the
+# character before a seam must be neither, and the seam itself one of the tokenizer's.
+_SEAM = re.compile("(?<=\\S)[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 
 
 def _last_seam(text: str) -> int:
-    """The last seam of ``text`` (0: none)."""
-    i = len(text)
-    while i > 0:
-        i = max(text.rfind("\n", 0, i), text.rfind(" ", 0, i))
-        if i > 0 and _is_seam(text, i):
-            return i
-    return 0
+    """Index of the last seam of ``text`` (0: none), in time linear in the distance searched."""
+    width = 1 << 12
+    while True:
+        lo = max(0, len(text) - width)
+        last = None
+        for last in _SEAM.finditer(text, lo):  # noqa: B007 - only the last one is wanted
+            pass
+        if last is not None:
+            return last.start()
+        if lo == 0:
+            return 0
+        width *= 4
 
 
 def _next_seam(text: str, start: int) -> int:
-    """The first seam of ``text`` at or after ``start`` (len(text): none)."""
-    i = start
-    while True:
-        found = [j for j in (text.find("\n", i), text.find(" ", i)) if j >= 0]
-        if not found:
-            return len(text)
-        i = min(found)
-        if _is_seam(text, i):
-            return i
-        i += 1
+    """Index of the first seam of ``text`` at or after ``start`` (len(text): none)."""
+    m = _SEAM.search(text, start)
+    return m.start() if m else len(text)
 
 
 def text_chunks(path: str, chunk_bytes: int = 1 << 22,
                 on_bytes: Optional[Callable[[int], None]] = None) -> Iterator[str]:
     """The text of a UTF-8 file in pieces of about ``chunk_bytes``, cut only at seams (see
-    _is_seam), so that encoding the pieces one by one gives exactly the tokens of the whole file
-    (a stretch of 8 chunks without a single seam, not text in any human language, is cut anyway).
+    _SEAM), so that encoding the pieces one by one gives exactly the tokens of the whole file
+    (8 chunks without one whitespace character after another character, minified data
+    rather than text, are cut anyway).
     ``on_bytes(n)`` is told every n bytes read (progress)."""
     import codecs
 
@@ -338,6 +338,10 @@ def tokenize_file(path: str, out: Optional[str] = None, vocab_size: int = 8192, 
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        for t in (tmp, tmp_meta):  # mkstemp makes 0600 files: give them the usual permissions
+            os.chmod(t, 0o666 & ~umask)
         os.replace(tmp, out)
         os.replace(tmp_meta, meta_path)
     finally:

@@ -46,6 +46,10 @@ def test_token_file_is_the_whole_text_encoded(corpus):
     assert ids.tolist() == tok.encode(text)
     assert tok.decode(ids.tolist()) == text  # byte-level: every character round-trips
     assert len(ids) < 0.6 * len(text.encode("utf-8"))  # and it compresses
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (out, src.with_suffix(".json")):  # readable like any file the user writes
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask
     corpus_ = TextCorpus(out, block_size=16)
     assert corpus_.vocab_size == tok.vocab_size and isinstance(corpus_.tokenizer, BPETokenizer)
 
@@ -161,3 +165,35 @@ def test_truncated_token_file_is_reported(tmp_path):
         f.write(data[:-2])  # one uint16 token short, as a copy cut off would be
     with pytest.raises(DataError, match="holds .* tokens but its sidecar .* says .*truncated"):
         TextCorpus(out, block_size=8)
+
+
+def test_any_seam_cuts_like_the_whole_text():
+    # Cut at every seam at once (_split_lines with 1-character pieces): random strings over
+    # letters, digits, CJK, emoji, apostrophes and whitespace of every kind, including the
+    # separators \x1c-\x1f that Python calls whitespace and the tokenizer does not.
+    rng = random.Random(3)
+    alphabet = list("ab xZ'\n\r\t.,!12") + ["\u00a0", "\u3000", "\u2028", "\u2009", "\u200b", "\u180e",
+                                           "\x0b", "\x0c", "\x1c", "\x1d", "\x1f", "\x85",
+                                           "你", "好", "。", "🙂", "é", "'s", "'t"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    tok = BPETokenizer.train(texts, 320, progress=False)
+    cut = 0
+    for t in texts:
+        pieces = _split_lines(t, 1)
+        assert "".join(pieces) == t
+        cut += len(pieces) - 1
+        assert [i for p in pieces for i in tok.encode(p)] == tok.encode(t), repr(t)
+    assert cut > 5000  # seams are everywhere in such text
+
+
+def test_crlf_data_without_spaces_still_has_seams(tmp_path):
+    # a CSV with Windows line ends and no spaces: "\r" after a digit is where it may be cut
+    rng = random.Random(4)
+    text = "".join(",".join(str(rng.randint(0, 999)) for _ in range(6)) + "\r\n" for _ in range(400))
+    src = tmp_path / "t.csv"
+    src.write_bytes(text.encode())
+    pieces = [p for c in text_chunks(str(src), chunk_bytes=256) for p in _split_lines(c, 64)]
+    assert "".join(pieces) == text and len(pieces) > 100
+    assert all(p.startswith("\r") for p in pieces[1:])  # every cut at a seam, none forced
+    tok = BPETokenizer.train([text], 300, progress=False)
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
