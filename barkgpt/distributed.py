@@ -11,9 +11,9 @@ How a run is split, so that N processes compute what one process with N times th
   the data position (the generator state) is the same whatever the world size: a checkpoint
   resumes on any number of processes that divides the global micro-batch.
 - DDP averages gradients over ranks, only on the last micro-step of an accumulated batch.
-  Like gradient accumulation, that is the mean of per-rank mean losses: the same as one big
-  batch when every row has as many targets (text); with padded rows (the bark corpus) the
-  ranks' means are weighted equally rather than by their target counts.
+  barkgpt/train.py weights each micro-batch's mean loss by its share of the real (non-ignored)
+  targets of the whole step on all ranks (counted with one small all-reduce), so the average is
+  the gradient of the mean over every target, padded rows (the bark corpus) included.
 - Rank 0 alone decides (the run directory, what to resume), shows progress and writes files;
   what it decides or fails with is shared with every rank, so no rank waits forever on a
   rank that has already given up.
@@ -104,9 +104,10 @@ class World:
         if self.is_main:
             try:
                 box[0] = ("ok", fn())
-            except Exception as e:
+            except BaseException as e:  # KeyboardInterrupt too: the other ranks must not wait
                 error = e
-                box[0] = ("error", _portable_error(e))
+                box[0] = ("error", _portable_error(e) if isinstance(e, Exception)
+                          else RuntimeError(f"rank 0 stopped: {type(e).__name__}"))
         dist.broadcast_object_list(box, src=0)
         status, value = box[0]
         if error is not None:

@@ -165,13 +165,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _free_out_dir(base: str) -> str:
-    if not os.path.exists(base):
-        return base
-    i = 2
-    while os.path.exists(f"{base}-{i}"):
-        i += 1
-    return f"{base}-{i}"
+def _reserve_out_dir(base: str) -> str:
+    """The first of base, base-2, base-3 ... that this call creates (mkdir is atomic: two runs
+    started together never share one). _train removes it again if the run fails to start."""
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+    i = 1
+    while True:
+        path = base if i == 1 else f"{base}-{i}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            i += 1
 
 
 @torch.no_grad()
@@ -267,8 +272,8 @@ class _Metrics:
 
 
 class _StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a request that training honours at the end of the step
-    in progress; a second one raises KeyboardInterrupt at once. Installed only in the main thread
+    """Turns the first Ctrl-C (SIGINT) into a request that training honours at the next step
+    boundary all ranks agree on; a second one raises KeyboardInterrupt at once. Installed only in the main thread
     over Python's default handler (never over someone else's), restored afterwards."""
 
     def __init__(self):
@@ -284,7 +289,7 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nbarkgpt: stopping after this step (it will be saved); Ctrl-C again to stop now",
+        print("\nbarkgpt: stopping at the next step boundary (saved there); Ctrl-C again to stop now",
               file=sys.stderr, flush=True)
 
     def restore(self) -> None:
@@ -335,8 +340,8 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
             saved.batch_size = per_rank
         # The run's identity comes from the checkpoint; only RESUME_MAY_CHANGE may differ.
         for k, v in overrides.items():
-            if k == "data":
-                v = _data_path(v)
+            if k == "data" and _data_path(v) == _data_path(saved.data):
+                continue  # the same file, named another way (or relative, as older runs stored it)
             if k in RESUME_MAY_CHANGE or k == "out":
                 setattr(saved, k, v)
             elif v != getattr(saved, k):
@@ -351,14 +356,16 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
         start_step = resumed["state"]["step"]
     else:
         if cfg.out is None:
-            cfg.out = _free_out_dir(os.path.join("runs", cfg.preset if cfg.model is None else "custom"))
+            cfg.out = _reserve_out_dir(os.path.join("runs", cfg.preset if cfg.model is None else "custom"))
         elif os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise TrainingError(f"--out {cfg.out!r} is a file, not a directory; choose another --out")
         elif ckpt.list_checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE)):
             raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
                                 f"or choose another --out")
         # A path relative to where the run started would not resolve from elsewhere on --resume.
-        cfg.data = _data_path(cfg.data)
+        # Not under torchrun: there each machine resolves a relative path in its own directory.
+        if world_size == 1:
+            cfg.data = _data_path(cfg.data)
     return cfg, start_step, resumed
 
 
@@ -374,25 +381,8 @@ def _make_run_dir(out: str) -> None:
         raise TrainingError(f"cannot create the run directory --out {out!r}: {e.strerror or e}") from None
 
 
-def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
-    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"train() got an unknown option {k!r}; options: "
-                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
-        setattr(cfg, k, v)
-    if isinstance(cfg.model, GPTConfig):
-        cfg.model = cfg.model.to_dict()
-    cfg.validate()
-    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not world.is_main:
-        say = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
-
-    # -- run directory and resume: rank 0 decides (and reads the checkpoint), every rank follows --
-    cfg, start_step, resumed = world.run_on_main(
-        lambda: _open_run(cfg, config, overrides, resume, world.size, say))
-    out_dir = os.path.abspath(cfg.out)
-
+def _setup(world: distributed.World, cfg: TrainConfig, resumed, start_step: int, out_dir: str, say):
+    """Device, data, model, optimizer and the rest of a run, restored from ``resumed`` if given."""
     try:
         device = world.device(resolve_device(cfg.device))
     except ValueError as e:
@@ -448,6 +438,41 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
         f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}"
         + (f", {world.size} processes" if world.enabled else ""))
 
+    return (device, amp_dtype, model_cfg, dataset, model, backend_name, optimizer, scaler, data_gen, losses,
+            val_history, best, amp_ctx, ddp_model, fwd, optimal, tokens_per_step, flops_per_token, peak)
+
+
+def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"train() got an unknown option {k!r}; options: "
+                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+        setattr(cfg, k, v)
+    if isinstance(cfg.model, GPTConfig):
+        cfg.model = cfg.model.to_dict()
+    cfg.validate()
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not world.is_main:
+        say = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
+
+    # -- run directory and resume: rank 0 decides (and reads the checkpoint), every rank follows --
+    asked_out = cfg.out
+    cfg, start_step, resumed = world.run_on_main(
+        lambda: _open_run(cfg, config, overrides, resume, world.size, say))
+    out_dir = os.path.abspath(cfg.out)
+    # a run directory reserved for this run is removed again (if still empty) when it fails to start
+    reserved = out_dir if (not resume and asked_out is None and world.is_main) else None
+    try:
+        state = _setup(world, cfg, resumed, start_step, out_dir, say)
+    except BaseException:
+        if reserved is not None:
+            for d in (reserved, os.path.dirname(reserved)):  # runs/<name>, then runs/ if now empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+        raise
+    (device, amp_dtype, model_cfg, dataset, model, backend_name, optimizer, scaler, data_gen, losses,
+     val_history, best, amp_ctx, ddp_model, fwd, optimal, tokens_per_step, flops_per_token, peak) = state
     world.run_on_main(lambda: _make_run_dir(out_dir))
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if world.is_main else None,
                        start_step if resumed else None)
@@ -498,9 +523,8 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
             # ranks: each micro-batch's mean is weighted by its share of those targets (pad targets
             # differ from batch to batch), times world.size as DDP averages the ranks' gradients.
             counts = [int((y != dataset.ignore_index).sum()) for _, y in batches]
-            totals = world.sum_(torch.tensor([float(sum(counts)), float(stop.requested)], dtype=torch.float64,
-                                             device=device if world.enabled else "cpu")).tolist()
-            n_total, stop_after = max(totals[0], 1.0), totals[1] > 0
+            n_total = max(world.sum_(torch.tensor(float(sum(counts)), dtype=torch.float64,
+                                                  device=device if world.enabled else "cpu")).item(), 1.0)
             loss_sum = torch.zeros((), device=device)
             for micro, (x, y) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -517,8 +541,11 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            # the gradients (so gnorm) are the same on every rank; the loss is summed over ranks
-            step_loss, gnorm_v = torch.stack([world.sum_(loss_sum.clone()) / n_total, gnorm.float()]).tolist()
+            # the gradients (so gnorm) are the same on every rank; the loss is summed over ranks,
+            # with any rank's Ctrl-C, so that all ranks stop after this same step
+            summed = world.sum_(torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)]))
+            step_loss, stop_votes, gnorm_v = torch.stack([summed[0] / n_total, summed[1], gnorm.float()]).tolist()
+            stop_after = stop_votes > 0
             done = step + 1
             nonfinite = not (math.isfinite(step_loss) and math.isfinite(gnorm_v)) and not scaler.is_enabled()
             if nonfinite:
@@ -566,19 +593,23 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
                 last_ckpt = world.run_on_main(lambda: save_checkpoint(done, rng_done))
                 saved_step = done
             completed, updating = done, False
-            if stop_after or (stop.requested and not world.enabled):  # ranks must agree: step start only
+            if on_step is not None:
+                on_step(done, step_loss)
+            # One process stops on its own Ctrl-C at once; ranks stop where they all learned of
+            # it (the loss all-reduce above). The last step just finishes the run.
+            if (stop_after or (stop.requested and not world.enabled)) and done < cfg.steps:
                 if saved_step != done:
                     last_ckpt = world.run_on_main(lambda: save_checkpoint(done, rng_done))
                     saved_step = done
                 raise KeyboardInterrupt
-            if on_step is not None:
-                on_step(done, step_loss)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
             bar = None
         # Save the last completed step so --resume loses nothing, unless the interrupt came in
         # the middle of a step's update and bookkeeping (its state is then half-written).
+        if updating and saved_step == completed + 1:  # interrupted just after its save: complete
+            completed, updating = saved_step, False
         if world.is_main:  # no collectives here: other ranks may be gone
             if not updating and completed > saved_step:
                 last_ckpt = save_checkpoint(completed, rng_done)

@@ -12,6 +12,7 @@ to ``SPEC.rank<N>.json``.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -47,7 +48,11 @@ def _worker(spec_path):
     for job in spec["jobs"]:
         name, kw, stop = job["name"], dict(job["train"]), job.get("stop")
         hook = None
-        if stop:
+        if stop and stop["with"] == "sigint":
+            def hook(step, loss, at=stop["at"]):  # a real Ctrl-C, on rank 0 only
+                if step == at and rank == 0:
+                    os.kill(os.getpid(), signal.SIGINT)
+        elif stop:
             def hook(step, loss, at=stop["at"], exc=stop["with"]):
                 if step == at:
                     raise KeyboardInterrupt if exc == "interrupt" else Crash(f"simulated crash after step {at}")
@@ -160,6 +165,11 @@ def worker_runs(tmp_path_factory, data_file):
             dict(name="dropout_full", train=dict(dropout, out=str(d / "dropout_full"))),
             dict(name="dropout_cut", train=dict(dropout, out=str(d / "dropout_cut")),
                  stop={"at": 4, "with": "interrupt"}),
+            # SIGINT on rank 0 alone as step 2 ends: both ranks stop after step 3 (where rank 1
+            # learns of it, in the loss all-reduce), with a checkpoint there; then resumed
+            dict(name="sigint_cut", train=dict(dropout, out=str(d / "sigint")), stop={"at": 2, "with": "sigint"}),
+            dict(name="sigint_resumed", train=dict(out=str(d / "sigint"), resume=True, progress=False,
+                                                   sample=False)),
             dict(name="dropout_resumed", train=dict(out=str(d / "dropout_cut"), resume=True, progress=False,
                                                     sample=False)),
             # gradient accumulation: 2 micro-steps of 2 rows per rank, synced on the second only
@@ -271,6 +281,12 @@ def test_two_process_resume_is_exact_with_dropout(worker_runs):
     assert seen[0]["dropout_full"]["losses"] == seen[1]["dropout_full"]["losses"]  # one loss for all ranks
     # Ctrl-C saved rank 0's state at the step boundary
     assert [s for s, _ in list_checkpoints(str(d / "dropout_cut"))] == [3, 4, 6]
+    # a real SIGINT on rank 0 only: every rank stopped at the same step, saved, and resumed exactly
+    for s in seen:
+        assert s["sigint_cut"]["outcome"] == "KeyboardInterrupt", s["sigint_cut"]
+        assert s["sigint_resumed"]["outcome"] == "ok"
+        assert s["sigint_resumed"]["losses"] == s["dropout_full"]["losses"]  # bitwise
+    assert [s for s, _ in list_checkpoints(str(d / "sigint"))] == [3, 6]
     full, resumed = barkgpt.load(str(d / "dropout_full")), barkgpt.load(str(d / "dropout_cut"))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k

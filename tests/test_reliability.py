@@ -85,7 +85,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, reference_ru
 CTRL_C_RUN = """
 import os, signal, sys
 import barkgpt
-# SIGINT arrives (from the process itself, so exactly then) just after step 10 has ended
+# SIGINT arrives (from the process itself, so exactly then) as step 10 ends
 hook = lambda step, loss: os.kill(os.getpid(), signal.SIGINT) if step == 10 else None
 try:
     barkgpt.train(model=barkgpt.GPTConfig.from_json(sys.argv[1]).to_dict(), steps=30, batch_size=16,
@@ -97,14 +97,14 @@ except KeyboardInterrupt:
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_bitwise(tmp_path, reference_run, dropout_config):
-    # The first SIGINT is honoured at the end of the next step: a checkpoint at that step
-    # boundary, and a resume that ends exactly like the uninterrupted run.
+    # The first SIGINT is honoured at the step boundary it arrives at: a checkpoint there, and a
+    # resume that ends exactly like the uninterrupted run.
     out = str(tmp_path / "run")
     r = subprocess.run([sys.executable, "-c", CTRL_C_RUN, dropout_config, out], env=ENV, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 130, r.stderr
-    assert "stopping after this step" in r.stderr and "interrupted: saved" in r.stderr
-    assert [s for s, _ in list_checkpoints(out)] == [11]
+    assert "stopping at the next step boundary" in r.stderr and "interrupted: saved" in r.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [10]
     subprocess.run(TRAIN + ["--out", out, "--resume"], env=ENV, check=True, capture_output=True)
     _assert_same_run(out, reference_run)
 
