@@ -254,3 +254,25 @@ def test_resume_from_another_directory_with_a_relative_data_path(tmp_path, monke
     assert len(r.losses) == 6
     # naming the same file again (now by another relative path) is not a change of data
     barkgpt.train(out=str(tmp_path / "r"), resume=True, data="a/t.txt", steps=8, **FAST)
+
+
+def test_resume_of_a_run_that_stored_a_relative_data_path(tmp_path, monkeypatch):
+    # Runs made before data paths were stored absolute hold "t.txt": resuming them from the same
+    # directory, with or without naming the data again, must still work.
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    common = dict(model=dict(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16), eval_every=100, **FAST)
+    with pytest.raises(Crash):
+        barkgpt.train(data="t.txt", steps=6, save_every=2, out="r", on_step=crash_at(3), **common)
+    ck = tmp_path / "r" / "checkpoints" / "step_00000002"
+    state = json.loads((ck / "state.json").read_text())
+    assert state["train_config"]["data"] == str(tmp_path / "t.txt")
+    state["train_config"]["data"] = "t.txt"  # as an older barkgpt wrote it
+    (ck / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["sha256"]["state.json"] = hashlib.sha256((ck / "state.json").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    r = barkgpt.train(out="r", resume=True, data="t.txt", **FAST)
+    assert len(r.losses) == 6
