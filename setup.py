@@ -8,10 +8,8 @@ isolated build torch is absent and barkgpt compiles the extension on first use i
 """
 
 import glob
-import hashlib
 import json
 import os
-import platform
 import warnings
 
 from setuptools import find_packages, setup
@@ -19,30 +17,17 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _csrc_hash(folder):
-    """sha256 over csrc/*.cpp and *.h names and contents (barkgpt/_cpp.py computes the same)."""
-    h = hashlib.sha256()
-    for f in sorted(glob.glob(os.path.join(folder, "*.cpp")) + glob.glob(os.path.join(folder, "*.h"))):
-        h.update(os.path.basename(f).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()
+def _load_build_helpers():
+    """barkgpt/_build.py, loaded by path: importing barkgpt would need torch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_barkgpt_build", os.path.join(HERE, "barkgpt", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _cpu_id():
-    """The same text as barkgpt/_cpp.py's _cpu_id(): which CPU a -march=native build is for."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _native_flag():
-    machine = platform.machine().lower()
-    return {"x86_64": "-march=native", "amd64": "-march=native", "aarch64": "-mcpu=native",
-            "arm64": "-mcpu=native"}.get(machine) if os.name != "nt" else None
+_build = _load_build_helpers()
 
 
 def _cpp_extension():
@@ -71,7 +56,7 @@ def _cpp_extension():
 
         def build_extension(self, ext):
             in_tree = getattr(self, "editable_mode", False) or getattr(self, "_barkgpt_inplace", False)
-            native = _native_flag() if in_tree or os.environ.get("BARKGPT_CPU_NATIVE", "0") == "1" else None
+            native = _build.native_flag() if in_tree or os.environ.get("BARKGPT_CPU_NATIVE", "0") == "1" else None
             if native:
                 ext.extra_compile_args = {"cxx": ext.extra_compile_args["cxx"] + [native]}
             try:
@@ -80,8 +65,8 @@ def _cpp_extension():
                 warnings.warn(f"barkgpt: building {ext.name} failed, it will be compiled on first use "
                               f"instead: {e}")
                 return
-            record = {"torch": torch.__version__, "sources": _csrc_hash(os.path.join(HERE, "csrc")),
-                      "cpu": hashlib.sha256(_cpu_id().encode()).hexdigest() if native else None}
+            record = {"torch": torch.__version__, "sources": _build.sources_hash(os.path.join(HERE, "csrc")),
+                      "cpu": _build.cpu_hash() if native else None}
             dirs = {os.path.dirname(self.get_ext_fullpath(ext.name))}
             if in_tree:
                 dirs.add(os.path.join(HERE, "barkgpt"))  # where the in-place copy of the library goes

@@ -18,7 +18,6 @@ one node and ``torch.library.opcheck`` passes.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import importlib.util
 import json
@@ -29,6 +28,9 @@ import sys
 from typing import List, Optional, Tuple
 
 import torch
+
+from . import _build
+from ._build import source_files, sources_hash
 
 __all__ = ["layer_norm", "attention", "embedding_add", "unavailable_reason", "LIBRARY", "BUILD"]
 
@@ -51,20 +53,6 @@ def source_dir() -> Optional[str]:
     return None
 
 
-def source_files(src: str) -> List[str]:
-    return sorted(glob.glob(os.path.join(src, "*.cpp")) + glob.glob(os.path.join(src, "*.h")))
-
-
-def sources_hash(src: str) -> str:
-    """sha256 over the names and contents of csrc/*.cpp and *.h (setup.py computes the same)."""
-    h = hashlib.sha256()
-    for f in source_files(src):
-        h.update(os.path.basename(f).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()
-
-
 def _uses_openmp() -> bool:
     # ATen's parallel_for is header-inline OpenMP when torch was built with it: we need -fopenmp.
     try:
@@ -78,27 +66,13 @@ def _jit_flags() -> Tuple[List[str], List[str]]:
         return ["/O2", "/openmp"], []
     cflags, ldflags = ["-O3", "-fno-math-errno"], []
     # Built on (and for) the machine that runs it, so it may use every instruction this CPU has.
-    machine = platform.machine().lower()
-    if not _truthy("BARKGPT_CPP_PORTABLE"):
-        if machine in ("x86_64", "amd64"):
-            cflags.append("-march=native")
-        elif machine in ("aarch64", "arm64"):
-            cflags.append("-mcpu=native")
+    native = _build.native_flag()
+    if native and not _truthy("BARKGPT_CPP_PORTABLE"):
+        cflags.append(native)
     if _uses_openmp():
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
     return cflags, ldflags
-
-
-def _cpu_id() -> str:
-    """Distinguishes CPUs for -march=native builds (a shared cache, an in-place setup.py build);
-    setup.py has a copy of this function."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def _cache_root() -> str:
@@ -166,7 +140,7 @@ def _jit_build(src: str) -> str:
     key_parts = [torch.__version__, sys.version.split()[0], sys.platform, platform.machine(),
                  " ".join(cflags + ldflags), sources_hash(src)]
     if any("native" in f for f in cflags):
-        key_parts.append(_cpu_id())
+        key_parts.append(_build.cpu_id())
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]
     name = f"barkgpt_cpp_{key}"
     root = _cache_root()
@@ -225,7 +199,7 @@ def _prebuilt(src: Optional[str]) -> Optional[str]:
     if src is not None and record.get("sources") != sources_hash(src):
         return None  # csrc/ changed since setup.py built it (editable checkout)
     cpu = record.get("cpu")
-    if cpu is not None and cpu != hashlib.sha256(_cpu_id().encode()).hexdigest():
+    if cpu is not None and cpu != _build.cpu_hash():
         return None  # tuned (-march=native) for another CPU
     return spec.origin
 

@@ -7,7 +7,6 @@ inputs and gradients, a whole BarkGPT "cpp" vs "torch", the out-of-range token i
 the fallback when the extension is unavailable (in subprocesses).
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -479,7 +478,7 @@ def test_prebuilt_library_used_only_for_the_running_torch(tmp_path, monkeypatch)
     good = {"torch": torch.__version__, "sources": cpp.sources_hash(src)}
     record.write_text(json.dumps(dict(good, cpu="0" * 64)))
     assert cpp._prebuilt(src) is None  # -march=native for another CPU
-    record.write_text(json.dumps(dict(good, cpu=hashlib.sha256(cpp._cpu_id().encode()).hexdigest())))
+    record.write_text(json.dumps(dict(good, cpu=cpp._build.cpu_hash())))
     assert cpp._prebuilt(src) == str(lib)  # -march=native for this one
 
 
