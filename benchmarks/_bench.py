@@ -110,6 +110,32 @@ def tensor_bytes(*objs) -> int:
 # ---- timing ----------------------------------------------------------------------------------
 
 
+_COMPILED: Dict[Callable, Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, made once per function for the whole session (static shapes)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def backend_of(provider: str) -> str:
+    """"barkgpt-cpp" -> "cpp"."""
+    return provider.split("-", 1)[1]
+
+
+def provider_call(provider: str, eager: Callable, barkgpt_op: Callable) -> Callable:
+    """The function a provider times: ``eager`` itself ("eager"), compiled ("compile"), or
+    ``barkgpt_op(*args, backend=...)`` for "barkgpt-<backend>"."""
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return compiled(eager)
+    backend = backend_of(provider)
+    return lambda *args: barkgpt_op(*args, backend=backend)
+
+
 def now() -> float:
     """Wall clock after the device has finished everything queued so far."""
     if IS_CUDA:

@@ -77,21 +77,16 @@ def naive_attention(q, k, v, mask):
     return torch.softmax(att, dim=-1) @ v
 
 
-_compiled = {}
-
-
 def provider_fn(provider, causal, T):
     mask = torch.ones(T, T, dtype=torch.bool, device=B.DEVICE).tril() if causal else None  # a buffer, built once
     if provider == "eager":
         return lambda q, k, v: naive_attention(q, k, v, mask)
     if provider == "compile":
-        if "f" not in _compiled:
-            _compiled["f"] = torch.compile(naive_attention, dynamic=False)
-        f = _compiled["f"]
+        f = B.compiled(naive_attention)
         return lambda q, k, v: f(q, k, v, mask)
     if provider.startswith("sdpa"):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    backend = provider.split("-", 1)[1]
+    backend = B.backend_of(provider)
     return lambda q, k, v: ops.attention(q, k, v, causal=causal, backend=backend)
 
 

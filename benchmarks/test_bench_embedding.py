@@ -41,18 +41,8 @@ def reference(idx, tok, pos):  # plain indexing, independent of F.embedding
     return tok[idx] + pos[: idx.shape[1]]
 
 
-_compiled = {}
-
-
 def provider_fn(provider):
-    if provider == "eager":
-        return eager_embedding_add
-    if provider == "compile":
-        if "f" not in _compiled:
-            _compiled["f"] = torch.compile(eager_embedding_add, dynamic=False)
-        return _compiled["f"]
-    backend = provider.split("-", 1)[1]
-    return lambda idx, tok, pos: ops.embedding_add(idx, tok, pos, backend=backend)
+    return B.provider_call(provider, eager_embedding_add, ops.embedding_add)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -34,18 +34,9 @@ def eager_layer_norm(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, EPS)
 
 
-_compiled = {}
-
-
 def provider_fn(provider):
-    if provider == "eager":
-        return eager_layer_norm
-    if provider == "compile":
-        if "f" not in _compiled:
-            _compiled["f"] = torch.compile(eager_layer_norm, dynamic=False)
-        return _compiled["f"]
-    backend = provider.split("-", 1)[1]
-    return lambda x, w, b: ops.layer_norm(x, w, b, EPS, backend=backend)
+    return B.provider_call(provider, eager_layer_norm,
+                           lambda x, w, b, backend: ops.layer_norm(x, w, b, EPS, backend=backend))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
