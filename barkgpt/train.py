@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from . import perf
 from . import distributed
-from .config import PRESETS, ConfigError, GPTConfig
+from .config import PRESETS, GPTConfig
 from .data import BarkCorpus, load_dataset
 from .model import BarkGPT
 
@@ -167,7 +167,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _reserve_out_dir(base: str) -> str:
     """The first of base, base-2, base-3 ... that this call creates (mkdir is atomic: two runs
-    started together never share one). _train removes it again if the run fails to start."""
+    started together never share one)."""
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     i = 1
     while True:
@@ -355,11 +355,11 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
         cfg = saved
         start_step = resumed["state"]["step"]
     else:
-        if cfg.out is None:
-            cfg.out = _reserve_out_dir(os.path.join("runs", cfg.preset if cfg.model is None else "custom"))
-        elif os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        # (with no --out, a default run directory is reserved once the run starts: _train)
+        if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise TrainingError(f"--out {cfg.out!r} is a file, not a directory; choose another --out")
-        elif ckpt.list_checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE)):
+        if cfg.out is not None and (ckpt.list_checkpoints(cfg.out)
+                                    or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE))):
             raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
                                 f"or choose another --out")
         # A path relative to where the run started would not resolve from elsewhere on --resume.
@@ -381,8 +381,24 @@ def _make_run_dir(out: str) -> None:
         raise TrainingError(f"cannot create the run directory --out {out!r}: {e.strerror or e}") from None
 
 
-def _setup(world: distributed.World, cfg: TrainConfig, resumed, start_step: int, out_dir: str, say):
-    """Device, data, model, optimizer and the rest of a run, restored from ``resumed`` if given."""
+def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
+    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"train() got an unknown option {k!r}; options: "
+                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+        setattr(cfg, k, v)
+    if isinstance(cfg.model, GPTConfig):
+        cfg.model = cfg.model.to_dict()
+    cfg.validate()
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not world.is_main:
+        say = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
+
+    # -- run directory and resume: rank 0 decides (and reads the checkpoint), every rank follows --
+    cfg, start_step, resumed = world.run_on_main(
+        lambda: _open_run(cfg, config, overrides, resume, world.size, say))
+
     try:
         device = world.device(resolve_device(cfg.device))
     except ValueError as e:
@@ -419,7 +435,7 @@ def _setup(world: distributed.World, cfg: TrainConfig, resumed, start_step: int,
         if "scaler" in st:
             scaler.load_state_dict(st["scaler"])
         _restore_rng(resumed["extra"], data_gen, device)
-        say(f"resuming {out_dir} from step {start_step}")
+        say(f"resuming {os.path.abspath(cfg.out)} from step {start_step}")
 
     def amp_ctx():
         if amp_dtype == torch.float32:
@@ -434,46 +450,18 @@ def _setup(world: distributed.World, cfg: TrainConfig, resumed, start_step: int,
     # where the peak is unknown, e.g. CPUs, unless BARKGPT_PEAK_TFLOPS says).
     flops_per_token = model.flops_per_token()
     peak = perf.peak_flops(dtype=amp_dtype, device=device)
+
+    # The run starts: now its directory is made (a default one reserved, so none is left empty
+    # by a run that failed to start, and two runs started together never share one).
+    if cfg.out is None:
+        cfg.out = world.run_on_main(lambda: _reserve_out_dir(
+            os.path.join("runs", cfg.preset if cfg.model is None else "custom")))
+    else:
+        world.run_on_main(lambda: _make_run_dir(cfg.out))
+    out_dir = os.path.abspath(cfg.out)
     say(f"barkgpt: {model.num_params():,} parameters, {cfg.steps} steps of {tokens_per_step:,} tokens, "
         f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {out_dir}"
         + (f", {world.size} processes" if world.enabled else ""))
-
-    return (device, amp_dtype, model_cfg, dataset, model, backend_name, optimizer, scaler, data_gen, losses,
-            val_history, best, amp_ctx, ddp_model, fwd, optimal, tokens_per_step, flops_per_token, peak)
-
-
-def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
-    cfg = dataclasses.replace(config) if config is not None else TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"train() got an unknown option {k!r}; options: "
-                            f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
-        setattr(cfg, k, v)
-    if isinstance(cfg.model, GPTConfig):
-        cfg.model = cfg.model.to_dict()
-    cfg.validate()
-    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not world.is_main:
-        say = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
-
-    # -- run directory and resume: rank 0 decides (and reads the checkpoint), every rank follows --
-    asked_out = cfg.out
-    cfg, start_step, resumed = world.run_on_main(
-        lambda: _open_run(cfg, config, overrides, resume, world.size, say))
-    out_dir = os.path.abspath(cfg.out)
-    # a run directory reserved for this run is removed again (if still empty) when it fails to start
-    reserved = out_dir if (not resume and asked_out is None and world.is_main) else None
-    try:
-        state = _setup(world, cfg, resumed, start_step, out_dir, say)
-    except BaseException:
-        if reserved is not None:
-            for d in (reserved, os.path.dirname(reserved)):  # runs/<name>, then runs/ if now empty
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
-        raise
-    (device, amp_dtype, model_cfg, dataset, model, backend_name, optimizer, scaler, data_gen, losses,
-     val_history, best, amp_ctx, ddp_model, fwd, optimal, tokens_per_step, flops_per_token, peak) = state
-    world.run_on_main(lambda: _make_run_dir(out_dir))
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if world.is_main else None,
                        start_step if resumed else None)
     if world.is_main:
