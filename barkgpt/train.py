@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -277,9 +279,6 @@ class _StopRequest:
     over Python's default handler (never over someone else's), restored afterwards."""
 
     def __init__(self):
-        import signal
-        import threading
-
         self.requested, self._old = False, None
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -294,8 +293,6 @@ class _StopRequest:
 
     def restore(self) -> None:
         if self._old is not None:
-            import signal
-
             signal.signal(signal.SIGINT, self._old)
             self._old = None
 
