@@ -409,8 +409,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in,
   check_qkv(q_in, k_in, v_in);
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_dtype));
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor lse = empty_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_dtype));
   if (q.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     attention_fwd_kernel<scalar_t>(q, k, v, out, lse, causal);
@@ -429,9 +429,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dout = unit_last_stride(dout_in.to(q.scalar_type()));
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = lse_in.to(acc_dtype).contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(q.sizes(), q.options());
-  at::Tensor dv = at::empty(q.sizes(), q.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(q.sizes(), q.options());
+  at::Tensor dv = empty_output(q.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     attention_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, causal);

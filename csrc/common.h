@@ -19,9 +19,6 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__SSE2__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -76,6 +73,72 @@ inline float exp_fast(float x_in) {
 
 inline double exp_fast(double x) { return std::exp(x); }
 
+// lanes[0] += lanes[W], ..., then W/2, ... 1: a pairwise tree, unrolled at compile time.
+template <int W, typename acc_t>
+inline void fold_lanes(acc_t* lanes) {
+  if constexpr (W > 0) {
+#pragma omp simd
+    for (int l = 0; l < W; ++l) lanes[l] += lanes[l + W];
+    fold_lanes<W / 2>(lanes);
+  }
+}
+
+// Sum of f(i) for i in [0, n) in a fixed order that vectorizes without -ffast-math: L partial
+// sums (lane l takes i = l, l + L, ...), then a pairwise tree over the lanes. An `omp simd`
+// reduction ends in a serial chain of scalar adds (GCC keeps the lane order), ~60 cycles of
+// latency at 16 lanes, which dominated narrow rows; the tree takes log2(L) steps. The tail goes
+// through its own array so that `lanes` stays in registers. L is a power of two; 32 fp32 lanes
+// are two independent AVX-512 accumulators.
+template <int L, typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, const F& f) {
+  static_assert(L > 0 && (L & (L - 1)) == 0, "L must be a power of two");
+  acc_t lanes[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) lanes[l] += f(i + l);
+  }
+  if (i < n) {
+    acc_t tail[L] = {};
+    for (int l = 0; i + l < n; ++l) tail[l] = f(i + l);
+#pragma omp simd
+    for (int l = 0; l < L; ++l) lanes[l] += tail[l];
+  }
+  fold_lanes<L / 2>(lanes);
+  return lanes[0];
+}
+
+// Two sums at once, as lane_sum: f(i, u, v) sets the i-th terms u and v (and may have side
+// effects on index i only). Returns them in s0, s1.
+template <int L, typename acc_t, typename F>
+inline void lane_sum2(int64_t n, const F& f, acc_t& s0, acc_t& s1) {
+  static_assert(L > 0 && (L & (L - 1)) == 0, "L must be a power of two");
+  acc_t a[L] = {}, b[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      acc_t u, v;
+      f(i + l, u, v);
+      a[l] += u;
+      b[l] += v;
+    }
+  }
+  if (i < n) {
+    acc_t ta[L] = {}, tb[L] = {};
+    for (int l = 0; i + l < n; ++l) f(i + l, ta[l], tb[l]);
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      a[l] += ta[l];
+      b[l] += tb[l];
+    }
+  }
+  fold_lanes<L / 2>(a);
+  fold_lanes<L / 2>(b);
+  s0 = a[0];
+  s1 = b[0];
+}
+
 #if defined(_MSC_VER)
 #define BARKGPT_NOINLINE __declspec(noinline)
 #else
@@ -89,46 +152,37 @@ inline acc_t to_acc(scalar_t v) { return static_cast<acc_t>(v); }
 template <typename scalar_t, typename acc_t>
 inline scalar_t from_acc(acc_t v) { return static_cast<scalar_t>(v); }
 
-// Write-once outputs at least this large (the token-table gradient of a GPT-2 vocabulary is
-// 154 MB) get the treatment of empty_large_output and stream_store below.
-constexpr int64_t kLargeOutputBytes = int64_t(32) << 20;
+// at::empty for a kernel output. Blocks of 128 KiB or more come from a cache of idle blocks
+// that were our outputs before, so they are not faulted in again (csrc/outputs.cpp).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// at::empty for a large write-once output. glibc serves a block of 32 MiB or more from memory
-// freed earlier when it has some (already faulted in), else from a fresh mapping that every
-// call faults in again page by page. Only in that second case (the first page is not
-// resident), the block's 2 MiB-aligned interior is marked for transparent huge pages: 512x
-// fewer faults. Advice only: where the kernel refuses it, nothing changes.
-inline at::Tensor empty_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (nbytes >= kLargeOutputBytes) {
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = round_up(p, kHuge), hi = (p + static_cast<uintptr_t>(nbytes)) / kHuge * kHuge;
-    unsigned char resident = 1;
-    if (hi > lo && mincore(reinterpret_cast<void*>(lo), 1, &resident) == 0 && (resident & 1) == 0)
-      madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
+// Whether an output of nbytes is written with stream_copy (csrc/outputs.cpp): from a quarter
+// of the last-level cache up.
+bool stream_output(int64_t nbytes);
 
-// Writes n floats with non-temporal (streaming) stores where the CPU has them. A normal store
-// to a line that is not cached first reads it (read for ownership); a streaming store does
-// not, so a write-once output far larger than the cache costs one DRAM pass instead of two.
-// The writing thread must call stream_fence() before others read the data.
-inline void stream_store(float* dst, const float* src, int64_t n) {
+// Copies n bytes to dst with non-temporal (streaming) stores where the CPU has them. A normal
+// store to a line that is not cached first reads it (read for ownership) and then evicts
+// something else; a streaming store does neither, so a write-once output larger than the cache
+// costs one DRAM pass instead of two and leaves the inputs cached. The writing thread must call
+// stream_fence() before others read the data.
+inline void stream_copy(void* dst_v, const void* src_v, int64_t n) {
+  char* dst = static_cast<char*>(dst_v);
+  const char* src = static_cast<const char*>(src_v);
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = src[i];
-  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  for (; i + 64 <= n; i += 64)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
 #elif defined(__AVX__)
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
-  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i + 32 <= n; i += 32)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
 #elif defined(__SSE2__)
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
-  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  for (; i + 16 <= n; i += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
 #endif
   for (; i < n; ++i) dst[i] = src[i];
 }

@@ -55,7 +55,7 @@ inline void sum_rows(const scalar_t* gp, int64_t C, int64_t c0, int64_t w, int64
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (stream) {
-      stream_store(out, acc, w);
+      stream_copy(out, acc, w * int64_t(sizeof(float)));
       return;
     }
   }
@@ -77,7 +77,7 @@ void embedding_bwd_kernel(const scalar_t* gp, const std::vector<int64_t>& start,
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (cw * sums_per_row));
   const int64_t* ord = order.data();
   // The dense token gradient is written once and read much later (by the optimizer).
-  const bool stream = V * C * int64_t(sizeof(scalar_t)) >= kLargeOutputBytes;
+  const bool stream = stream_output(V * C * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, rows * ns, grain, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(cw);
     for (int64_t task = t0; task < t1; ++task) {
@@ -114,7 +114,7 @@ at::Tensor embedding_add_fwd_cpu(const at::Tensor& idx_in, const at::Tensor& tok
   at::Tensor idx = idx_in.contiguous();
   at::Tensor tok = tok_in.contiguous();
   at::Tensor pos = pos_in.contiguous();
-  at::Tensor out = at::empty({B, T, C}, tok.options());
+  at::Tensor out = empty_output({B, T, C}, tok.options());
   const int64_t rows = B * T;
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "embedding_add_fwd_cpu", [&] {
     const index_t* ids = idx.const_data_ptr<index_t>();
@@ -143,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad_
   at::Tensor grad = grad_in.contiguous();
   at::Tensor idx = idx_in.contiguous();
   // Dense and mostly zero: a GPT-2 table's gradient is 154 MB, written once per step.
-  at::Tensor dtok = empty_large_output({V, C}, grad.options());
-  at::Tensor dpos = at::empty({P, C}, grad.options());
+  at::Tensor dtok = empty_output({V, C}, grad.options());
+  at::Tensor dpos = empty_output({P, C}, grad.options());
   const int64_t rows = B * T;
   if (C == 0) return {dtok, dpos};
 

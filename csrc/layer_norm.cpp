@@ -3,7 +3,8 @@
 // x is viewed as (rows, N). Forward saves per-row mean and rstd in the math type (fp32, or
 // fp64 for fp64 input). Backward computes dx row by row and dW/dB as per-chunk partial sums
 // reduced in chunk order: the chunking depends only on the shape, never on the thread count,
-// so gradients are bitwise reproducible.
+// so gradients are bitwise reproducible. Row sums use lane_sum (a fixed tree, not a serial
+// chain), and y / dx go out with streaming stores when they are large (stream_output).
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -19,6 +20,10 @@ namespace {
 // are worth splitting over two threads.
 inline int64_t ln_grain_rows(int64_t n) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, n)); }
 
+// Partial sums per row reduction: the row width for narrow rows, else two AVX-512 registers.
+template <int NF>
+constexpr int kLnLanes = NF > 0 && NF < 32 ? NF : 32;
+
 // Calls f(std::integral_constant<int, NF>) with NF = N for the narrow widths of the presets
 // (fully unrolled rows held in registers), NF = 0 (width known at run time) otherwise.
 template <typename F>
@@ -33,25 +38,21 @@ void dispatch_width(int64_t N, const F& f) {
   }
 }
 
+// With row_buf (N elements), each row of y is computed there and streamed out (stream_copy).
 template <int NF, typename scalar_t, typename acc_t>
 void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y, acc_t* mean,
-                 acc_t* rstd, int64_t r0, int64_t r1, int64_t N_rt, acc_t eps) {
+                 acc_t* rstd, int64_t r0, int64_t r1, int64_t N_rt, acc_t eps, scalar_t* row_buf) {
   const int64_t N = NF > 0 ? NF : N_rt;
   const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * N;
-    scalar_t* yr = y + r * N;
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < N; ++i) s += to_acc<acc_t>(xr[i]);
-    const acc_t mu = s * inv_n;
+    scalar_t* yr = row_buf != nullptr ? row_buf : y + r * N;
+    const acc_t mu = lane_sum<kLnLanes<NF>, acc_t>(N, [&](int64_t i) { return to_acc<acc_t>(xr[i]); }) * inv_n;
     // Two passes (the row is in cache): no cancellation from E[x^2] - E[x]^2.
-    acc_t ss = 0;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < N; ++i) {
-      acc_t d = to_acc<acc_t>(xr[i]) - mu;
-      ss += d * d;
-    }
+    const acc_t ss = lane_sum<kLnLanes<NF>, acc_t>(N, [&](int64_t i) {
+      const acc_t d = to_acc<acc_t>(xr[i]) - mu;
+      return d * d;
+    });
     const acc_t rs = acc_t(1) / std::sqrt(ss * inv_n + eps);
     mean[r] = mu;
     rstd[r] = rs;
@@ -64,7 +65,9 @@ void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y,
       for (int64_t i = 0; i < N; ++i)
         yr[i] = from_acc<scalar_t>((to_acc<acc_t>(xr[i]) - mu) * rs * w[i]);
     }
+    if (row_buf != nullptr) stream_copy(y + r * N, row_buf, N * int64_t(sizeof(scalar_t)));
   }
+  if (row_buf != nullptr) stream_fence();
 }
 
 // dx for rows [r0, r1); adds this chunk's dW, dB contributions into pw, pb (length N).
@@ -73,30 +76,29 @@ void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y,
 template <int NF, typename scalar_t, typename acc_t>
 void ln_bwd_rows(const scalar_t* dy, const scalar_t* x, const acc_t* w, const acc_t* mean,
                  const acc_t* rstd, scalar_t* dx, acc_t* pw, acc_t* pb, acc_t* gw, acc_t* xhat,
-                 int64_t r0, int64_t r1, int64_t N_rt) {
+                 int64_t r0, int64_t r1, int64_t N_rt, scalar_t* row_buf) {
   const int64_t N = NF > 0 ? NF : N_rt;
   const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* xr = x + r * N;
     const scalar_t* gr = dy + r * N;
-    scalar_t* dxr = dx + r * N;
+    scalar_t* dxr = row_buf != nullptr ? row_buf : dx + r * N;
     const acc_t mu = mean[r], rs = rstd[r];
-    acc_t sum_gw = 0, sum_gwx = 0;
-#pragma omp simd reduction(+ : sum_gw, sum_gwx)
-    for (int64_t i = 0; i < N; ++i) {
+    acc_t sum_gw, sum_gwx;
+    lane_sum2<kLnLanes<NF>, acc_t>(N, [&](int64_t i, acc_t& p, acc_t& px) {
       const acc_t g = to_acc<acc_t>(gr[i]);
       const acc_t xh = (to_acc<acc_t>(xr[i]) - mu) * rs;
-      const acc_t p = g * w[i];
+      p = g * w[i];
+      px = p * xh;
       xhat[i] = xh;
       gw[i] = p;
-      sum_gw += p;
-      sum_gwx += p * xh;
       pw[i] += g * xh;
       pb[i] += g;
-    }
+    }, sum_gw, sum_gwx);
     const acc_t a = sum_gw * inv_n, c = sum_gwx * inv_n;
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) dxr[i] = from_acc<scalar_t>(rs * ((gw[i] - a) - xhat[i] * c));
+    if (row_buf != nullptr) stream_copy(dx + r * N, row_buf, N * int64_t(sizeof(scalar_t)));
   }
 }
 
@@ -115,16 +117,20 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   acc_t* pw_all = partial.mutable_data_ptr<acc_t>();
   acc_t* pb_all = pw_all + nchunks * N;
   if (rows > 0) {
+    const bool stream = stream_output(dx.numel() * int64_t(dx.element_size()));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> scratch(2 * N);
+      std::vector<scalar_t> row(stream ? N : 0);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = c * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
         dispatch_width(N, [&](auto nf) {
           ln_bwd_rows<decltype(nf)::value, scalar_t, acc_t>(gp, xp, wp, mp, rp, dxp, pw_all + c * N,
                                                             pb_all + c * N, scratch.data(),
-                                                            scratch.data() + N, r0, r1, N);
+                                                            scratch.data() + N, r0, r1, N,
+                                                            stream ? row.data() : nullptr);
         });
       }
+      if (stream) stream_fence();
     });
   }
   // Reduce the partials in chunk order (threads split the columns).
@@ -159,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
                 ",), got ", bias->sizes());
   at::Tensor x = x_in.contiguous();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
   auto stat_sizes = x.sizes().vec();
   stat_sizes.pop_back();
   at::Tensor mean = at::empty(stat_sizes, x.options().dtype(acc_dtype));
@@ -177,10 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const acc_t* bp = has_bias ? b.const_data_ptr<acc_t>() : nullptr;
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
+    const bool stream = stream_output(y.numel() * int64_t(y.element_size()));
     at::parallel_for(0, rows, ln_grain_rows(N), [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> row(stream ? N : 0);
       dispatch_width(N, [&](auto nf) {
         ln_fwd_rows<decltype(nf)::value, scalar_t, acc_t>(xp, wp, bp, yp, mp, rp, r0, r1, N,
-                                                          static_cast<acc_t>(eps));
+                                                          static_cast<acc_t>(eps),
+                                                          stream ? row.data() : nullptr);
       });
     });
   });
@@ -201,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   at::Tensor w = weight.to(acc_dtype).contiguous();
   const auto db_dtype =
       (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = empty_output(x.sizes(), x.options());
   const int64_t rows = N == 0 ? 0 : x.numel() / N;
   // Fixed chunking (shape-dependent only) so the dW/dB summation order never changes.
   // At most 64 chunks, so the partials stay small next to the input for wide rows.

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace barkgpt {
 
@@ -30,6 +31,12 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad,
                                                          int64_t vocab_size,
                                                          int64_t num_positions);
 
+// The cache of idle output blocks (output_cache.cpp).
+std::vector<int64_t> output_cache_info();
+void output_cache_release();
+void output_cache_set_limit(int64_t bytes);
+int64_t output_stream_set_min_bytes(int64_t bytes);
+
 // The torch version these kernels were compiled against (barkgpt/_cpp.py checks it).
 std::string build_info() { return std::string("torch ") + TORCH_VERSION; }
 
@@ -50,6 +57,13 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   m.def("embedding_add_bwd(Tensor grad, Tensor idx, SymInt vocab_size, SymInt num_positions) "
         "-> (Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
+  // [idle bytes, idle blocks, reuses, new mappings, limit bytes, bytes in live outputs]
+  m.def("output_cache_info() -> int[]", &barkgpt::output_cache_info);
+  m.def("output_cache_release() -> ()", &barkgpt::output_cache_release);
+  m.def("output_cache_set_limit(int bytes) -> ()", &barkgpt::output_cache_set_limit);
+  // Outputs of at least this many bytes are written with streaming stores (< 0: the default,
+  // a quarter of the last-level cache). Returns the previous value.
+  m.def("output_stream_set_min_bytes(int bytes) -> int", &barkgpt::output_stream_set_min_bytes);
 }
 
 TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {

@@ -51,6 +51,7 @@ def _f64(*ts):
 
 # rows = 4097 and 300 span many fixed-size dW/dB partial-sum chunks
 LN_CASES = [(n, rows) for n in (1, 3, 8, 97, 768) for rows in (1, 7, 4097)]
+LN_CASES += [(n, rows) for n in (16, 32, 64, 128) for rows in (7, 300)]  # the unrolled widths
 LN_CASES += [(n, rows) for n in (1500, 1536) for rows in (1, 7, 300)]
 LN_CASES += [(4096, 1), (4096, 7), (4096, 33)]
 

@@ -1,0 +1,310 @@
+// The kernels' outputs: where their memory comes from (a cache of idle blocks, reused without
+// page faults) and how the large ones are written (around the cache, with streaming stores).
+//
+// == The cache ==
+// Why: a tensor of 128 KiB or more that glibc serves from a fresh mapping is faulted in page by
+// page on first touch, and the kernel zero-fills every page. On a 2-vCPU VM that costs about
+// 1.4 us a 4 KiB page, i.e. more than the LayerNorm that writes the tensor: a 12 MiB y (gpt2,
+// B=4 T=1024) faults ~3000 times. glibc gives such blocks back to the OS on free (munmap, or a
+// heap trim), so a training loop pays again every step. This cache keeps the freed blocks of
+// our own outputs and hands them out again, as PyTorch's CUDA caching allocator does on GPUs.
+//
+// - Blocks are whole pages from mmap; blocks of 2 MiB or more are 2 MiB-aligned and marked for
+//   transparent huge pages, so the first touch costs 512x fewer faults.
+// - A request takes the smallest idle block that fits with at most 1/4 slack, else a new one.
+// - Idle bytes are capped (BARKGPT_CPU_CACHE_MB, default 1/8 of physical memory, 0: no cache,
+//   plain at::empty); a freed block that would pass the cap is unmapped at once.
+// - Recycled memory is as uninitialized as at::empty's; with torch.use_deterministic_algorithms
+//   and fill_uninitialized_memory (the default) it is NaN-filled, as at::empty does.
+// - The cache outlives every tensor (never destroyed) and is fork-safe (pthread_atfork).
+//
+// == Streaming stores ==
+// An output of at least a quarter of the last-level cache is written with streaming stores
+// (stream_copy in common.h): a normal store first reads the line it writes (read for
+// ownership) and evicts something to hold it, often the op's own inputs, which the backward
+// reads next. LayerNorm fwd+bwd at 4096 x 768 fp32 (12 MiB tensors, 32 MiB L3) went from
+// 1.0-1.3 ms to 0.8 ms (benchmarks/, cold inputs); a GPT-2-width training step did not change.
+#include "common.h"
+
+#include <ATen/Context.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+#include <torch/version.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define BARKGPT_OUTPUT_CACHE 1
+#else
+#define BARKGPT_OUTPUT_CACHE 0
+#endif
+
+namespace barkgpt {
+namespace {
+
+#if BARKGPT_OUTPUT_CACHE
+
+constexpr size_t kPage = 4096;
+constexpr size_t kHuge = size_t(2) << 20;
+// Below this glibc serves blocks from its heap, which it does not give back: no faults to save.
+constexpr size_t kMinCached = size_t(128) << 10;
+
+size_t default_cap() {
+  const char* env = std::getenv("BARKGPT_CPU_CACHE_MB");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long mb = std::strtoll(env, &end, 10);
+    if (end != env && *end == '\0' && mb >= 0) return static_cast<size_t>(mb) << 20;
+    TORCH_WARN_ONCE("barkgpt: ignoring BARKGPT_CPU_CACHE_MB=", env, " (want a whole number of MiB >= 0)");
+  }
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page <= 0) return size_t(1) << 30;
+  return static_cast<size_t>(pages) * static_cast<size_t>(page) / 8;
+}
+
+class OutputCache;
+
+struct Block {
+  void* ptr;
+  size_t size;  // bytes mapped at ptr
+  OutputCache* cache;
+};
+
+class OutputCache final : public c10::Allocator {
+ public:
+  OutputCache() : cap_(default_cap()) {}
+
+  bool enabled() {
+    std::lock_guard<std::mutex> g(mu_);
+    return cap_ > 0;
+  }
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+  c10::DataPtr allocate(size_t n) override { return take(n); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+#else
+  c10::DataPtr allocate(size_t n) const override { return const_cast<OutputCache*>(this)->take(n); }
+#endif
+
+  // Returns a block to the idle set, or unmaps it if the set would pass the cap.
+  void give_back(Block* b) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (idle_bytes_ + b->size <= cap_) {
+        idle_.emplace(b->size, b);
+        idle_bytes_ += b->size;
+        return;
+      }
+    }
+    unmap(b);
+  }
+
+  // Unmaps every idle block.
+  void release_idle() {
+    std::vector<Block*> drop;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      for (auto& kv : idle_) drop.push_back(kv.second);
+      idle_.clear();
+      idle_bytes_ = 0;
+    }
+    for (Block* b : drop) unmap(b);
+  }
+
+  void set_cap(size_t cap) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      cap_ = cap;
+    }
+    release_idle();
+  }
+
+  // [idle bytes, idle blocks, reuses, new mappings, cap bytes, live bytes]
+  std::vector<int64_t> info() {
+    std::lock_guard<std::mutex> g(mu_);
+    return {static_cast<int64_t>(idle_bytes_), static_cast<int64_t>(idle_.size()),
+            static_cast<int64_t>(reuses_), static_cast<int64_t>(maps_), static_cast<int64_t>(cap_),
+            static_cast<int64_t>(mapped_bytes_ - idle_bytes_)};
+  }
+
+  void lock() { mu_.lock(); }
+  void unlock() { mu_.unlock(); }
+
+ private:
+  static void delete_block(void* ctx) {
+    Block* b = static_cast<Block*>(ctx);
+    b->cache->give_back(b);
+  }
+
+  c10::DataPtr take(size_t n) {
+    if (n < kMinCached) return c10::GetCPUAllocator()->allocate(n);
+    const size_t want = round_up(n, n >= kHuge ? kHuge : kPage);
+    Block* b = nullptr;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = idle_.lower_bound(want);
+      if (it != idle_.end() && it->first <= want + want / 4) {
+        b = it->second;
+        idle_.erase(it);
+        idle_bytes_ -= b->size;
+        ++reuses_;
+      }
+    }
+    if (b == nullptr) b = map(want);
+    return c10::DataPtr(b->ptr, b, &delete_block, c10::Device(c10::DeviceType::CPU));
+  }
+
+  Block* map(size_t size) {
+    void* p = map_aligned(size);
+    if (p == nullptr) {  // out of address space or memory: drop the idle blocks and try once more
+      release_idle();
+      p = map_aligned(size);
+    }
+    TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "barkgpt: cannot allocate ", size,
+                     " bytes of CPU memory for a kernel output");
+    std::lock_guard<std::mutex> g(mu_);
+    ++maps_;
+    mapped_bytes_ += size;
+    return new Block{p, size, this};
+  }
+
+  // size bytes of fresh anonymous memory; from 2 MiB up, 2 MiB-aligned and huge-page advised.
+  static void* map_aligned(size_t size) {
+    const int prot = PROT_READ | PROT_WRITE, flags = MAP_PRIVATE | MAP_ANONYMOUS;
+    if (size < kHuge) {
+      void* p = mmap(nullptr, size, prot, flags, -1, 0);
+      return p == MAP_FAILED ? nullptr : p;
+    }
+    void* raw = mmap(nullptr, size + kHuge, prot, flags, -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const uintptr_t r = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t a = round_up<uintptr_t>(r, kHuge);
+    if (a > r) munmap(raw, a - r);
+    const uintptr_t tail = r + size + kHuge - (a + size);
+    if (tail > 0) munmap(reinterpret_cast<void*>(a + size), tail);
+#if defined(MADV_HUGEPAGE)
+    madvise(reinterpret_cast<void*>(a), size, MADV_HUGEPAGE);  // advice: refused, nothing changes
+#endif
+    return reinterpret_cast<void*>(a);
+  }
+
+  void unmap(Block* b) {
+    munmap(b->ptr, b->size);
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      mapped_bytes_ -= b->size;
+    }
+    delete b;
+  }
+
+  std::mutex mu_;
+  std::multimap<size_t, Block*> idle_;  // by size
+  size_t idle_bytes_ = 0, mapped_bytes_ = 0, cap_;
+  uint64_t reuses_ = 0, maps_ = 0;
+};
+
+OutputCache& cache() {
+  // Never destroyed: tensors freed during interpreter shutdown still give their blocks back.
+  static OutputCache* c = [] {
+    auto* p = new OutputCache();
+    // A child forked while another thread held the lock would otherwise never get it.
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+    return p;
+  }();
+  return *c;
+}
+
+#endif  // BARKGPT_OUTPUT_CACHE
+
+// Size of the last-level cache seen by CPU 0: the highest level in sysfs (glibc's sysconf can
+// be far off under a hypervisor: 384 MiB for this VM's 32 MiB L3), else sysconf, else 32 MiB.
+int64_t last_level_cache_bytes() {
+  int64_t best_level = 0, best = 0;
+#if defined(__linux__)
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_f(dir + "level"), size_f(dir + "size");
+    int64_t level = 0;
+    std::string size;
+    if (!(level_f >> level) || !(size_f >> size) || size.empty()) continue;
+    int64_t mult = 1;
+    const char unit = size.back();
+    if (unit == 'K') mult = int64_t(1) << 10;
+    if (unit == 'M') mult = int64_t(1) << 20;
+    if (unit == 'G') mult = int64_t(1) << 30;
+    const int64_t bytes = std::atoll(size.c_str()) * mult;
+    if (bytes > 0 && level >= best_level) best_level = level, best = bytes;
+  }
+#endif
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  if (best <= 0) best = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  return best > 0 ? best : int64_t(32) << 20;
+}
+
+int64_t default_stream_min_bytes() { return last_level_cache_bytes() / 4; }
+
+std::atomic<int64_t>& stream_min_bytes() {
+  static std::atomic<int64_t> v{default_stream_min_bytes()};
+  return v;
+}
+
+}  // namespace
+
+bool stream_output(int64_t nbytes) { return nbytes >= stream_min_bytes().load(std::memory_order_relaxed); }
+
+int64_t output_stream_set_min_bytes(int64_t bytes) {
+  return stream_min_bytes().exchange(bytes < 0 ? default_stream_min_bytes() : bytes);
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if BARKGPT_OUTPUT_CACHE
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(options.dtype().toScalarType());
+  if (nbytes >= kMinCached && options.device().is_cpu() && cache().enabled()) {
+    at::Tensor t = at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                             options.dtype().toScalarType(), std::nullopt);
+    auto& ctx = at::globalContext();
+    if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory() &&
+        t.is_floating_point())
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    return t;
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+std::vector<int64_t> output_cache_info() {
+#if BARKGPT_OUTPUT_CACHE
+  return cache().info();
+#else
+  return {0, 0, 0, 0, 0, 0};
+#endif
+}
+
+void output_cache_release() {
+#if BARKGPT_OUTPUT_CACHE
+  cache().release_idle();
+#endif
+}
+
+void output_cache_set_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "cache limit must be >= 0 bytes, got ", bytes);
+#if BARKGPT_OUTPUT_CACHE
+  cache().set_cap(static_cast<size_t>(bytes));
+#endif
+}
+
+}  // namespace barkgpt
