@@ -4,7 +4,8 @@
 // fp64 for fp64 input). Backward computes dx row by row and dW/dB as per-chunk partial sums
 // reduced in chunk order: the chunking depends only on the shape, never on the thread count,
 // so gradients are bitwise reproducible. Row sums use lane_sum (a fixed tree, not a serial
-// chain), and y / dx go out with streaming stores when they are large (stream_output).
+// chain), and y / dx go out with streaming stores when the op's tensors overflow the last-level
+// cache (stream_output).
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -117,7 +118,8 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   acc_t* pw_all = partial.mutable_data_ptr<acc_t>();
   acc_t* pb_all = pw_all + nchunks * N;
   if (rows > 0) {
-    const bool stream = stream_output(dx.numel() * int64_t(dx.element_size()));
+    // dx is written around the cache when dy, x and dx together overflow it (stream_output).
+    const bool stream = stream_output(3 * dx.numel() * int64_t(dx.element_size()));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> scratch(2 * N);
       std::vector<scalar_t> row(stream ? N : 0);
@@ -183,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const acc_t* bp = has_bias ? b.const_data_ptr<acc_t>() : nullptr;
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    const bool stream = stream_output(y.numel() * int64_t(y.element_size()));
+    const bool stream = stream_output(2 * y.numel() * int64_t(y.element_size()));
     at::parallel_for(0, rows, ln_grain_rows(N), [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> row(stream ? N : 0);
       dispatch_width(N, [&](auto nf) {

@@ -61,8 +61,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   m.def("output_cache_info() -> int[]", &barkgpt::output_cache_info);
   m.def("output_cache_release() -> ()", &barkgpt::output_cache_release);
   m.def("output_cache_set_limit(int bytes) -> ()", &barkgpt::output_cache_set_limit);
-  // Outputs of at least this many bytes are written with streaming stores (< 0: the default,
-  // a quarter of the last-level cache). Returns the previous value.
+  // Ops whose tensors add up to at least this many bytes write their outputs with streaming
+  // stores (< 0: the default, the last-level cache). Returns the previous value.
   m.def("output_stream_set_min_bytes(int bytes) -> int", &barkgpt::output_stream_set_min_bytes);
 }
 
