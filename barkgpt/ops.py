@@ -131,6 +131,24 @@ def _resolve_for_trace(backend: Optional[str], device_type: str) -> str:
     return resolve_backend(backend, device_type)
 
 
+def cpu_cache_info() -> Dict[str, int]:
+    """What the cpp kernels keep for reuse: the cache of idle output blocks (csrc/outputs.cpp).
+    All zeros while the cpp backend has not been loaded."""
+    mod = _loaded.get("cpp")
+    if mod is None:
+        return {"idle_bytes": 0, "idle_blocks": 0, "reuses": 0, "new_blocks": 0, "limit_bytes": 0,
+                "live_bytes": 0}
+    return mod.output_cache_info()
+
+
+def empty_cpu_cache() -> None:
+    """Give the memory the cpp kernels keep for reuse (idle output blocks) back to the OS, like
+    ``torch.cuda.empty_cache()``. Tensors in use are untouched."""
+    mod = _loaded.get("cpp")
+    if mod is not None:
+        mod.release_output_cache()
+
+
 def get_backend(backend: Optional[str], device):
     dev = _device_type(device)
     return _loaded[_resolve_for_trace(backend, dev)]

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from barkgpt import ops
 from barkgpt.reference import attention_ref, embedding_add_ref, layer_norm_ref
 
 if os.environ.get("BARKGPT_NO_CPP", "") not in ("", "0"):
@@ -99,6 +100,19 @@ def test_idle_bytes_never_pass_the_limit_and_release_empties_it():
         assert 0 < info()["idle"] <= 2 << 20
         lib.output_cache_release()
         assert info()["idle"] == 0 and info()["blocks"] == 0
+
+
+def test_public_info_and_empty_cpu_cache():
+    x, w, b = _ln_args(1024, 256)
+    with cache_limit(64 << 20):
+        y = ops.layer_norm(x, w, b, backend="cpp")
+        assert ops.cpu_cache_info()["live_bytes"] >= y.numel() * 4
+        del y
+        got = ops.cpu_cache_info()
+        assert got["idle_bytes"] >= 1 << 20 and got["limit_bytes"] == 64 << 20
+        assert set(got) == {"idle_bytes", "idle_blocks", "reuses", "new_blocks", "limit_bytes", "live_bytes"}
+        ops.empty_cpu_cache()
+        assert ops.cpu_cache_info()["idle_bytes"] == 0
 
 
 def test_limit_zero_disables_the_cache():
