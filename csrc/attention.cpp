@@ -411,7 +411,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in,
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = empty_output(q.sizes(), q.options());
   at::Tensor lse = empty_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_dtype));
-  if (q.numel() == 0) return {out, lse};
+  if (q.numel() == 0) {
+    // Head dim 0 (or no rows): every score is 0, so lse is the log of the number of keys seen.
+    const int64_t T = q.size(2), S = k.size(2);
+    AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "attention_fwd_cpu_lse", [&] {
+      scalar_t* lp = lse.mutable_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < lse.numel(); ++r)
+        lp[r] = std::log(static_cast<scalar_t>(causal ? std::min(r % T + 1, S) : S));
+    });
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     attention_fwd_kernel<scalar_t>(q, k, v, out, lse, causal);
   });

@@ -156,10 +156,12 @@ inline scalar_t from_acc(acc_t v) { return static_cast<scalar_t>(v); }
 // that were our outputs before, so they are not faulted in again (csrc/outputs.cpp).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// Whether an op that reads and writes op_bytes in all writes its output with stream_copy
-// (csrc/outputs.cpp): when op_bytes is at least the last-level cache, the output cannot stay
-// cached for its reader anyway, and normal stores would first read it and evict the inputs.
-bool stream_output(int64_t op_bytes);
+// Whether an op that reads and writes op_bytes in all writes its output, in rows of row_bytes,
+// with stream_copy (csrc/outputs.cpp): when op_bytes is at least the last-level cache the output
+// cannot stay cached for its reader anyway, and normal stores would first read it and evict the
+// inputs. Never for rows under kStreamMinRowBytes, or where there are no streaming stores.
+constexpr int64_t kStreamMinRowBytes = 256;
+bool stream_output(int64_t op_bytes, int64_t row_bytes);
 
 // Copies n bytes to dst with non-temporal (streaming) stores where the CPU has them. A normal
 // store to a line that is not cached first reads it (read for ownership) and then evicts

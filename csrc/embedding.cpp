@@ -78,7 +78,7 @@ void embedding_bwd_kernel(const scalar_t* gp, const std::vector<int64_t>& start,
   const int64_t* ord = order.data();
   // The dense token gradient is written once and read much later (by the optimizer): around
   // the cache when it and the upstream gradient overflow it.
-  const bool stream = stream_output((V + P + B * T) * C * int64_t(sizeof(scalar_t)));
+  const bool stream = stream_output((V + P + B * T) * C * int64_t(sizeof(scalar_t)), cw * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, rows * ns, grain, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(cw);
     for (int64_t task = t0; task < t1; ++task) {

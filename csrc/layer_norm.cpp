@@ -119,7 +119,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   acc_t* pb_all = pw_all + nchunks * N;
   if (rows > 0) {
     // dx is written around the cache when dy, x and dx together overflow it (stream_output).
-    const bool stream = stream_output(3 * dx.numel() * int64_t(dx.element_size()));
+    const bool stream = stream_output(3 * dx.numel() * int64_t(dx.element_size()), N * int64_t(dx.element_size()));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> scratch(2 * N);
       std::vector<scalar_t> row(stream ? N : 0);
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     const acc_t* bp = has_bias ? b.const_data_ptr<acc_t>() : nullptr;
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    const bool stream = stream_output(2 * y.numel() * int64_t(y.element_size()));
+    const bool stream = stream_output(2 * y.numel() * int64_t(y.element_size()), N * int64_t(y.element_size()));
     at::parallel_for(0, rows, ln_grain_rows(N), [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> row(stream ? N : 0);
       dispatch_width(N, [&](auto nf) {

@@ -31,11 +31,12 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad,
                                                          int64_t vocab_size,
                                                          int64_t num_positions);
 
-// The cache of idle output blocks (output_cache.cpp).
+// The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
 void output_cache_release();
 void output_cache_set_limit(int64_t bytes);
 int64_t output_stream_set_min_bytes(int64_t bytes);
+at::Tensor output_empty(at::IntArrayRef sizes);
 
 // The torch version these kernels were compiled against (barkgpt/_cpp.py checks it).
 std::string build_info() { return std::string("torch ") + TORCH_VERSION; }
@@ -64,6 +65,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // Ops whose tensors add up to at least this many bytes write their outputs with streaming
   // stores (< 0: the default, the last-level cache). Returns the previous value.
   m.def("output_stream_set_min_bytes(int bytes) -> int", &barkgpt::output_stream_set_min_bytes);
+  // For tests: an uninitialized fp32 tensor from the same source as the kernels' outputs.
+  m.def("output_empty(int[] size) -> Tensor", &barkgpt::output_empty);
 }
 
 TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {

@@ -9,11 +9,12 @@
 // heap trim), so a training loop pays again every step. This cache keeps the freed blocks of
 // our own outputs and hands them out again, as PyTorch's CUDA caching allocator does on GPUs.
 //
-// - Blocks are whole pages from mmap; blocks of 2 MiB or more are 2 MiB-aligned and marked for
-//   transparent huge pages, so the first touch costs 512x fewer faults.
+// - Blocks are whole pages from mmap; blocks of 2 MiB or more start on a 2 MiB boundary and their
+//   whole 2 MiB pages are marked for transparent huge pages: 512x fewer faults on first touch.
 // - A request takes the smallest idle block that fits with at most 1/4 slack, else a new one.
-// - Idle bytes are capped (BARKGPT_CPU_CACHE_MB, default 1/8 of physical memory, 0: no cache,
-//   plain at::empty); a freed block that would pass the cap is unmapped at once.
+// - Idle bytes are capped (BARKGPT_CPU_CACHE_MB, default 1/8 of RAM or of the cgroup's memory
+//   limit, 0: no cache,
+//   plain at::empty); the least recently freed idle blocks are unmapped to stay within it.
 // - Recycled memory is as uninitialized as at::empty's; with torch.use_deterministic_algorithms
 //   and fill_uninitialized_memory (the default) it is NaN-filled, as at::empty does.
 // - The cache outlives every tensor (never destroyed) and is fork-safe (pthread_atfork).
@@ -33,10 +34,14 @@
 #include <torch/version.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <list>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -59,25 +64,39 @@ constexpr size_t kHuge = size_t(2) << 20;
 // Below this glibc serves blocks from its heap, which it does not give back: no faults to save.
 constexpr size_t kMinCached = size_t(128) << 10;
 
+// Bytes of memory this process may use: physical RAM, or less under a cgroup limit.
+size_t memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  size_t total = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page)
+                                       : size_t(8) << 30;
+  for (const char* path : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream f(path);
+    unsigned long long limit = 0;
+    if (f >> limit && limit > 0 && limit < total) total = static_cast<size_t>(limit);
+  }
+  return total;
+}
+
 size_t default_cap() {
   const char* env = std::getenv("BARKGPT_CPU_CACHE_MB");
   if (env != nullptr && *env != '\0') {
     char* end = nullptr;
+    errno = 0;
     const long long mb = std::strtoll(env, &end, 10);
-    if (end != env && *end == '\0' && mb >= 0) return static_cast<size_t>(mb) << 20;
-    TORCH_WARN_ONCE("barkgpt: ignoring BARKGPT_CPU_CACHE_MB=", env, " (want a whole number of MiB >= 0)");
+    if (end != env && *end == '\0' && errno == 0 && mb >= 0 && mb <= (1LL << 30))
+      return static_cast<size_t>(mb) << 20;
+    TORCH_WARN_ONCE("barkgpt: ignoring BARKGPT_CPU_CACHE_MB=", env,
+                    " (want a whole number of MiB from 0 to 2^30)");
   }
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-  if (pages <= 0 || page <= 0) return size_t(1) << 30;
-  return static_cast<size_t>(pages) * static_cast<size_t>(page) / 8;
+  return memory_bytes() / 8;
 }
-
-class OutputCache;
 
 struct Block {
   void* ptr;
   size_t size;  // bytes mapped at ptr
-  OutputCache* cache;
+  bool idle = false;
+  std::list<Block*>::iterator lru;            // position among the idle blocks, oldest first
+  std::multimap<size_t, Block*>::iterator by_size;
 };
 
 class OutputCache final : public c10::Allocator {
@@ -98,38 +117,32 @@ class OutputCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) const override { return const_cast<OutputCache*>(this)->take(n); }
 #endif
 
-  // Returns a block to the idle set, or unmaps it if the set would pass the cap.
-  void give_back(Block* b) {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (idle_bytes_ + b->size <= cap_) {
-        idle_.emplace(b->size, b);
-        idle_bytes_ += b->size;
-        return;
-      }
-    }
-    unmap(b);
-  }
-
-  // Unmaps every idle block.
-  void release_idle() {
+  // A freed output's block joins the idle set; the oldest idle blocks are unmapped to keep the
+  // set within the cap (a block larger than the cap by itself is unmapped at once).
+  void give_back(void* ptr) {
     std::vector<Block*> drop;
     {
       std::lock_guard<std::mutex> g(mu_);
-      for (auto& kv : idle_) drop.push_back(kv.second);
-      idle_.clear();
-      idle_bytes_ = 0;
+      auto it = blocks_.find(ptr);
+      TORCH_INTERNAL_ASSERT(it != blocks_.end(), "barkgpt: freeing a block the output cache does not own");
+      Block* b = it->second;
+      if (b->size > cap_) {
+        blocks_.erase(it);
+        drop.push_back(b);
+      } else {
+        evict_until(cap_ - b->size, drop);
+        b->idle = true;
+        b->lru = lru_.insert(lru_.end(), b);
+        b->by_size = idle_.emplace(b->size, b);
+        idle_bytes_ += b->size;
+      }
     }
     for (Block* b : drop) unmap(b);
   }
 
-  void set_cap(size_t cap) {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      cap_ = cap;
-    }
-    release_idle();
-  }
+  void release_idle() { set_cap_and_trim(std::nullopt, 0); }
+
+  void set_cap(size_t cap) { set_cap_and_trim(cap, cap); }
 
   // [idle bytes, idle blocks, reuses, new mappings, cap bytes, live bytes]
   std::vector<int64_t> info() {
@@ -143,14 +156,36 @@ class OutputCache final : public c10::Allocator {
   void unlock() { mu_.unlock(); }
 
  private:
-  static void delete_block(void* ctx) {
-    Block* b = static_cast<Block*>(ctx);
-    b->cache->give_back(b);
+  // The context is the data pointer itself (as for at::empty's memory), so copy-on-write clones
+  // and anything else that expects get() == get_context() work; blocks_ finds the block.
+  static void delete_ptr(void* ptr);
+
+  void set_cap_and_trim(std::optional<size_t> cap, size_t keep) {
+    std::vector<Block*> drop;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (cap) cap_ = *cap;
+      evict_until(keep, drop);
+    }
+    for (Block* b : drop) unmap(b);
+  }
+
+  // Under mu_: moves the oldest idle blocks to `drop` until at most `keep` idle bytes remain.
+  void evict_until(size_t keep, std::vector<Block*>& drop) {
+    while (idle_bytes_ > keep && !lru_.empty()) {
+      Block* b = lru_.front();
+      lru_.pop_front();
+      idle_.erase(b->by_size);
+      idle_bytes_ -= b->size;
+      b->idle = false;
+      blocks_.erase(b->ptr);
+      drop.push_back(b);
+    }
   }
 
   c10::DataPtr take(size_t n) {
     if (n < kMinCached) return c10::GetCPUAllocator()->allocate(n);
-    const size_t want = round_up(n, n >= kHuge ? kHuge : kPage);
+    const size_t want = round_up(n, kPage);
     Block* b = nullptr;
     {
       std::lock_guard<std::mutex> g(mu_);
@@ -158,12 +193,14 @@ class OutputCache final : public c10::Allocator {
       if (it != idle_.end() && it->first <= want + want / 4) {
         b = it->second;
         idle_.erase(it);
+        lru_.erase(b->lru);
+        b->idle = false;
         idle_bytes_ -= b->size;
         ++reuses_;
       }
     }
     if (b == nullptr) b = map(want);
-    return c10::DataPtr(b->ptr, b, &delete_block, c10::Device(c10::DeviceType::CPU));
+    return c10::DataPtr(b->ptr, b->ptr, &delete_ptr, c10::Device(c10::DeviceType::CPU));
   }
 
   Block* map(size_t size) {
@@ -174,13 +211,16 @@ class OutputCache final : public c10::Allocator {
     }
     TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "barkgpt: cannot allocate ", size,
                      " bytes of CPU memory for a kernel output");
+    auto* b = new Block{p, size};
     std::lock_guard<std::mutex> g(mu_);
     ++maps_;
     mapped_bytes_ += size;
-    return new Block{p, size, this};
+    blocks_.emplace(p, b);
+    return b;
   }
 
-  // size bytes of fresh anonymous memory; from 2 MiB up, 2 MiB-aligned and huge-page advised.
+  // size bytes (a whole number of pages) of fresh anonymous memory. From 2 MiB up the block
+  // starts on a 2 MiB boundary and its whole 2 MiB pages are advised to be huge pages.
   static void* map_aligned(size_t size) {
     const int prot = PROT_READ | PROT_WRITE, flags = MAP_PRIVATE | MAP_ANONYMOUS;
     if (size < kHuge) {
@@ -192,14 +232,15 @@ class OutputCache final : public c10::Allocator {
     const uintptr_t r = reinterpret_cast<uintptr_t>(raw);
     const uintptr_t a = round_up<uintptr_t>(r, kHuge);
     if (a > r) munmap(raw, a - r);
-    const uintptr_t tail = r + size + kHuge - (a + size);
+    const uintptr_t tail = (r + size + kHuge) - (a + size);
     if (tail > 0) munmap(reinterpret_cast<void*>(a + size), tail);
 #if defined(MADV_HUGEPAGE)
-    madvise(reinterpret_cast<void*>(a), size, MADV_HUGEPAGE);  // advice: refused, nothing changes
+    madvise(reinterpret_cast<void*>(a), size / kHuge * kHuge, MADV_HUGEPAGE);  // advice only
 #endif
     return reinterpret_cast<void*>(a);
   }
 
+  // b is no longer in blocks_ or the idle set.
   void unmap(Block* b) {
     munmap(b->ptr, b->size);
     {
@@ -210,7 +251,9 @@ class OutputCache final : public c10::Allocator {
   }
 
   std::mutex mu_;
-  std::multimap<size_t, Block*> idle_;  // by size
+  std::unordered_map<void*, Block*> blocks_;  // every mapped block, live or idle
+  std::multimap<size_t, Block*> idle_;        // idle blocks by size
+  std::list<Block*> lru_;                     // idle blocks, least recently freed first
   size_t idle_bytes_ = 0, mapped_bytes_ = 0, cap_;
   uint64_t reuses_ = 0, maps_ = 0;
 };
@@ -225,6 +268,8 @@ OutputCache& cache() {
   }();
   return *c;
 }
+
+void OutputCache::delete_ptr(void* ptr) { cache().give_back(ptr); }
 
 #endif  // BARKGPT_OUTPUT_CACHE
 
@@ -263,7 +308,15 @@ std::atomic<int64_t>& stream_min_bytes() {
 
 }  // namespace
 
-bool stream_output(int64_t nbytes) { return nbytes >= stream_min_bytes().load(std::memory_order_relaxed); }
+bool stream_output(int64_t op_bytes, int64_t row_bytes) {
+#if defined(__SSE2__) || defined(__AVX__)
+  // A row shorter than a few cache lines has few whole aligned lines to stream.
+  return row_bytes >= kStreamMinRowBytes && op_bytes >= stream_min_bytes().load(std::memory_order_relaxed);
+#else
+  (void)op_bytes, (void)row_bytes;
+  return false;  // no streaming stores on this target: stream_copy would be a byte loop
+#endif
+}
 
 int64_t output_stream_set_min_bytes(int64_t bytes) {
   return stream_min_bytes().exchange(bytes < 0 ? default_stream_min_bytes() : bytes);
@@ -286,6 +339,9 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 #endif
   return at::empty(sizes, options);
 }
+
+// For tests: an uninitialized fp32 output as the kernels get one.
+at::Tensor output_empty(at::IntArrayRef sizes) { return empty_output(sizes, at::TensorOptions().dtype(at::kFloat)); }
 
 std::vector<int64_t> output_cache_info() {
 #if BARKGPT_OUTPUT_CACHE
