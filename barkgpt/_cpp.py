@@ -377,18 +377,3 @@ def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch
         return _ops.embedding_add_fwd.default(idx, tok_weight, pos_weight)
     return _ops.embedding_add.default(idx, tok_weight, pos_weight)
 
-
-# ---- memory of the kernels' outputs (csrc/outputs.cpp) ----------------------------------------
-
-_CACHE_FIELDS = ("idle_bytes", "idle_blocks", "reuses", "new_blocks", "limit_bytes", "live_bytes")
-
-
-def output_cache_info() -> dict:
-    """The cache of idle output blocks: bytes and blocks kept idle, how many outputs reused a
-    block or needed a new one, the limit on idle bytes, and bytes held by live outputs."""
-    return dict(zip(_CACHE_FIELDS, _ops.output_cache_info()))
-
-
-def release_output_cache() -> None:
-    """Give every idle output block back to the OS (live outputs are untouched)."""
-    _ops.output_cache_release()

@@ -131,22 +131,23 @@ def _resolve_for_trace(backend: Optional[str], device_type: str) -> str:
     return resolve_backend(backend, device_type)
 
 
+_CPU_CACHE_FIELDS = ("idle_bytes", "idle_blocks", "reuses", "new_blocks", "limit_bytes", "live_bytes")
+
+
 def cpu_cache_info() -> Dict[str, int]:
-    """What the cpp kernels keep for reuse: the cache of idle output blocks (csrc/outputs.cpp).
-    All zeros while the cpp backend has not been loaded."""
-    mod = _loaded.get("cpp")
-    if mod is None:
-        return {"idle_bytes": 0, "idle_blocks": 0, "reuses": 0, "new_blocks": 0, "limit_bytes": 0,
-                "live_bytes": 0}
-    return mod.output_cache_info()
+    """What the cpp kernels keep for reuse (csrc/outputs.cpp): bytes and blocks kept idle, how
+    many outputs reused a block or needed a new one, the limit on idle bytes, and bytes held by
+    live outputs. All zeros while the cpp backend has not been loaded."""
+    if "cpp" not in _loaded:
+        return dict.fromkeys(_CPU_CACHE_FIELDS, 0)
+    return dict(zip(_CPU_CACHE_FIELDS, torch.ops.barkgpt_cpp.output_cache_info()))
 
 
 def empty_cpu_cache() -> None:
     """Give the memory the cpp kernels keep for reuse (idle output blocks) back to the OS, like
     ``torch.cuda.empty_cache()``. Tensors in use are untouched."""
-    mod = _loaded.get("cpp")
-    if mod is not None:
-        mod.release_output_cache()
+    if "cpp" in _loaded:
+        torch.ops.barkgpt_cpp.output_cache_release()
 
 
 def get_backend(backend: Optional[str], device):

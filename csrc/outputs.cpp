@@ -94,7 +94,6 @@ size_t default_cap() {
 struct Block {
   void* ptr;
   size_t size;  // bytes mapped at ptr
-  bool idle = false;
   std::list<Block*>::iterator lru;            // position among the idle blocks, oldest first
   std::multimap<size_t, Block*>::iterator by_size;
 };
@@ -103,10 +102,7 @@ class OutputCache final : public c10::Allocator {
  public:
   OutputCache() : cap_(default_cap()) {}
 
-  bool enabled() {
-    std::lock_guard<std::mutex> g(mu_);
-    return cap_ > 0;
-  }
+  bool enabled() const { return cap_.load(std::memory_order_relaxed) > 0; }
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
   c10::DataPtr allocate(size_t n) override { return take(n); }
@@ -131,7 +127,6 @@ class OutputCache final : public c10::Allocator {
         drop.push_back(b);
       } else {
         evict_until(cap_ - b->size, drop);
-        b->idle = true;
         b->lru = lru_.insert(lru_.end(), b);
         b->by_size = idle_.emplace(b->size, b);
         idle_bytes_ += b->size;
@@ -148,7 +143,7 @@ class OutputCache final : public c10::Allocator {
   std::vector<int64_t> info() {
     std::lock_guard<std::mutex> g(mu_);
     return {static_cast<int64_t>(idle_bytes_), static_cast<int64_t>(idle_.size()),
-            static_cast<int64_t>(reuses_), static_cast<int64_t>(maps_), static_cast<int64_t>(cap_),
+            static_cast<int64_t>(reuses_), static_cast<int64_t>(maps_), static_cast<int64_t>(cap_.load()),
             static_cast<int64_t>(mapped_bytes_ - idle_bytes_)};
   }
 
@@ -177,7 +172,6 @@ class OutputCache final : public c10::Allocator {
       lru_.pop_front();
       idle_.erase(b->by_size);
       idle_bytes_ -= b->size;
-      b->idle = false;
       blocks_.erase(b->ptr);
       drop.push_back(b);
     }
@@ -194,8 +188,7 @@ class OutputCache final : public c10::Allocator {
         b = it->second;
         idle_.erase(it);
         lru_.erase(b->lru);
-        b->idle = false;
-        idle_bytes_ -= b->size;
+          idle_bytes_ -= b->size;
         ++reuses_;
       }
     }
@@ -254,7 +247,8 @@ class OutputCache final : public c10::Allocator {
   std::unordered_map<void*, Block*> blocks_;  // every mapped block, live or idle
   std::multimap<size_t, Block*> idle_;        // idle blocks by size
   std::list<Block*> lru_;                     // idle blocks, least recently freed first
-  size_t idle_bytes_ = 0, mapped_bytes_ = 0, cap_;
+  size_t idle_bytes_ = 0, mapped_bytes_ = 0;
+  std::atomic<size_t> cap_;  // written under mu_; read without it by enabled()
   uint64_t reuses_ = 0, maps_ = 0;
 };
 

@@ -1,7 +1,24 @@
-"""Shared test helpers: the article's model, as the external reference."""
+"""Shared test helpers: the article's model, as the external reference; running Python code in a
+fresh process."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, env=None, timeout=120):
+    """Runs dedented ``code`` with this interpreter in the repository root, with the environment
+    plus ``env`` and no BARKGPT_BACKEND override; returns the CompletedProcess (text output)."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("BARKGPT_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 class ArticleBarkGPT(nn.Module):

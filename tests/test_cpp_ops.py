@@ -9,14 +9,13 @@ the fallback when the extension is unavailable (in subprocesses).
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from barkgpt import BarkGPT, GPTConfig, ops
+from helpers import run_python
 from barkgpt.reference import attention_math, attention_ref, embedding_add_ref, layer_norm_ref
 
 if os.environ.get("BARKGPT_NO_CPP", "") not in ("", "0"):
@@ -24,7 +23,6 @@ if os.environ.get("BARKGPT_NO_CPP", "") not in ("", "0"):
 
 import barkgpt._cpp as cpp  # noqa: E402  (builds the extension on first use; a failure is an error)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerances against the float64 oracle, relative to the largest magnitude of the expected tensor.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -516,10 +514,7 @@ def test_loaded_library_matches_running_torch():
 
 
 def _run(code, **env):
-    full_env = dict(os.environ, **env)
-    full_env.pop("BARKGPT_BACKEND", None)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
-                       capture_output=True, text=True, timeout=120)
+    r = run_python(code, env)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
