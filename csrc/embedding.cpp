@@ -26,18 +26,31 @@ void check_ids(const index_t* ids, int64_t n, int64_t V) {
   }
 }
 
+// CF > 0: the width is CF, known at compile time (short rows vectorize as one or two vectors,
+// where a run-time trip count under the vector width falls to the scalar remainder loop).
+template <int CF, typename scalar_t, typename index_t>
+void embedding_fwd_rows(const index_t* ids, const scalar_t* tp, const scalar_t* pp, scalar_t* op,
+                        int64_t n0, int64_t n1, int64_t T, int64_t C_rt) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t C = CF > 0 ? CF : C_rt;
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* trow = tp + static_cast<int64_t>(ids[n]) * C;
+    const scalar_t* prow = pp + (n % T) * C;
+    scalar_t* orow = op + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      orow[c] = from_acc<scalar_t>(to_acc<acc_t>(trow[c]) + to_acc<acc_t>(prow[c]));
+  }
+}
+
 template <typename scalar_t, typename index_t>
 void embedding_fwd_kernel(const index_t* ids, const scalar_t* tp, const scalar_t* pp,
                           scalar_t* op, int64_t rows, int64_t T, int64_t C) {
-  using acc_t = acc_type_t<scalar_t>;
   at::parallel_for(0, rows, grain_rows(C), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const scalar_t* trow = tp + static_cast<int64_t>(ids[n]) * C;
-      const scalar_t* prow = pp + (n % T) * C;
-      scalar_t* orow = op + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        orow[c] = from_acc<scalar_t>(to_acc<acc_t>(trow[c]) + to_acc<acc_t>(prow[c]));
+    switch (C) {
+      case 8: embedding_fwd_rows<8>(ids, tp, pp, op, n0, n1, T, C); break;
+      case 16: embedding_fwd_rows<16>(ids, tp, pp, op, n0, n1, T, C); break;
+      default: embedding_fwd_rows<0>(ids, tp, pp, op, n0, n1, T, C); break;
     }
   });
 }

@@ -153,8 +153,10 @@ def test_attention_qkv_views_and_noncontiguous_grad():
 
 # ---- embedding-add ------------------------------------------------------------------------------
 
-EMB_CASES = [  # (V, B, T, C, P)
+EMB_CASES = [  # (V, B, T, C, P); C = 8 and 16 take the compile-time-width rows
     (9, 4, 7, 5, 10),
+    (9, 32, 32, 8, 32),
+    (20, 3, 5, 16, 8),
     (9, 32, 32, 32, 32),
     (256, 3, 17, 97, 20),
     (50, 2, 1, 1, 1),
