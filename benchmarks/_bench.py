@@ -24,6 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import pytest
 import torch
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 from barkgpt import ops
 
 # ---- settings (environment) ------------------------------------------------------------------
@@ -202,11 +207,24 @@ def measure(benchmark, fn: Callable[..., Any], *, warm_calls: int = 3, measure_s
         # Rounds made ``calls`` calls each: scale to one call (before any statistic is computed).
         benchmark.stats.stats.data[:] = [d / calls for d in benchmark.stats.stats.data]
         benchmark.stats.iterations = calls
+        faults = None  # the untimed setup's faults would be counted too
     else:
+        f0 = minor_faults()
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        f1 = minor_faults()
+        faults = (f1 - f0) / (rounds * iterations) if f0 is not None and f1 is not None else None
     s = benchmark.stats.stats
     return {"median_s": s.median, "q1_s": s.q1, "q3_s": s.q3, "min_s": s.min, "rounds": rounds,
-            "iterations": calls if setup else iterations}
+            "iterations": calls if setup else iterations, "faults_per_call": faults}
+
+
+def minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (CPU runs on Unix), else None. A CPU op whose
+    outputs come from fresh mappings takes one per 4 KiB page it first touches, and on a VM that
+    can cost more than the op: the reports show faults per call next to the times."""
+    if IS_CUDA or resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ---- correctness -----------------------------------------------------------------------------

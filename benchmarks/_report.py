@@ -247,6 +247,8 @@ def _op_table(records, idx, group, mode, device_type) -> List[str]:
             cell = f"{fmt_time(r['median_s'])} ({_num(rate, 2 if group == 'attention' else 1)} {unit})"
             if device_type == "cuda" and r.get("peak_mem_mb") is not None:
                 cell += f", {r['peak_mem_mb']:.0f} MB"
+            if (r.get("faults_per_call") or 0) >= 1:
+                cell += f", {r['faults_per_call']:.0f} page faults/call"
             row.append(cell)
         for p in ours:
             row.append(fmt_ratio(speedup(idx, (group, c, mode, base), (group, c, mode, p))))
@@ -310,7 +312,8 @@ def markdown(records, meta, targets) -> str:
             continue
         L += [f"## {titles[group]}", "", f"Model: {BYTE_MODELS[group]}. Cells: median time per call "
               f"({'TFLOP/s' if group == 'attention' else 'GB/s'}" +
-              (", peak extra memory" if meta["device_type"] == "cuda" else "") +
+              (", peak extra memory" if meta["device_type"] == "cuda" else
+               ", minor page faults per call where there were any (fwd and fwd+bwd)") +
               "); ratio columns: speed-up (> 1 is faster).", ""]
         for mode in MODES:
             if any(r["group"] == group and r["mode"] == mode for r in records):
