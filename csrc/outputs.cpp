@@ -122,6 +122,7 @@ class OutputCache final : public c10::Allocator {
       auto it = blocks_.find(ptr);
       TORCH_INTERNAL_ASSERT(it != blocks_.end(), "barkgpt: freeing a block the output cache does not own");
       Block* b = it->second;
+      report_locked(ptr, -static_cast<int64_t>(b->size));
       if (b->size > cap_) {
         blocks_.erase(it);
         drop.push_back(b);
@@ -193,7 +194,20 @@ class OutputCache final : public c10::Allocator {
       }
     }
     if (b == nullptr) b = map(want);
+    if (c10::memoryProfilingEnabled()) {
+      std::lock_guard<std::mutex> g(mu_);
+      report_locked(b->ptr, static_cast<int64_t>(b->size));
+    }
     return c10::DataPtr(b->ptr, b->ptr, &delete_ptr, c10::Device(c10::DeviceType::CPU));
+  }
+
+  // Under mu_: tells torch.profiler(profile_memory=True) that a block became live (delta > 0)
+  // or was freed, as the CPU allocator does for at::empty's memory. Idle blocks count as
+  // reserved, not allocated.
+  void report_locked(void* ptr, int64_t delta) {
+    if (!c10::memoryProfilingEnabled()) return;
+    c10::reportMemoryUsageToProfiler(ptr, delta, mapped_bytes_ - idle_bytes_, mapped_bytes_,
+                                     c10::Device(c10::DeviceType::CPU));
   }
 
   Block* map(size_t size) {

@@ -190,6 +190,22 @@ def test_outputs_support_copy_on_write_clones():
     assert torch.equal(y, expect + 1.0)
 
 
+def test_the_memory_profiler_sees_outputs_from_the_cache():
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w, b = _ln_args(512, 256)  # y: 512 KiB, from the cache
+    nbytes = x.numel() * x.element_size()
+    lib.layer_norm_fwd(x, w, b, 1e-5)  # its block is idle now: the profiled call reuses it
+    reuses = info()["reuses"]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = lib.layer_norm_fwd(x, w, b, 1e-5)[0]
+        del y
+    assert info()["reuses"] == reuses + 1
+    op = [e for e in prof.key_averages() if e.key == "barkgpt_cpp::layer_norm_fwd"]
+    assert len(op) == 1 and op[0].self_cpu_memory_usage >= nbytes
+    assert -nbytes in [e.cpu_memory_usage for e in prof.events() if e.name == "[memory]"]
+
+
 def test_attention_with_head_dim_zero_returns_a_defined_lse():
     # no score is computed, so nothing would overwrite a recycled block
     B, H, T = 4, 8, 1024  # lse: 128 KiB
