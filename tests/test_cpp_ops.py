@@ -153,10 +153,13 @@ def test_attention_qkv_views_and_noncontiguous_grad():
 
 # ---- embedding-add ------------------------------------------------------------------------------
 
-EMB_CASES = [  # (V, B, T, C, P); C = 8 and 16 take the compile-time-width rows
+EMB_CASES = [  # (V, B, T, C, P); C = 8 and 16 take the compile-time-width rows; tables of
+    # 512 KiB or more (the last two, in every dtype) have their rows prefetched ahead
     (9, 4, 7, 5, 10),
     (9, 32, 32, 8, 32),
     (20, 3, 5, 16, 8),
+    (6000, 2, 40, 48, 40),
+    (70000, 3, 33, 8, 40),
     (9, 32, 32, 32, 32),
     (256, 3, 17, 97, 20),
     (50, 2, 1, 1, 1),
