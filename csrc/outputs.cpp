@@ -122,7 +122,6 @@ class OutputCache final : public c10::Allocator {
       auto it = blocks_.find(ptr);
       TORCH_INTERNAL_ASSERT(it != blocks_.end(), "barkgpt: freeing a block the output cache does not own");
       Block* b = it->second;
-      report_locked(ptr, -static_cast<int64_t>(b->size));
       if (b->size > cap_) {
         blocks_.erase(it);
         drop.push_back(b);
@@ -131,6 +130,11 @@ class OutputCache final : public c10::Allocator {
         b->lru = lru_.insert(lru_.end(), b);
         b->by_size = idle_.emplace(b->size, b);
         idle_bytes_ += b->size;
+      }
+      if (c10::memoryProfilingEnabled()) {
+        size_t unmapping = 0;  // still counted in mapped_bytes_ until unmap() below
+        for (Block* d : drop) unmapping += d->size;
+        report_locked(ptr, -static_cast<int64_t>(b->size), unmapping);
       }
     }
     for (Block* b : drop) unmap(b);
@@ -202,11 +206,11 @@ class OutputCache final : public c10::Allocator {
   }
 
   // Under mu_: tells torch.profiler(profile_memory=True) that a block became live (delta > 0)
-  // or was freed, as the CPU allocator does for at::empty's memory. Idle blocks count as
-  // reserved, not allocated.
-  void report_locked(void* ptr, int64_t delta) {
-    if (!c10::memoryProfilingEnabled()) return;
-    c10::reportMemoryUsageToProfiler(ptr, delta, mapped_bytes_ - idle_bytes_, mapped_bytes_,
+  // or was freed, as the CPU allocator does for at::empty's memory, with the totals after the
+  // change. Idle blocks count as reserved, not allocated; `unmapping` bytes are on their way out.
+  void report_locked(void* ptr, int64_t delta, size_t unmapping = 0) {
+    const size_t mapped = mapped_bytes_ - unmapping;
+    c10::reportMemoryUsageToProfiler(ptr, delta, mapped - idle_bytes_, mapped,
                                      c10::Device(c10::DeviceType::CPU));
   }
 
@@ -266,16 +270,22 @@ class OutputCache final : public c10::Allocator {
   uint64_t reuses_ = 0, maps_ = 0;
 };
 
-OutputCache& cache() {
-  // Never destroyed: tensors freed during interpreter shutdown still give their blocks back.
-  static OutputCache* c = [] {
-    auto* p = new OutputCache();
-    // A child forked while another thread held the lock would otherwise never get it.
-    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
-    return p;
-  }();
-  return *c;
+OutputCache& cache();
+
+OutputCache* make_cache() {
+  auto* p = new OutputCache();
+  // A child forked while another thread held the lock would otherwise never get it.
+  pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+  return p;
 }
+
+// Made when the library is loaded, before any thread can allocate, and never destroyed
+// (tensors freed during interpreter shutdown still give their blocks back). Not a static
+// made on first use: a child forked while another thread was inside such an initializer
+// waits forever on its guard (the fork test caught this, about 1 run in 15).
+OutputCache* const g_cache = make_cache();
+
+OutputCache& cache() { return *g_cache; }
 
 void OutputCache::delete_ptr(void* ptr) { cache().give_back(ptr); }
 
@@ -309,10 +319,11 @@ int64_t last_level_cache_bytes() {
 
 int64_t default_stream_min_bytes() { return last_level_cache_bytes(); }
 
-std::atomic<int64_t>& stream_min_bytes() {
-  static std::atomic<int64_t> v{default_stream_min_bytes()};
-  return v;
-}
+// Set when the library is loaded (reading sysfs), for the same reason as g_cache: a lazily
+// initialized static hung a forked child that inherited its guard mid-initialization.
+std::atomic<int64_t> g_stream_min_bytes{default_stream_min_bytes()};
+
+std::atomic<int64_t>& stream_min_bytes() { return g_stream_min_bytes; }
 
 }  // namespace
 
