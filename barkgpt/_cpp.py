@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import sys
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -231,6 +232,9 @@ def _load_library() -> Tuple[str, str]:
     info = torch.ops.barkgpt_cpp.build_info()
     if info != "torch " + ".".join(torch.__version__.split("+")[0].split(".")[:3]):
         raise ImportError(f"{path} was compiled against {info}, but torch {torch.__version__} is running")
+    problem = torch.ops.barkgpt_cpp.output_cache_env_problem()
+    if problem:  # parsed in C++ while the library loaded, where a warning would bypass Python's
+        warnings.warn(problem, stacklevel=2)
     return path, how
 
 

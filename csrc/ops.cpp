@@ -34,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad,
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
 void output_cache_release();
+std::string output_cache_env_problem();
 void output_cache_set_limit(int64_t bytes);
 int64_t output_stream_set_min_bytes(int64_t bytes);
 at::Tensor output_empty(at::IntArrayRef sizes);
@@ -61,6 +62,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // [idle bytes, idle blocks, reuses, new mappings, limit bytes, bytes in live outputs]
   m.def("output_cache_info() -> int[]", &barkgpt::output_cache_info);
   m.def("output_cache_release() -> ()", &barkgpt::output_cache_release);
+  // "" or why BARKGPT_CPU_CACHE_MB was ignored (barkgpt/_cpp.py turns it into a warning).
+  m.def("output_cache_env_problem() -> str", &barkgpt::output_cache_env_problem);
   m.def("output_cache_set_limit(int bytes) -> ()", &barkgpt::output_cache_set_limit);
   // Ops whose tensors add up to at least this many bytes write their outputs with streaming
   // stores (< 0: the default, the last-level cache). Returns the previous value.

@@ -77,6 +77,10 @@ size_t memory_bytes() {
   return total;
 }
 
+// What was wrong with BARKGPT_CPU_CACHE_MB, if anything. The cache is made while the library
+// loads, where a C++ warning would bypass Python's warnings; barkgpt/_cpp.py warns with this.
+std::string g_cache_env_problem;
+
 size_t default_cap() {
   const char* env = std::getenv("BARKGPT_CPU_CACHE_MB");
   if (env != nullptr && *env != '\0') {
@@ -85,8 +89,8 @@ size_t default_cap() {
     const long long mb = std::strtoll(env, &end, 10);
     if (end != env && *end == '\0' && errno == 0 && mb >= 0 && mb <= (1LL << 30))
       return static_cast<size_t>(mb) << 20;
-    TORCH_WARN_ONCE("barkgpt: ignoring BARKGPT_CPU_CACHE_MB=", env,
-                    " (want a whole number of MiB from 0 to 2^30)");
+    g_cache_env_problem = std::string("barkgpt: ignoring BARKGPT_CPU_CACHE_MB=") + env +
+                          " (want a whole number of MiB from 0 to 2^30)";
   }
   return memory_bytes() / 8;
 }
@@ -367,6 +371,14 @@ std::vector<int64_t> output_cache_info() {
   return cache().info();
 #else
   return {0, 0, 0, 0, 0, 0};
+#endif
+}
+
+std::string output_cache_env_problem() {
+#if BARKGPT_OUTPUT_CACHE
+  return g_cache_env_problem;
+#else
+  return "";
 #endif
 }
 
