@@ -161,23 +161,38 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) {
 template <typename scalar_t, typename acc_t>
 void pack_rows(const scalar_t* src, int64_t st, int64_t rows, int64_t D, acc_t* dst, int64_t ld,
                int64_t rows_pad) {
+  // Zero the padding in one sweep (a memset) rather than row by row: for the narrow heads of
+  // the presets (D = 1, 4) most of each padded row is padding.
+  std::fill(dst + (D < ld ? 0 : rows * ld), dst + rows_pad * ld, acc_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * st;
     acc_t* d = dst + r * ld;
+#pragma omp simd
     for (int64_t i = 0; i < D; ++i) d[i] = to_acc<acc_t>(s[i]);
-    for (int64_t i = D; i < ld; ++i) d[i] = acc_t(0);
   }
-  std::fill(dst + rows * ld, dst + rows_pad * ld, acc_t(0));
 }
 
 // dst[d, r] = src[r, d] for r < rows; zero columns rows..ld.
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const scalar_t* src, int64_t st, int64_t rows, int64_t D, acc_t* dst,
                      int64_t ld) {
-  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + rows, dst + (d + 1) * ld, acc_t(0));
+  for (int64_t d = 0; d < D; ++d) {
+    acc_t* out = dst + d * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r] = to_acc<acc_t>(src[r * st + d]);
+    std::fill(out + rows, out + ld, acc_t(0));
+  }
+}
+
+// dst[r, d] = src[r, d] * (scale ? scale[r] : 1) for r < rows, d < D (the inverse of pack_rows).
+template <typename scalar_t, typename acc_t>
+void unpack_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t D, scalar_t* dst,
+                 const acc_t* scale = nullptr) {
   for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * st;
-    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = to_acc<acc_t>(s[d]);
+    const acc_t* s = src + r * ld;
+    scalar_t* d = dst + r * D;
+    const acc_t a = scale != nullptr ? scale[r] : acc_t(1);
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) d[i] = from_acc<scalar_t>(s[i] * a);
   }
 }
 
@@ -234,7 +249,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   // Items are (batch*head, query block), batch*head major: a thread's contiguous range of
   // items repacks K and V only when its batch*head changes.
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t it0, int64_t it1) {
-    std::vector<acc_t> kt(D * Tp), vpad(Tp * Dp), qt(D * kBlockQ), st(kBlockK * kBlockQ),
+    std::vector<acc_t> kpad(Tp * Dp), vpad(Tp * Dp), qt(D * kBlockQ), st(kBlockK * kBlockQ),
         o(kBlockQ * Dp), m(kBlockQ), ms(kBlockQ), mnew(kBlockQ), alpha(kBlockQ), l(kBlockQ);
     int64_t cur = -1;
     for (int64_t it = it0; it < it1; ++it) {
@@ -243,7 +258,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t bqp = round_up(bq, kPad);
       if (bh != cur) {
         cur = bh;
-        pack_transposed(kp + b * vk.sb + h * vk.sh, vk.st, T, D, kt.data(), Tp);
+        pack_rows(kp + b * vk.sb + h * vk.sh, vk.st, T, D, kpad.data(), Dp, Tp);
         pack_rows(vp + b * vv.sb + h * vv.sh, vv.st, T, D, vpad.data(), Dp, Tp);
       }
       pack_transposed(qp + b * vq.sb + h * vq.sh + i0 * vq.st, vq.st, bq, D, qt.data(), bqp);
@@ -253,8 +268,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t kend = causal ? i0 + bq : T;
       for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
         const int64_t jn = std::min(kBlockK, kend - j0), np = round_up(jn, kPad);
-        // S^T = K_blk Q^T: (np x bqp), K read transposed from kt
-        gemm<acc_t>(np, bqp, D, kt.data() + j0, 1, Tp, qt.data(), bqp, st.data(), kBlockQ, false);
+        // S^T = K_blk Q^T: (np x bqp); K is the broadcast operand, read from its rows
+        gemm<acc_t>(np, bqp, D, kpad.data() + j0 * Dp, Dp, 1, qt.data(), bqp, st.data(), kBlockQ, false);
         mask_scores(st.data(), kBlockQ, np, bqp, jn, j0, i0, causal);
         std::copy(m.begin(), m.begin() + bqp, mnew.begin());
         for (int64_t j = 0; j < np; ++j) {
@@ -288,11 +303,10 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       scalar_t* orow0 = op + ((b * H + h) * T + i0) * D;
       acc_t* lrow = lp + (b * H + h) * T + i0;
       for (int64_t i = 0; i < bq; ++i) {
-        const acc_t inv = acc_t(1) / l[i];
-        const acc_t* orow = o.data() + i * Dp;
-        for (int64_t d = 0; d < D; ++d) orow0[i * D + d] = from_acc<scalar_t>(orow[d] * inv);
         lrow[i] = m[i] * scale + std::log(l[i]);
+        l[i] = acc_t(1) / l[i];
       }
+      unpack_rows(o.data(), Dp, bq, D, orow0, l.data());
     }
   });
 }
@@ -317,11 +331,14 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
 
+  // Row stride of the transposed Q and dO: not a multiple of 4 KiB (T = 1024), which would put
+  // the D elements a tile product reads per step in one L1 set.
+  const int64_t ldt = Tp + kPad;
   // One (batch, head) per task: dK and dV accumulate over all query blocks, in a fixed order.
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<acc_t> qt(D * Tp), qpad(Tp * Dp), kt(D * Tp), kpad(Tp * Dp), vt(D * Tp),
-        dot(D * Tp), dopad(Tp * Dp), dqa(Tp * Dp), dka(Tp * Dp), dva(Tp * Dp), lsepad(Tp),
-        delta(Tp), st(kBlockK * kBlockQ), dst(kBlockK * kBlockQ);
+    std::vector<acc_t> qt(D * ldt), qpad(Tp * Dp), kpad(Tp * Dp), vpad(Tp * Dp), dot(D * ldt),
+        dopad(Tp * Dp), dqa(Tp * Dp), dka(Tp * Dp), dva(Tp * Dp), lsepad(Tp), delta(Tp),
+        st(kBlockK * kBlockQ), dst(kBlockK * kBlockQ);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const scalar_t* qbh = qp + b * vq.sb + h * vq.sh;
@@ -329,24 +346,21 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
       const scalar_t* vbh = vp + b * vv.sb + h * vv.sh;
       const scalar_t* obh = outp + b * vo.sb + h * vo.sh;
       const scalar_t* dobh = dop + b * vdo.sb + h * vdo.sh;
-      pack_transposed(qbh, vq.st, T, D, qt.data(), Tp);
+      pack_transposed(qbh, vq.st, T, D, qt.data(), ldt);
       pack_rows(qbh, vq.st, T, D, qpad.data(), Dp, Tp);
-      pack_transposed(kbh, vk.st, T, D, kt.data(), Tp);
       pack_rows(kbh, vk.st, T, D, kpad.data(), Dp, Tp);
-      pack_transposed(vbh, vv.st, T, D, vt.data(), Tp);
-      pack_transposed(dobh, vdo.st, T, D, dot.data(), Tp);
+      pack_rows(vbh, vv.st, T, D, vpad.data(), Dp, Tp);
+      pack_transposed(dobh, vdo.st, T, D, dot.data(), ldt);
       pack_rows(dobh, vdo.st, T, D, dopad.data(), Dp, Tp);
       // Padded queries get lse = +inf, so their P (and every gradient they touch) is 0.
       std::copy(lsep + bh * T, lsep + (bh + 1) * T, lsepad.begin());
       std::fill(lsepad.begin() + T, lsepad.end(), std::numeric_limits<acc_t>::infinity());
-      for (int64_t i = 0; i < Tp; ++i) {
-        acc_t acc = 0;
-        if (i < T) {
-          const scalar_t* orow = obh + i * vo.st;
-          const acc_t* drow = dopad.data() + i * Dp;
-          for (int64_t d = 0; d < D; ++d) acc += drow[d] * to_acc<acc_t>(orow[d]);
-        }
-        delta[i] = acc;
+      // delta[i] = sum_d dO[i, d] O[i, d], vectorized over i (dO^T is packed already)
+      std::fill(delta.begin(), delta.end(), acc_t(0));
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t* dcol = dot.data() + d * ldt;
+#pragma omp simd
+        for (int64_t i = 0; i < T; ++i) delta[i] += dcol[i] * to_acc<acc_t>(obh[i * vo.st + d]);
       }
       std::fill(dqa.begin(), dqa.end(), acc_t(0));
       std::fill(dka.begin(), dka.end(), acc_t(0));
@@ -359,14 +373,14 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
         for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
           const int64_t jn = std::min(kBlockK, kend - j0), np = round_up(jn, kPad);
           // P^T = exp(S^T scale - lse), zero where masked or padded
-          gemm<acc_t>(np, bqp, D, kt.data() + j0, 1, Tp, qt.data() + i0, Tp, st.data(), kBlockQ, false);
+          gemm<acc_t>(np, bqp, D, kpad.data() + j0 * Dp, Dp, 1, qt.data() + i0, ldt, st.data(), kBlockQ, false);
           mask_scores(st.data(), kBlockQ, np, bqp, jn, j0, i0, causal);
           exp_rows(st.data(), np, bqp, kBlockQ, li, scale);
           // dV_blk += P^T dO_blk
           gemm<acc_t>(np, Dp, bq, st.data(), kBlockQ, 1, dopad.data() + i0 * Dp, Dp,
                       dva.data() + j0 * Dp, Dp, true);
           // dP^T = V_blk dO^T, then dS^T = P^T (dP^T - delta) scale
-          gemm<acc_t>(np, bqp, D, vt.data() + j0, 1, Tp, dot.data() + i0, Tp, dst.data(), kBlockQ, false);
+          gemm<acc_t>(np, bqp, D, vpad.data() + j0 * Dp, Dp, 1, dot.data() + i0, ldt, dst.data(), kBlockQ, false);
           for (int64_t j = 0; j < np; ++j) {
             const acc_t* pr = st.data() + j * kBlockQ;
             acc_t* dr = dst.data() + j * kBlockQ;
@@ -381,13 +395,9 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
         }
       }
       const int64_t base = bh * T * D;
-      for (int64_t i = 0; i < T; ++i) {
-        for (int64_t d = 0; d < D; ++d) {
-          dqp[base + i * D + d] = from_acc<scalar_t>(dqa[i * Dp + d]);
-          dkp[base + i * D + d] = from_acc<scalar_t>(dka[i * Dp + d]);
-          dvp[base + i * D + d] = from_acc<scalar_t>(dva[i * Dp + d]);
-        }
-      }
+      unpack_rows(dqa.data(), Dp, T, D, dqp + base);
+      unpack_rows(dka.data(), Dp, T, D, dkp + base);
+      unpack_rows(dva.data(), Dp, T, D, dvp + base);
     }
   });
 }
