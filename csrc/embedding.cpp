@@ -46,7 +46,7 @@ void embedding_fwd_rows(const index_t* ids, const scalar_t* tp, const scalar_t* 
   for (int64_t n = n0; n < n1; ++n) {
     if (prefetch && n + kGatherPrefetchRows < n1) {
       const char* ahead = reinterpret_cast<const char*>(tp + static_cast<int64_t>(ids[n + kGatherPrefetchRows]) * C);
-      for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+      for (int64_t o = 0; o < row_bytes; o += 64) prefetch_read(ahead + o);
     }
     const scalar_t* trow = tp + static_cast<int64_t>(ids[n]) * C;
     const scalar_t* prow = pp + (n % T) * C;
