@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import sys
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -232,14 +231,14 @@ def _load_library() -> Tuple[str, str]:
     info = torch.ops.barkgpt_cpp.build_info()
     if info != "torch " + ".".join(torch.__version__.split("+")[0].split(".")[:3]):
         raise ImportError(f"{path} was compiled against {info}, but torch {torch.__version__} is running")
-    problem = torch.ops.barkgpt_cpp.output_cache_env_problem()
-    if problem:  # parsed in C++ while the library loaded, where a warning would bypass Python's
-        warnings.warn(problem, stacklevel=2)
     return path, how
 
 
 LIBRARY, BUILD = _load_library()
 _ops = torch.ops.barkgpt_cpp
+# What barkgpt.ops warns about once it has loaded this backend (None: nothing). C++ parses
+# BARKGPT_CPU_CACHE_MB while the library loads, where a warning would bypass Python's.
+LOAD_WARNING: Optional[str] = _ops.output_cache_env_problem() or None
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:

@@ -73,7 +73,11 @@ def _load(name: str):
             _load_errors[name] = f"{type(e).__name__}: {e}"
             return None
         _loaded[name] = mod
-        return mod
+    # A loaded backend's complaint about a setting (a bad BARKGPT_CPU_CACHE_MB), once, at the
+    # caller: the backend stays loaded even where warnings are errors.
+    if getattr(mod, "LOAD_WARNING", None):
+        warnings.warn(mod.LOAD_WARNING, UserWarning, stacklevel=3)
+    return mod
 
 
 def _device_type(device) -> str:

@@ -331,9 +331,10 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
 
-  // Row stride of the transposed Q and dO: not a multiple of 4 KiB (T = 1024), which would put
-  // the D elements a tile product reads per step in one L1 set.
-  const int64_t ldt = Tp + kPad;
+  // Row stride of the transposed Q and dO: not a multiple of 4 KiB (as Tp = 1024 fp32 is),
+  // which would put the D elements a tile product reads per step in one L1 set.
+  int64_t ldt = Tp + kPad;
+  if ((ldt * int64_t(sizeof(acc_t))) % 4096 == 0) ldt += kPad;
   // One (batch, head) per task: dK and dV accumulate over all query blocks, in a fixed order.
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
     std::vector<acc_t> qt(D * ldt), qpad(Tp * Dp), kpad(Tp * Dp), vpad(Tp * Dp), dot(D * ldt),

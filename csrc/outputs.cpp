@@ -274,22 +274,18 @@ class OutputCache final : public c10::Allocator {
   uint64_t reuses_ = 0, maps_ = 0;
 };
 
-OutputCache& cache();
-
-OutputCache* make_cache() {
-  auto* p = new OutputCache();
-  // A child forked while another thread held the lock would otherwise never get it.
-  pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
-  return p;
-}
-
 // Made when the library is loaded, before any thread can allocate, and never destroyed
 // (tensors freed during interpreter shutdown still give their blocks back). Not a static
 // made on first use: a child forked while another thread was inside such an initializer
 // waits forever on its guard (the fork test caught this, about 1 run in 15).
-OutputCache* const g_cache = make_cache();
+OutputCache* const g_cache = new OutputCache();
 
 OutputCache& cache() { return *g_cache; }
+
+// A child forked while another thread held the lock would otherwise never get it. Registered
+// after g_cache is set, so a handler never sees it unset.
+const bool g_fork_handlers_registered =
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); }) == 0;
 
 void OutputCache::delete_ptr(void* ptr) { cache().give_back(ptr); }
 

@@ -195,12 +195,13 @@ def test_the_memory_profiler_sees_outputs_from_the_cache():
 
     x, w, b = _ln_args(512, 256)  # y: 512 KiB, from the cache
     nbytes = x.numel() * x.element_size()
-    lib.layer_norm_fwd(x, w, b, 1e-5)  # its block is idle now: the profiled call reuses it
-    reuses = info()["reuses"]
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        y = lib.layer_norm_fwd(x, w, b, 1e-5)[0]
-        del y
-    assert info()["reuses"] == reuses + 1
+    with cache_limit(64 << 20):  # on, whatever BARKGPT_CPU_CACHE_MB says
+        lib.layer_norm_fwd(x, w, b, 1e-5)  # its block is idle now: the profiled call reuses it
+        reuses = info()["reuses"]
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            y = lib.layer_norm_fwd(x, w, b, 1e-5)[0]
+            del y
+        assert info()["reuses"] == reuses + 1
     op = [e for e in prof.key_averages() if e.key == "barkgpt_cpp::layer_norm_fwd"]
     assert len(op) == 1 and op[0].self_cpu_memory_usage >= nbytes
     assert -nbytes in [e.cpu_memory_usage for e in prof.events() if e.name == "[memory]"]
@@ -319,19 +320,33 @@ def test_environment_sets_the_limit():
     assert r.stdout.strip() == "0"
     r = run_python(code, {"BARKGPT_CPU_CACHE_MB": "64"})
     assert r.stdout.strip() == str(64 << 20), r.stderr
-    # a bad value: a Python warning (filterable, -W error raises), the default limit
+    # a bad value: a Python warning when barkgpt loads the backend, the default limit, and the
+    # backend stays available even where warnings are errors (the warning then raises once)
     warned = """
-        import warnings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            import torch, barkgpt._cpp
-        print([str(w.message) for w in caught if issubclass(w.category, UserWarning)])
-        print(torch.ops.barkgpt_cpp.output_cache_info()[4])
+        import sys, warnings
+        from barkgpt import ops
+        if sys.argv[1] == "error":
+            warnings.simplefilter("error")
+            try:
+                ops.available_backends("cpu")
+                print("no error")
+            except UserWarning as e:
+                print(str(e))
+            print(ops.available_backends("cpu"))
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                print([str(w.message) for w in caught], ops.available_backends("cpu"))
+            print([str(w.message) for w in caught if issubclass(w.category, UserWarning)])
+        print(ops.cpu_cache_info()["limit_bytes"])
     """
-    r = run_python(warned, {"BARKGPT_CPU_CACHE_MB": "lots"})
-    assert r.returncode == 0, r.stderr
-    messages, limit = r.stdout.strip().splitlines()
-    assert "ignoring BARKGPT_CPU_CACHE_MB=lots" in messages and int(limit) > 0
+    for mode in ("record", "error"):
+        r = run_python(warned.replace("sys.argv[1]", repr(mode)), {"BARKGPT_CPU_CACHE_MB": "lots"})
+        assert r.returncode == 0, r.stderr
+        first, second, limit = r.stdout.strip().splitlines()
+        message = first if mode == "error" else second
+        assert "ignoring BARKGPT_CPU_CACHE_MB=lots" in message, r.stdout
+        assert "cpp" in (second if mode == "error" else first) and int(limit) > 0, r.stdout
 
 
 def test_forked_children_can_allocate_while_parent_threads_use_the_cache():
