@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -22,48 +23,64 @@ using Tensor = at::Tensor;
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 
+// The dispatcher handle of a kernel op, looked up on first use. Not a function-local static
+// with a dynamic initializer: a child forked while another thread was inside that initializer
+// would wait forever on its guard. The slot is constant-initialized (no guard); two threads
+// racing on the first call both look the op up and one copy is dropped.
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+const c10::TypedOperatorHandle<Sig>& op_handle(std::atomic<c10::TypedOperatorHandle<Sig>*>& slot,
+                                               const char* name) {
+  auto* h = slot.load(std::memory_order_acquire);
+  if (h == nullptr) {
+    auto* fresh = new c10::TypedOperatorHandle<Sig>(
+        c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>());
+    if (slot.compare_exchange_strong(h, fresh, std::memory_order_acq_rel)) {
+      h = fresh;  // kept for the life of the process, like the op itself
+    } else {
+      delete fresh;  // another thread got there first: h is its handle
+    }
+  }
+  return *h;
 }
 
 Tensor3 ln_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, double eps) {
-  static auto op = op_handle<Tensor3(const Tensor&, const Tensor&, const std::optional<Tensor>&, double)>(
-      "barkgpt_cpp::layer_norm_fwd");
-  return op.call(x, w, b, eps);
+  using Sig = Tensor3(const Tensor&, const Tensor&, const std::optional<Tensor>&, double);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::layer_norm_fwd").call(x, w, b, eps);
 }
 
 Tensor3 ln_bwd(const Tensor& g, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
                const Tensor& mean, const Tensor& rstd) {
-  static auto op = op_handle<Tensor3(const Tensor&, const Tensor&, const Tensor&,
-                                     const std::optional<Tensor>&, const Tensor&, const Tensor&)>(
-      "barkgpt_cpp::layer_norm_bwd");
-  return op.call(g, x, w, b, mean, rstd);
+  using Sig = Tensor3(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                      const Tensor&, const Tensor&);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::layer_norm_bwd").call(g, x, w, b, mean, rstd);
 }
 
 Tensor2 attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal) {
-  static auto op = op_handle<Tensor2(const Tensor&, const Tensor&, const Tensor&, bool)>(
-      "barkgpt_cpp::attention_fwd");
-  return op.call(q, k, v, causal);
+  using Sig = Tensor2(const Tensor&, const Tensor&, const Tensor&, bool);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::attention_fwd").call(q, k, v, causal);
 }
 
 Tensor3 attn_bwd(const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
                  const Tensor& out, const Tensor& lse, bool causal) {
-  static auto op = op_handle<Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, bool)>("barkgpt_cpp::attention_bwd");
-  return op.call(g, q, k, v, out, lse, causal);
+  using Sig = Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, bool);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::attention_bwd").call(g, q, k, v, out, lse, causal);
 }
 
 Tensor emb_fwd(const Tensor& idx, const Tensor& tok, const Tensor& pos) {
-  static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
-      "barkgpt_cpp::embedding_add_fwd");
-  return op.call(idx, tok, pos);
+  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::embedding_add_fwd").call(idx, tok, pos);
 }
 
 Tensor2 emb_bwd(const Tensor& g, const Tensor& idx, c10::SymInt V, c10::SymInt P) {
-  static auto op = op_handle<Tensor2(const Tensor&, const Tensor&, c10::SymInt, c10::SymInt)>(
-      "barkgpt_cpp::embedding_add_bwd");
-  return op.call(g, idx, std::move(V), std::move(P));
+  using Sig = Tensor2(const Tensor&, const Tensor&, c10::SymInt, c10::SymInt);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::embedding_add_bwd").call(g, idx, std::move(V), std::move(P));
 }
 
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
