@@ -103,7 +103,8 @@ def bench_attention(reps, inner, dtype):
 
 
 def bench_step(reps, inner, dtype):
-    """One optimizer step (forward, loss, backward, AdamW) of whole presets, "cpp" vs "torch"."""
+    """One optimizer step (forward, loss, backward, AdamW as barkgpt.train configures it) of
+    whole presets, "cpp" vs "torch"."""
     from barkgpt import BarkGPT, GPTConfig
     for preset, B in (("bark", 32), ("bark-tiny", 32), ("bark-article", 8), ("small", 8)):
         config = GPTConfig.preset(preset)
@@ -114,7 +115,7 @@ def bench_step(reps, inner, dtype):
         for backend in ("cpp", "torch"):
             torch.manual_seed(0)
             model = BarkGPT(config, backend=backend)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            opt = model.configure_optimizers(learning_rate=1e-3)
 
             def step(model=model, opt=opt):
                 _, loss = model(idx, tgt)
