@@ -379,4 +379,3 @@ def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch
     if _is_compiling():
         return _ops.embedding_add_fwd.default(idx, tok_weight, pos_weight)
     return _ops.embedding_add.default(idx, tok_weight, pos_weight)
-

@@ -39,7 +39,8 @@ void dispatch_width(int64_t N, const F& f) {
   }
 }
 
-// With row_buf (N elements), each row of y is computed there and streamed out (stream_copy).
+// With row_buf (N elements), each row of y is computed there and streamed out (stream_copy);
+// the caller fences, as for the backward.
 template <int NF, typename scalar_t, typename acc_t>
 void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y, acc_t* mean,
                  acc_t* rstd, int64_t r0, int64_t r1, int64_t N_rt, acc_t eps, scalar_t* row_buf) {
@@ -68,7 +69,6 @@ void ln_fwd_rows(const scalar_t* x, const acc_t* w, const acc_t* b, scalar_t* y,
     }
     if (row_buf != nullptr) stream_copy(y + r * N, row_buf, N * int64_t(sizeof(scalar_t)));
   }
-  if (row_buf != nullptr) stream_fence();
 }
 
 // dx for rows [r0, r1); adds this chunk's dW, dB contributions into pw, pb (length N).
@@ -193,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
                                                           static_cast<acc_t>(eps),
                                                           stream ? row.data() : nullptr);
       });
+      if (stream) stream_fence();
     });
   });
   return {y, mean, rstd};
