@@ -115,27 +115,46 @@ class GPTConfig:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, path_or_text: str) -> "GPTConfig":
-        """Load from a JSON file path or a JSON string."""
-        text = path_or_text
-        if not path_or_text.lstrip().startswith("{"):
-            if os.path.isdir(path_or_text):
-                raise ConfigError(f"config file {path_or_text!r} is a directory; give a GPTConfig JSON file")
-            if not os.path.exists(path_or_text):
-                raise ConfigError(f"config file {path_or_text!r} does not exist")
-            try:
-                with open(path_or_text, "r", encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {path_or_text!r}: {e.strerror or e}") from None
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"config file {path_or_text!r} is not UTF-8 text (bad byte at offset "
-                                  f"{e.start}); give a GPTConfig JSON file") from None
+    def from_json_file(cls, path: str) -> "GPTConfig":
+        """Load from a JSON file (any path, even one that starts with ``{``)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; give a GPTConfig JSON file")
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text (bad byte at offset "
+                              f"{e.start}); give a GPTConfig JSON file") from None
+        return cls.from_json_text(text)
+
+    @classmethod
+    def from_json_text(cls, text: str) -> "GPTConfig":
+        """Load from JSON text (never read as a path)."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config is not valid JSON ({e})") from None
         return cls.from_dict(d)
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> "GPTConfig":
+        """Load from a JSON file path or a JSON string: a file that exists is always read as a
+        file (so a directory named ``{runs}`` works); otherwise text starting with ``{`` is JSON.
+        ``from_json_file`` / ``from_json_text`` say which explicitly."""
+        path_or_text = os.fspath(path_or_text)
+        if os.path.exists(path_or_text) or not path_or_text.lstrip().startswith("{"):
+            return cls.from_json_file(path_or_text)
+        try:
+            return cls.from_json_text(path_or_text)
+        except ConfigError as e:
+            if "\n" not in path_or_text and os.sep in path_or_text:
+                raise ConfigError(f"{e}; if {path_or_text!r} is meant as a file path, it does not exist") from None
+            raise
 
 
 BARK_VOCAB_SIZE = 9

@@ -84,3 +84,54 @@ def test_cpp_embedding_bwd_checks_sizes(vocab, positions):
     grad, idx = torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(RuntimeError, match="vocab_size and num_positions must be >= 0"):
         _cpp_ops().embedding_add_bwd(grad, idx, vocab, positions)
+
+
+# ---- checkpoints: helpers ------------------------------------------------------------------------
+
+def _tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return barkgpt.BarkGPT(GPTConfig.preset("bark", **overrides), backend="torch")
+
+
+def _rewrite(directory, name, data, manifest=None):
+    """What an attacker (or a crafted download) can do: change a file and the manifest with it."""
+    directory = str(directory)
+    if data is not None:
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+    mpath = os.path.join(directory, ckpt.MANIFEST_FILE)
+    with open(mpath) as f:
+        m = json.load(f)
+    if manifest is not None:
+        m["sha256"] = manifest
+    elif data is not None:
+        import hashlib
+        m["sha256"][name] = hashlib.sha256(data).hexdigest()
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+
+
+def _config_bytes(**changes):
+    d = GPTConfig.preset("bark").to_dict()
+    d.update(changes)
+    return json.dumps(d).encode()
+
+
+# ---- item 13: a path is a path, even when it starts with "{" ------------------------------------
+
+def test_a_run_under_a_brace_directory_loads(tmp_path):
+    d = tmp_path / "{runs}" / "a"
+    model = _tiny()
+    model.save(str(d))
+    assert GPTConfig.from_json(str(d / "config.json")) == model.config
+    assert GPTConfig.from_json_file(str(d / "config.json")) == model.config
+    torch.testing.assert_close(barkgpt.load(str(d)).token_emb.weight, model.token_emb.weight)
+
+
+def test_json_text_and_path_are_separate():
+    c = GPTConfig.preset("bark")
+    assert GPTConfig.from_json_text(c.to_json()) == c
+    with pytest.raises(ConfigError, match="does not exist"):
+        GPTConfig.from_json_file(c.to_json())  # text given as a path is a missing file
+    with pytest.raises(ConfigError, match="if '{runs}/x.json' is meant as a file path, it does not exist"):
+        GPTConfig.from_json("{runs}/x.json")
