@@ -117,6 +117,205 @@ def _config_bytes(**changes):
     return json.dumps(d).encode()
 
 
+# ---- item 2: manifest entries are plain names of regular files; config and weights are listed ----
+
+@pytest.mark.parametrize("entry", ["../secret.txt", "{abs}", "sub/../../secret.txt", "..", ""])
+def test_manifest_entries_outside_the_directory_are_refused(tmp_path, entry):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    with open(d / ckpt.MANIFEST_FILE) as f:
+        hashes = json.load(f)["sha256"]
+    hashes[entry.format(abs=str(secret))] = "0" * 64
+    _rewrite(d, None, None, manifest=hashes)
+    with pytest.raises(CheckpointError, match="not a file name inside"):
+        barkgpt.load(str(d))
+
+
+def test_manifest_naming_a_fifo_is_refused_without_hanging(tmp_path):
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    os.mkfifo(d / "pipe")
+    with open(d / ckpt.MANIFEST_FILE) as f:
+        hashes = json.load(f)["sha256"]
+    _rewrite(d, None, None, manifest={**hashes, "pipe": "0" * 64})
+    code = f"""
+        import barkgpt
+        try:
+            barkgpt.load({str(d)!r})
+        except barkgpt.CheckpointError as e:
+            print("REFUSED", e)
+    """
+    try:
+        r = run_python(code, env={"BARKGPT_BACKEND": "torch"}, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading a checkpoint whose manifest names a FIFO hung")
+    assert "REFUSED" in r.stdout and "not a regular file" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("dropped", [ckpt.CONFIG_FILE, ckpt.MODEL_FILE])
+def test_config_and_weights_must_be_listed(tmp_path, dropped):
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    with open(d / ckpt.MANIFEST_FILE) as f:
+        hashes = json.load(f)["sha256"]
+    del hashes[dropped]
+    _rewrite(d, None, None, manifest=hashes)
+    with pytest.raises(CheckpointError, match=f"does not list {dropped}"):
+        barkgpt.load(str(d))
+
+
+def test_an_unlisted_tokenizer_is_not_loaded(tmp_path):
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    (d / ckpt.TOKENIZER_FILE).write_text(json.dumps({"type": "bark"}))  # planted after the save
+    with pytest.raises(CheckpointError, match="tokenizer.json is not listed"):
+        barkgpt.load(str(d))
+
+
+def test_a_training_checkpoint_must_list_its_state(tmp_path):
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    path = ckpt.save_training_checkpoint(str(tmp_path), 1, model, opt, {"x": 1}, {})
+    with open(os.path.join(path, ckpt.MANIFEST_FILE)) as f:
+        hashes = json.load(f)["sha256"]
+    del hashes["state.json"]
+    _rewrite(path, None, None, manifest=hashes)
+    with pytest.raises(CheckpointError, match="does not list state.json"):
+        ckpt.load_training_checkpoint(path)
+
+
+# ---- items 3 and 8: weights are checked against the config before anything is allocated ----------
+
+def _load_capped(directory):
+    """barkgpt.load in a child process whose address space is capped at 4 GB, so that a loader
+    that does allocate what a crafted config asks for fails there, not on the machine."""
+    code = f"""
+        import resource, barkgpt
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            barkgpt.load({str(directory)!r})
+        except barkgpt.CheckpointError as e:
+            print("REFUSED", e)
+        except BaseException as e:
+            print("OTHER", type(e).__name__, str(e)[:300])
+        print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """
+    r = run_python(code, env={"BARKGPT_BACKEND": "torch"}, timeout=300)
+    assert "GROWTH_KB" in r.stdout, r.stdout + r.stderr
+    return r.stdout, int(r.stdout.split("GROWTH_KB")[1].split()[0]) / 1024
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(vocab_size=5_000_000), "token_emb.weight has shape [9, 32], the config needs [5000000, 32]"),
+    (dict(vocab_size=1_000_000_000), "token_emb.weight has shape [9, 32], the config needs [1000000000, 32]"),
+    (dict(n_layer=10**9), "the config says n_layer=1000000000, the weights hold 2 layers"),
+    (dict(block_size=10**8), "pos_emb.weight has shape [32, 32], the config needs [100000000, 32]"),
+])
+def test_a_huge_config_fails_before_allocating(tmp_path, changes, match):
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    _rewrite(d, ckpt.CONFIG_FILE, _config_bytes(**changes))
+    out, growth_mb = _load_capped(d)
+    assert "REFUSED" in out and match in out, out
+    assert growth_mb < 200, f"peak memory grew by {growth_mb:.0f} MB loading a 20 KB checkpoint"
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(n_layer=3), "the config says n_layer=3, the weights hold 2 layers"),
+    (dict(n_embd=64), r"token_emb.weight has shape \[9, 32\], the config needs \[9, 64\]"),
+    (dict(bias=False), "unexpected tensors"),
+])
+def test_a_config_that_does_not_fit_the_weights_is_named(tmp_path, changes, match):
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    _rewrite(d, ckpt.CONFIG_FILE, _config_bytes(**changes))
+    with pytest.raises(CheckpointError, match=match):
+        barkgpt.load(str(d))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8, torch.int32])
+def test_non_floating_weights_are_refused(tmp_path, dtype):
+    from safetensors.torch import save
+
+    d = tmp_path / "model"
+    model = _tiny()
+    model.save(str(d))
+    sd = model.export_state_dict()
+    sd["token_emb.weight"] = torch.ones(sd["token_emb.weight"].shape, dtype=dtype)
+    _rewrite(d, ckpt.MODEL_FILE, save({k: v.contiguous() for k, v in sd.items()}))
+    with pytest.raises(CheckpointError, match="token_emb.weight holds .* values; weights must be floating point"):
+        barkgpt.load(str(d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_floating_weights_of_another_precision_load(tmp_path, dtype):
+    from safetensors.torch import save
+
+    d = tmp_path / "model"
+    model = _tiny()
+    model.save(str(d))
+    sd = {k: v.to(dtype).contiguous() for k, v in model.export_state_dict().items()}
+    _rewrite(d, ckpt.MODEL_FILE, save(sd))
+    loaded = barkgpt.load(str(d))
+    torch.testing.assert_close(loaded.token_emb.weight, sd["token_emb.weight"].float())
+
+
+def test_a_header_claiming_more_bytes_than_the_file_holds_is_refused(tmp_path):
+    d = tmp_path / "model"
+    _tiny().save(str(d))
+    data = (d / ckpt.MODEL_FILE).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["token_emb.weight"]["shape"] = [9_000_000, 32]
+    raw = json.dumps(header).encode()
+    _rewrite(d, ckpt.MODEL_FILE, len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        barkgpt.load(str(d))
+
+
+# ---- item 11: a damaged final model falls back to the newest intact checkpoint ---------------------
+
+def _run_dir(tmp_path):
+    out = tmp_path / "run"
+    early, late = _tiny(1), _tiny(2)
+    for step, model in ((4, early), (8, late)):
+        ckpt.save_training_checkpoint(str(out), step, model, torch.optim.AdamW(model.parameters()), {}, {})
+    ckpt.save_model(late, str(out), step=8)
+    return out, early, late
+
+
+def test_a_killed_final_save_falls_back_to_the_newest_checkpoint(tmp_path):
+    out, _, late = _run_dir(tmp_path)
+    # killed after the new weights were renamed into place, before the manifest was
+    (out / ckpt.MODEL_FILE).write_bytes(ckpt._tensors_bytes(_tiny(3).export_state_dict()))
+    with pytest.warns(UserWarning, match=r"(?s)model.safetensors does not match its recorded checksum.*"
+                                         r"newest intact checkpoint instead: .*step_00000008"):
+        model = barkgpt.load(str(out))
+    torch.testing.assert_close(model.token_emb.weight, late.token_emb.weight, rtol=0, atol=0)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    out, early, _ = _run_dir(tmp_path)
+    os.remove(out / ckpt.MANIFEST_FILE)  # the first final save was killed: no manifest yet
+    with open(out / "checkpoints" / "step_00000008" / ckpt.MODEL_FILE, "r+b") as f:
+        f.truncate(100)
+    with pytest.warns(UserWarning, match="step_00000004"):
+        model = barkgpt.load(str(out))
+    torch.testing.assert_close(model.token_emb.weight, early.token_emb.weight, rtol=0, atol=0)
+
+
+def test_nothing_intact_raises_the_newest_error(tmp_path):
+    out, _, _ = _run_dir(tmp_path)
+    for p in [out / ckpt.MODEL_FILE] + [out / "checkpoints" / s / ckpt.MODEL_FILE
+                                        for s in ("step_00000004", "step_00000008")]:
+        p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=re.escape(f"{out / ckpt.MODEL_FILE} does not match")):
+        barkgpt.load(str(out))
+
+
 # ---- item 13: a path is a path, even when it starts with "{" ------------------------------------
 
 def test_a_run_under_a_brace_directory_loads(tmp_path):
@@ -135,3 +334,23 @@ def test_json_text_and_path_are_separate():
         GPTConfig.from_json_file(c.to_json())  # text given as a path is a missing file
     with pytest.raises(ConfigError, match="if '{runs}/x.json' is meant as a file path, it does not exist"):
         GPTConfig.from_json("{runs}/x.json")
+
+
+# ---- item 14: files and directories honour the umask -----------------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_saved_files_honour_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        model = _tiny()
+        model.save(str(tmp_path / "m"))
+        path = ckpt.save_training_checkpoint(str(tmp_path / "run"), 1, model,
+                                             torch.optim.AdamW(model.parameters()), {}, {})
+        ckpt.atomic_write_bytes(str(tmp_path / "run" / "metrics.jsonl"), b"{}\n")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "m" / n for n in os.listdir(tmp_path / "m")] + \
+            [os.path.join(path, n) for n in os.listdir(path)] + [tmp_path / "run" / "metrics.jsonl"]
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~mask, f
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o777 & ~mask
