@@ -31,7 +31,14 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    # SDPA's fused kernels treat a query row whose scores are all NaN or -inf as fully masked and
+    # return zeros for it; the definition (and the cpp and triton backends) give NaN, so bad
+    # input shows instead of being hidden. Such a row is exactly a query row with a non-finite
+    # element (finite q and k give finite scores). Three O(B*H*T*D) passes next to SDPA's
+    # O(B*H*T*T*D), no host sync, and autograd sees only the where() (the mask is bool).
+    finite_rows = torch.isfinite(q).all(dim=-1, keepdim=True)  # (B, H, T, 1)
+    return torch.where(finite_rows, out, float("nan"))
 
 
 def embedding_add_ref(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:

@@ -354,3 +354,50 @@ def test_saved_files_honour_the_umask(tmp_path, mask):
     for f in files:
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~mask, f
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o777 & ~mask
+
+
+# ---- item 7: every backend propagates a non-finite input through attention -------------------------
+
+def _attention_backends():
+    return [b for b in ops.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_propagates_non_finite_like_the_definition(where, value, causal):
+    from barkgpt.reference import attention_math
+
+    q, k, v = (torch.randn(2, 2, 7, 8) for _ in range(3))
+    {"q": q, "k": k, "v": v}[where][1, 0, 3, 5] = value
+    want = ~torch.isfinite(attention_math(q, k, v, causal=causal)).all(-1)  # rows with a NaN or inf
+    assert want.any()
+    for backend in _attention_backends():
+        got = ops.attention(q, k, v, causal=causal, backend=backend)
+        assert torch.equal(~torch.isfinite(got).all(-1), want), (backend, where, value)
+        # the rows the definition keeps finite are the definition's
+        torch.testing.assert_close(torch.where(want[..., None], 0, got),
+                                   torch.where(want[..., None], 0, attention_math(q, k, v, causal=causal)),
+                                   rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_attention_torch_backend_keeps_gradients_and_dtype():
+    from barkgpt.reference import attention_ref
+
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_ref(a, b, c, True), (q, k, v))
+    h = torch.randn(1, 2, 9, 8, dtype=torch.float16)
+    h[0, 1, 2, 0] = float("nan")
+    out = attention_ref(h, h, h, False)
+    assert out.dtype == torch.float16 and torch.isnan(out[0, 1, 2]).all() and torch.isfinite(out[0, 0]).all()
+
+
+def test_model_with_a_nan_query_weight_gives_nan_on_torch_like_cpp():
+    model = _tiny()
+    with torch.no_grad():
+        model.layers[0].attn.qkv.weight[0, 0] = float("nan")  # first head's query, one channel
+    idx = torch.randint(0, 9, (2, 8))
+    for backend in _attention_backends():
+        model.set_backend(backend)
+        logits, _ = model(idx)
+        assert torch.isnan(logits).all(), backend
