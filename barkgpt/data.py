@@ -504,6 +504,27 @@ def _read_sidecar(path: str, meta_path: str):
     return dtype, vocab_size, tokenizer
 
 
+def _check_token_ids_in_file(path: str, data: np.ndarray, vocab_size: int, split_at: int,
+                             chunk: int = 1 << 24) -> None:
+    """Every id of a token file in [0, vocab_size), checked once at load: a bad id would otherwise
+    surface only when a batch happens to sample it (as a cross-entropy error, the file unnamed).
+    Reads a memory-mapped file in chunks of ``chunk`` tokens, min/max per chunk."""
+    unsigned = data.dtype.kind == "u"
+    if unsigned and int(np.iinfo(data.dtype).max) < vocab_size:
+        return  # no value of the dtype is out of range
+    for start in range(0, len(data), chunk):
+        part = np.asarray(data[start:start + chunk])
+        if part.size == 0 or (int(part.max()) < vocab_size and (unsigned or int(part.min()) >= 0)):
+            continue
+        i = int(np.argmax((part >= vocab_size) | (part < 0)))
+        pos = start + i
+        split = "validation" if pos >= split_at else "training"
+        raise DataError(f"token file {path!r} holds token id {int(part[i])} at position {pos} (byte offset "
+                        f"{pos * data.dtype.itemsize}, in the {split} split), outside the vocabulary of "
+                        f"{vocab_size} its sidecar declares (valid ids are 0..{vocab_size - 1}); fix the file "
+                        f"or the sidecar's vocab_size (barkgpt tokenize makes both)")
+
+
 class TextCorpus:
     """A UTF-8 text file tokenized as bytes (memory-mapped: the file is the token array), or a
     pre-tokenized ``.bin`` file of integer token ids (uint16, uint32, ...) with a ``.json``
@@ -537,6 +558,8 @@ class TextCorpus:
                             f"with a {val_fraction:.0%} validation split; use a bigger file or a smaller block")
         self.has_val = n_val > 0
         self.eval_windows = eval_windows
+        if path.endswith(".bin"):
+            _check_token_ids_in_file(path, self.data, self.vocab_size, self.split_at)
 
     def _windows(self, starts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size

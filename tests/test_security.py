@@ -401,3 +401,56 @@ def test_model_with_a_nan_query_weight_gives_nan_on_torch_like_cpp():
         model.set_backend(backend)
         logits, _ = model(idx)
         assert torch.isnan(logits).all(), backend
+
+
+# ---- item 15: a token file is checked once at load; the error names file, position and id ---------
+
+def _token_file(tmp_path, ids, dtype, vocab):
+    path = tmp_path / "tok.bin"
+    np.asarray(ids, dtype=dtype).tofile(path)
+    (tmp_path / "tok.json").write_text(json.dumps({"vocab_size": vocab, "dtype": np.dtype(dtype).name}))
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.int64])
+@pytest.mark.parametrize("at, split", [(0, "training"), (517, "training"), (950, "validation"), (999, "validation")])
+def test_a_bad_token_id_is_named_at_load(tmp_path, dtype, at, split):
+    from barkgpt.data import DataError, TextCorpus
+
+    ids = np.arange(1000) % 300
+    ids[at] = 5000
+    path = _token_file(tmp_path, ids, dtype, 300)
+    with pytest.raises(DataError, match=rf"{re.escape(path)}.*token id 5000 at position {at} .*{split} split.*"
+                                        r"vocabulary of 300"):
+        TextCorpus(path, block_size=8)
+
+
+def test_a_negative_token_id_is_named(tmp_path):
+    from barkgpt.data import DataError, TextCorpus
+
+    ids = np.arange(1000) % 300
+    ids[42] = -1
+    with pytest.raises(DataError, match="token id -1 at position 42"):
+        TextCorpus(_token_file(tmp_path, ids, np.int32, 300), block_size=8)
+
+
+def test_token_file_check_reads_in_chunks(tmp_path):
+    from barkgpt.data import DataError, _check_token_ids_in_file
+
+    data = np.memmap(_token_file(tmp_path, np.arange(1000) % 300, np.uint16, 300), dtype=np.uint16, mode="r")
+    _check_token_ids_in_file("f", data, 300, 900, chunk=7)  # all good, chunks not dividing the length
+    bad = np.array(data)
+    bad[998] = 300
+    with pytest.raises(DataError, match="token id 300 at position 998"):
+        _check_token_ids_in_file("f", bad, 300, 900, chunk=7)
+    _check_token_ids_in_file("f", bad, 65536, 900, chunk=7)  # uint16 cannot exceed it: nothing read
+
+
+def test_a_bad_validation_token_stops_training_before_the_first_step(tmp_path):
+    ids = np.arange(2000) % 50
+    ids[1990] = 50
+    path = _token_file(tmp_path, ids, np.uint16, 50)
+    with pytest.raises(Exception, match="token id 50 at position 1990"):
+        barkgpt.train(model=GPTConfig.preset("bark", vocab_size=64).to_dict(), data=path, steps=2,
+                      batch_size=2, out=str(tmp_path / "run"), progress=False, sample=False,
+                      backend="torch", log=lambda msg: None)
