@@ -10,7 +10,9 @@ once and uses the torch backend). Where the compiled library comes from, first m
    another torch is never loaded. It is compiled once, under a file lock so parallel
    processes do not race, with a one-line message on stderr.
 
-``BARKGPT_NO_CPP=1`` disables the backend; ``BARKGPT_CACHE_DIR`` moves the build cache.
+``BARKGPT_NO_CPP=1`` disables the backend; ``BARKGPT_CACHE_DIR`` moves the build cache. A library
+is loaded only from a directory no other user can write (barkgpt/_cache_dir.py): anything else is
+refused with the reason, and barkgpt runs on the torch backend.
 C++ registers only schemas and CPU kernels; this module adds the fake (meta) kernels and the
 autograd formulas with ``torch.library``, so ``torch.compile(fullgraph=True)`` sees each op as
 one node and ``torch.library.opcheck`` passes.
@@ -29,7 +31,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _build
+from . import _build, _cache_dir
 from ._build import source_files, sources_hash
 
 __all__ = ["layer_norm", "attention", "embedding_add", "unavailable_reason", "LIBRARY", "BUILD"]
@@ -76,17 +78,8 @@ def _jit_flags() -> Tuple[List[str], List[str]]:
 
 
 def _cache_root() -> str:
-    root = os.environ.get("BARKGPT_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "barkgpt")
-    root = os.path.join(root, "cpp")
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError:  # read-only home: build under the temp dir instead
-        import tempfile
-        root = os.path.join(tempfile.gettempdir(), f"barkgpt-{getattr(os, 'getuid', lambda: 0)()}", "cpp")
-    return root
+    # Created 0700 and checked private (owner, modes, parents); raises UnsafeCacheDir if not.
+    return _cache_dir.cache_root()
 
 
 def _compiler_problem() -> Optional[str]:
@@ -151,14 +144,14 @@ def _jit_build(src: str) -> str:
     # a marker written after a finished build (under the lock) is what says it may be loaded.
     done = lib + ".done"
     if os.path.isfile(done) and os.path.isfile(lib):
-        return lib
+        return _cache_dir.check_library(lib)
     problem = _compiler_problem()
     if problem is not None:
         raise ImportError(problem)
-    os.makedirs(build_dir, exist_ok=True)
+    _cache_dir.private_dir(build_dir)
     with _FileLock(os.path.join(root, name + ".lock")):
         if os.path.isfile(done) and os.path.isfile(lib):  # another process built it meanwhile
-            return lib
+            return _cache_dir.check_library(lib)
         stale = os.path.join(build_dir, "lock")  # torch's own build marker, left by a killed build
         if os.path.exists(stale):
             os.remove(stale)
@@ -178,7 +171,7 @@ def _jit_build(src: str) -> str:
             raise ImportError(f"the C++ build finished but {lib} is missing")
         with open(done, "w", encoding="utf-8") as f:
             f.write(torch.__version__ + "\n")
-    return lib
+    return _cache_dir.check_library(lib)
 
 
 def _prebuilt(src: Optional[str]) -> Optional[str]:
@@ -201,7 +194,13 @@ def _prebuilt(src: Optional[str]) -> Optional[str]:
     cpu = record.get("cpu")
     if cpu is not None and cpu != _build.cpu_hash():
         return None  # tuned (-march=native) for another CPU
-    return spec.origin
+    # Installed beside barkgpt's Python code: trusted as far as that code is (its owner, root),
+    # provided no one else can write it. Otherwise build our own instead.
+    try:
+        return _cache_dir.check_library(spec.origin, owners=(0, os.stat(_HERE).st_uid))
+    except _cache_dir.UnsafeCacheDir as e:
+        sys.stderr.write(f"barkgpt: not loading the prebuilt barkgpt._C: {e}\n")
+        return None
 
 
 def _op_registered(name: str) -> bool:

@@ -454,3 +454,200 @@ def test_a_bad_validation_token_stops_training_before_the_first_step(tmp_path):
         barkgpt.train(model=GPTConfig.preset("bark", vocab_size=64).to_dict(), data=path, steps=2,
                       batch_size=2, out=str(tmp_path / "run"), progress=False, sample=False,
                       backend="torch", log=lambda msg: None)
+
+
+# ---- item 1: the C++ build cache: nothing another user could have written is loaded -------------
+
+ATTACKER = 1002
+_EVIL_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+  FILE *f = fopen(MARKER, "w");
+  if (f) { fputs("the planted library ran\n", f); fclose(f); }
+}
+"""
+
+
+def _planted_library(tmp_path):
+    """A shared library whose constructor writes a marker file: proof that it was loaded."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler to build the planted library")
+    marker = tmp_path / "PLANTED_LIBRARY_RAN"
+    src = tmp_path / "planted.c"
+    src.write_text(_EVIL_C.replace("MARKER", json.dumps(str(marker))))
+    lib = tmp_path / "planted.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    return lib.read_bytes(), marker
+
+
+def _build_paths():
+    if CPP_DISABLED:
+        pytest.skip("BARKGPT_NO_CPP is set: the cpp backend is disabled on purpose")
+    import barkgpt._cpp as cpp
+
+    if cpp.BUILD != "jit":
+        pytest.skip(f"the kernels here are not a JIT build ({cpp.BUILD}): no cache path to plant at")
+    # A victim with the same torch, flags and sources looks for the library at the same place.
+    return os.path.basename(os.path.dirname(cpp.LIBRARY)), os.path.basename(cpp.LIBRARY)
+
+
+def _plant(cache_cpp_dir, lib_bytes, uid=None):
+    """Put a library and its '.done' marker where the JIT build of these sources would be, as
+    ``uid`` (a forked child that drops to it) or as ourselves."""
+    build_name, lib_name = _build_paths()
+
+    def write():
+        d = os.path.join(cache_cpp_dir, build_name)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, lib_name), "wb") as f:
+            f.write(lib_bytes)
+        with open(os.path.join(d, lib_name + ".done"), "w") as f:
+            f.write("done\n")
+
+    if uid is None:
+        write()
+        return
+    pid = os.fork()
+    if pid == 0:  # the attacker: another uid, no groups
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.umask(0o022)
+            write()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "planting as the second uid failed"
+
+
+def _victim(env, cmd=("-m", "barkgpt", "info")):
+    full = dict(os.environ, PYTHONPATH=REPO, **env)
+    full.pop("BARKGPT_BACKEND", None)
+    full.pop("BARKGPT_NO_CPP", None)
+    return subprocess.run([sys.executable, *cmd], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def sticky_tmp():
+    """A fresh world-writable sticky directory, like /tmp, that a second uid can reach."""
+    d = tempfile.mkdtemp(prefix="barkgpt-sec-", dir="/tmp")
+    os.chmod(d, 0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to act as a second uid (the mode-based tests below still run)")
+def test_a_library_planted_by_another_uid_in_the_temp_fallback_is_not_loaded(tmp_path, sticky_tmp):
+    lib_bytes, marker = _planted_library(tmp_path)
+    # No usable ~/.cache (as with HOME=/nonexistent): the cache falls back to <tmp>/barkgpt-<uid>,
+    # which the attacker created first.
+    _plant(os.path.join(sticky_tmp, f"barkgpt-{os.geteuid()}", "cpp"), lib_bytes, uid=ATTACKER)
+    assert os.stat(os.path.join(sticky_tmp, f"barkgpt-{os.geteuid()}")).st_uid == ATTACKER
+    r = _victim({"TMPDIR": sticky_tmp, "XDG_CACHE_HOME": "/dev/null/cache", "BARKGPT_CACHE_DIR": ""})
+    assert not marker.exists(), "barkgpt loaded a library planted by another user"
+    assert r.returncode == 0, r.stderr
+    assert f"owned by uid {ATTACKER}, not by you" in r.stdout and "refusing to build or load" in r.stdout, r.stdout
+    assert "cpu   auto -> torch" in r.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to act as a second uid")
+def test_a_shared_cache_dir_owned_by_another_uid_is_refused(tmp_path, sticky_tmp):
+    lib_bytes, marker = _planted_library(tmp_path)
+    shared = os.path.join(sticky_tmp, "shared-cache")
+    _plant(os.path.join(shared, "cpp"), lib_bytes, uid=ATTACKER)  # the attacker's own dir, 0755
+    r = _victim({"BARKGPT_CACHE_DIR": shared})
+    assert not marker.exists(), "barkgpt loaded a library from a cache owned by another user"
+    assert f"owned by uid {ATTACKER}" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("mode_of", ["cache", "cpp", "build", "library"])
+def test_group_or_other_writable_cache_or_library_is_refused(tmp_path, mode_of):
+    lib_bytes, marker = _planted_library(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    _plant(str(cache / "cpp"), lib_bytes)
+    build_name, lib_name = _build_paths()
+    target = {"cache": cache, "cpp": cache / "cpp", "build": cache / "cpp" / build_name,
+              "library": cache / "cpp" / build_name / lib_name}[mode_of]
+    os.chmod(cache / "cpp", 0o700)
+    os.chmod(cache / "cpp" / build_name, 0o700)
+    os.chmod(target, 0o777 if mode_of != "library" else 0o666)  # a shared directory, or a writable file
+    r = _victim({"BARKGPT_CACHE_DIR": str(cache)})
+    assert not marker.exists(), f"barkgpt loaded a library from a cache whose {mode_of} others can write"
+    assert "is writable by group or others" in r.stdout and "refusing to build or load" in r.stdout, r.stdout
+
+
+def test_group_writable_is_refused_too(tmp_path):
+    from barkgpt import _cache_dir
+
+    d = tmp_path / "c"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o770)
+    with pytest.raises(_cache_dir.UnsafeCacheDir, match="writable by group or others"):
+        _cache_dir.private_dir(str(d / "cpp"))
+
+
+def test_the_fallback_is_created_private_even_under_umask_0(sticky_tmp):
+    code = """
+        import os, stat
+        os.umask(0)
+        from barkgpt import _cache_dir
+        root = _cache_dir.cache_root()
+        print("ROOT", root)
+        for p in (root, os.path.dirname(root)):
+            print("MODE", oct(stat.S_IMODE(os.stat(p).st_mode)))
+    """
+    r = run_python(code, env={"TMPDIR": sticky_tmp, "XDG_CACHE_HOME": "/dev/null/cache", "BARKGPT_CACHE_DIR": ""})
+    assert f"ROOT {sticky_tmp}/barkgpt-{os.geteuid()}/cpp" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("MODE 0o700") == 2, r.stdout
+
+
+def test_a_symlinked_cache_is_checked_where_it_points(tmp_path):
+    from barkgpt import _cache_dir
+
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    assert _cache_dir.private_dir(str(tmp_path / "link" / "cpp")) == str(tmp_path / "link" / "cpp")
+    os.chmod(real, 0o777)
+    with pytest.raises(_cache_dir.UnsafeCacheDir, match=f"{real} is writable by group or others"):
+        _cache_dir.private_dir(str(tmp_path / "link" / "cpp"))
+
+
+def test_the_default_cache_still_loads():
+    if CPP_DISABLED:
+        pytest.skip("BARKGPT_NO_CPP is set")
+    import barkgpt._cpp as cpp
+    from barkgpt import _cache_dir
+
+    assert cpp.BUILD in ("jit", "prebuilt", "loaded")
+    if cpp.BUILD == "jit":
+        assert _cache_dir.check_library(cpp.LIBRARY) == cpp.LIBRARY
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_check_library_trusts_only_the_owners_it_is_given(tmp_path):
+    from barkgpt import _cache_dir
+
+    d = tmp_path / "pkg"
+    d.mkdir(mode=0o755)
+    lib = d / "_C.so"
+    lib.write_bytes(b"\0")
+    os.chmod(lib, 0o755)
+    assert _cache_dir.check_library(str(lib)) == str(lib)
+    os.chown(lib, ATTACKER, ATTACKER)
+    with pytest.raises(_cache_dir.UnsafeCacheDir, match=f"owned by uid {ATTACKER}"):
+        _cache_dir.check_library(str(lib))
+    # the prebuilt barkgpt._C: its package's owner (who controls barkgpt's Python code anyway)
+    assert _cache_dir.check_library(str(lib), owners=(0, ATTACKER)) == str(lib)
+    os.chmod(lib, 0o775)
+    with pytest.raises(_cache_dir.UnsafeCacheDir, match="writable by group or others"):
+        _cache_dir.check_library(str(lib), owners=(0, ATTACKER))
+    os.mkfifo(d / "fifo")
+    with pytest.raises(_cache_dir.UnsafeCacheDir, match="not a regular file"):
+        _cache_dir.check_library(str(d / "fifo"))
