@@ -3,8 +3,9 @@
 Loading a shared library runs its code, so a library is loaded only from places no other user
 can write: the directory must be owned by the current user and not writable by group or
 others, and so must every parent up to ``/`` (root may own a parent; a world-writable parent
-such as ``/tmp`` needs the sticky bit, so that others cannot rename what is ours). Missing
-directories are created with mode 0700. Anything else is refused with the reason, and
+such as ``/tmp`` needs the sticky bit, so that others cannot rename what is ours). Group write
+is fine when the group is the user's own (user private groups, where the umask is 002 and
+``~/.cache`` is often 0775). Missing directories are created with mode 0700. Anything else is refused with the reason, and
 barkgpt then runs on the torch backend.
 
 Where: ``$BARKGPT_CACHE_DIR/cpp``, else ``$XDG_CACHE_HOME/barkgpt/cpp`` (``~/.cache``), else,
@@ -14,6 +15,7 @@ predictable name another user can create first, hence the checks.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tempfile
@@ -26,6 +28,20 @@ class UnsafeCacheDir(ImportError):
 
 def _checks_apply() -> bool:
     return hasattr(os, "geteuid") and os.name != "nt"  # Windows: ACLs, not modes; not checked
+
+
+@functools.lru_cache(maxsize=16)
+def _own_group(gid: int) -> bool:
+    """gid is the current user's private group: named after the user, the user's primary group,
+    no other members listed, so its write permission lets no one else in."""
+    try:
+        import grp
+        import pwd
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError, OSError):
+        return False
+    return gid == os.getegid() and group.gr_name == user and all(m == user for m in group.gr_mem)
 
 
 def _chain(path: str):
@@ -63,7 +79,8 @@ def unsafe_reason(path: str, owners: Iterable[int] = ()) -> Optional[str]:
                 return f"{what} is owned by uid {st.st_uid}, not by you (uid {me})"
             if stat.S_ISLNK(st.st_mode):
                 continue  # a link's own mode means nothing; its target is on the resolved chain
-            if st.st_mode & 0o022 and not (i > 0 and st.st_mode & stat.S_ISVTX):
+            others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and not _own_group(st.st_gid))
+            if others_write and not (i > 0 and st.st_mode & stat.S_ISVTX):
                 return f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import sys
 from typing import List, Optional, Tuple
 
@@ -169,6 +170,7 @@ def _jit_build(src: str) -> str:
             raise ImportError(_short_build_error(str(e), log)) from None
         if not os.path.isfile(lib):
             raise ImportError(f"the C++ build finished but {lib} is missing")
+        os.chmod(lib, stat.S_IMODE(os.stat(lib).st_mode) & ~0o022)  # a umask of 002 made it group-writable
         with open(done, "w", encoding="utf-8") as f:
             f.write(torch.__version__ + "\n")
     return _cache_dir.check_library(lib)

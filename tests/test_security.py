@@ -582,14 +582,25 @@ def test_group_or_other_writable_cache_or_library_is_refused(tmp_path, mode_of):
     assert "is writable by group or others" in r.stdout and "refusing to build or load" in r.stdout, r.stdout
 
 
-def test_group_writable_is_refused_too(tmp_path):
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chgrp")
+def test_group_writable_is_refused_unless_the_group_is_ours_alone(tmp_path):
+    import grp
+    import pwd
+
     from barkgpt import _cache_dir
 
     d = tmp_path / "c"
     d.mkdir(mode=0o700)
     os.chmod(d, 0o770)
+    os.chown(d, -1, ATTACKER)  # a group another user may be in
     with pytest.raises(_cache_dir.UnsafeCacheDir, match="writable by group or others"):
         _cache_dir.private_dir(str(d / "cpp"))
+    me = pwd.getpwuid(os.geteuid())
+    group = grp.getgrgid(os.getegid())
+    if group.gr_name != me.pw_name or any(m != me.pw_name for m in group.gr_mem):
+        pytest.skip("our primary group is not a user private group here")
+    os.chown(d, -1, os.getegid())  # umask 002 with a user private group: only we are in it
+    assert _cache_dir.private_dir(str(d / "cpp")) == str(d / "cpp")
 
 
 def test_the_fallback_is_created_private_even_under_umask_0(sticky_tmp):
@@ -651,3 +662,32 @@ def test_check_library_trusts_only_the_owners_it_is_given(tmp_path):
     os.mkfifo(d / "fifo")
     with pytest.raises(_cache_dir.UnsafeCacheDir, match="not a regular file"):
         _cache_dir.check_library(str(d / "fifo"))
+
+
+def test_our_own_build_under_umask_002_is_loadable(tmp_path, monkeypatch):
+    # The linker honours the umask: under 002 the fresh library is group-writable. Where the
+    # group is shared (not the user's own), it must still be usable: the build makes it go-w.
+    if CPP_DISABLED:
+        pytest.skip("BARKGPT_NO_CPP is set")
+    import barkgpt._cpp as cpp
+    from barkgpt import _cache_dir
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("BARKGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "_compiler_problem", lambda: None)
+    monkeypatch.setattr(_cache_dir, "_own_group", lambda gid: False)
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        path = os.path.join(build_directory, name + cpp_extension.LIB_EXT)
+        with open(path, "wb") as f:
+            f.write(b"a library")
+        os.chmod(path, 0o775 & ~0o002)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    old = os.umask(0o002)
+    try:
+        lib = cpp._jit_build(cpp.source_dir())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(lib).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(os.path.dirname(lib)).st_mode) == 0o700
