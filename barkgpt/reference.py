@@ -35,10 +35,12 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     # SDPA's fused kernels treat a query row whose scores are all NaN or -inf as fully masked and
     # return zeros for it; the definition (and the cpp and triton backends) give NaN, so bad
     # input shows instead of being hidden. Such a row is exactly a query row with a non-finite
-    # element (finite q and k give finite scores). Three O(B*H*T*D) passes next to SDPA's
-    # O(B*H*T*T*D), no host sync, and autograd sees only the where() (the mask is bool).
-    finite_rows = torch.isfinite(q).all(dim=-1, keepdim=True)  # (B, H, T, 1)
-    return torch.where(finite_rows, out, float("nan"))
+    # element (finite q and k give finite scores). x - x is 0 for every finite x and NaN for
+    # NaN/inf, so the row sums below are exactly 0 or NaN (no overflow) and adding them changes
+    # nothing else: two cheap O(B*H*T*D) passes and an add next to SDPA's O(B*H*T*T*D), no
+    # host sync, and on a detached q, so autograd adds only the add's pass-through.
+    qd = q.detach()
+    return out + (qd - qd).sum(dim=-1, keepdim=True)  # (B, H, T, 1): 0, or NaN for a bad row
 
 
 def embedding_add_ref(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
