@@ -392,6 +392,18 @@ def test_attention_torch_backend_keeps_gradients_and_dtype():
     assert out.dtype == torch.float16 and torch.isnan(out[0, 1, 2]).all() and torch.isfinite(out[0, 0]).all()
 
 
+def test_attention_torch_backend_propagates_nan_under_torch_compile():
+    # the guard must not be simplified away by the compiler (x - x is not 0 for NaN or inf)
+    from barkgpt.reference import attention_ref
+
+    f = torch.compile(lambda q, k, v: attention_ref(q, k, v, True), fullgraph=True)
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    for value in (float("nan"), float("-inf")):
+        q[0, 0, 2, 1] = value
+        bad = torch.isnan(f(q, k, v)).any(-1)
+        assert bad[0, 0, 2] and bad.sum() == 1, value
+
+
 def test_model_with_a_nan_query_weight_gives_nan_on_torch_like_cpp():
     model = _tiny()
     with torch.no_grad():
