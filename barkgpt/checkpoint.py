@@ -496,7 +496,14 @@ def save_training_checkpoint(out_dir: str, step: int, model, optimizer, state: D
     keep = {p for _, p in ck[-max(keep_last, 1):]} | {p for s, p in ck if s in keep_steps}
     for _, p in ck:
         if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            # Out of sight first (one rename): a kill during the rmtree must not leave a
+            # half-deleted checkpoint that still looks complete; the next save clears the rest.
+            trash = os.path.join(root, f".tmp-pruned-{os.path.basename(p)}")
+            try:
+                os.replace(p, trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
     return final
 
 

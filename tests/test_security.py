@@ -703,3 +703,29 @@ def test_our_own_build_under_umask_002_is_loadable(tmp_path, monkeypatch):
         os.umask(old)
     assert stat.S_IMODE(os.stat(lib).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(os.path.dirname(lib)).st_mode) == 0o700
+
+
+# ---- a kill while old checkpoints are pruned leaves no half-deleted checkpoint in sight ------------
+
+def test_a_kill_mid_prune_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        ckpt.save_training_checkpoint(str(tmp_path), step, model, opt, {}, {}, keep_last=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, *a, **k):  # deletes one file, then the process dies
+        victim = sorted(os.listdir(path))[-1]
+        os.remove(os.path.join(path, victim))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_training_checkpoint(str(tmp_path), 3, model, opt, {}, {}, keep_last=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    steps = [s for s, _ in ckpt.list_checkpoints(str(tmp_path))]
+    assert steps == [2, 3]
+    for _, path in ckpt.list_checkpoints(str(tmp_path)):
+        ckpt.load_training_checkpoint(path)  # every visible checkpoint is complete
+    ckpt.save_training_checkpoint(str(tmp_path), 4, model, opt, {}, {}, keep_last=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000003", "step_00000004"]
