@@ -255,17 +255,35 @@ def _cmd_tokenize(a) -> int:
     return 0
 
 
+def _eval_size(d) -> str:
+    if d.get("eval_tokens") is not None:
+        return f"{d['eval_tokens']:,}"
+    return f"sized, <= {d['eval_tokens_max']:,}"
+
+
 def _cmd_presets(_a) -> int:
-    from .config import GPTConfig
+    from .config import EVAL_SHARE, GPTConfig, train_defaults
     from .model import BarkGPT
 
     import torch
 
+    rows = []
     for name, about in GPTConfig.presets().items():
         c = GPTConfig.preset(name)
         with torch.device("meta"):
             n = BarkGPT(c, backend="torch").num_params()
-        print(f"{name:13s} {n / 1e6:9.3f}M  {about}")
+        d = train_defaults(name, c)
+        rows.append((name, f"{n / 1e6:.3f}M", f"{d['lr']:g}", str(d["batch_size"]),
+                     f"5%, <= {d['warmup_max']}", _eval_size(d), about))
+    head = ("preset", "params", "lr", "batch", "warmup", "eval tokens", "")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(6)]
+    for r in [head] + rows:
+        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r[:6], widths)))
+              + ("  " + r[6] if r[6] else ""))
+    print(f"\nlr, batch (sequences per micro-step), warmup (of the steps) and eval tokens are what `barkgpt train "
+          f"--preset NAME` uses unless --lr, --batch-size, --warmup-steps, --eval-tokens say otherwise; a sized "
+          f"evaluation reads about {EVAL_SHARE} x --eval-every x tokens per step (a tenth of the training "
+          f"between evaluations).")
     return 0
 
 
