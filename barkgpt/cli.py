@@ -220,8 +220,55 @@ def _explicit_flags(parser, argv) -> set:
     return set(given) - {"command"}
 
 
+def _without_nproc(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc-per-node":
+            skip = True
+        elif not x.startswith("--nproc-per-node="):
+            out.append(x)
+    return out
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """`barkgpt train --nproc-per-node N`: what `torchrun --standalone --nproc_per_node N -m barkgpt
+    train` does, in this process, so that Ctrl-C ends in the training processes' one message
+    (rank 0's) instead of torchrun's SignalException traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as torchrun would set
+    # torch's launcher logs each signal it forwards and each worker it stops: the workers say it
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "--module",
+                                         "barkgpt", "train", *argv])
+    try:
+        run(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = next((c for c in codes if c not in (0, None)), 1)
+        if code == 2:  # a user error, already reported by the failing process in one line
+            return 2
+        print(f"barkgpt train: a training process failed with exit code {code} (its error is above)",
+              file=sys.stderr)
+        return code if 0 < code < 256 else 1
+    return 0
+
+
 def _cmd_train(a, parser=None, argv=None) -> int:
     from .train import train
+
+    if a.nproc_per_node and a.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(a.nproc_per_node, _without_nproc(list(sys.argv[2:] if argv is None else argv[1:])))
 
     cfg = _train_config_from_args(a)
     if not a.resume:
@@ -390,8 +437,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not getattr(e, "reported_by_main", False):
             print(f"barkgpt {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("barkgpt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # Training says itself what it saved; under torchrun, rank 0 speaks for the run.
+        if not getattr(e, "reported_by_train", False) and os.environ.get("RANK", "0") == "0":
+            print("barkgpt: interrupted", file=sys.stderr)
         return 130
 
 

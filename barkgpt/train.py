@@ -7,6 +7,7 @@ validation, atomic checkpoints and exact resume.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -24,7 +25,7 @@ import torch
 from . import checkpoint as ckpt
 from . import perf
 from . import distributed
-from .config import PRESETS, GPTConfig
+from .config import PRESETS, GPTConfig, default_eval_tokens, default_warmup, train_defaults
 from .data import BarkCorpus, load_dataset
 from .model import BarkGPT
 
@@ -34,7 +35,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "keep_last", "log_every", "progress", "sample",
-                     "device", "backend", "compile", "on_nonfinite")
+                     "device", "backend", "compile", "on_nonfinite", "eval_tokens", "eval_batches")
 
 
 class TrainingError(RuntimeError):
@@ -49,12 +50,14 @@ class TrainConfig:
     model: Optional[Dict[str, Any]] = None  # GPTConfig fields; overrides the preset when given
     vocab_size: Optional[int] = None  # overrides the model's vocab_size (a tokenized corpus's)
     data: str = "bark"
+    val_data: Optional[str] = None  # a validation file like `data` (then all of `data` trains)
+    val_fraction: Optional[float] = None  # held-out share of `data`; None: 0.1 (0 with val_data)
     steps: int = 600
-    batch_size: int = 64
+    batch_size: Optional[int] = None  # None: the preset's (config.TRAIN_DEFAULTS)
     grad_accum: int = 1
-    lr: float = 1e-2
+    lr: Optional[float] = None  # None: the preset's
     min_lr_ratio: float = 0.1
-    warmup_steps: Optional[int] = None  # None: 5% of steps (at most 100)
+    warmup_steps: Optional[int] = None  # None: 5% of steps, at most the preset's cap
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -65,14 +68,19 @@ class TrainConfig:
     dtype: str = "auto"
     out: Optional[str] = None  # None: runs/<preset>, runs/<preset>-2, ... (first free)
     eval_every: int = 100
+    eval_tokens: Optional[int] = None  # validation tokens per evaluation; None: the preset's / sized to the run
+    eval_batches: Optional[int] = None  # or: this many batches of batch_size windows
     save_every: int = 200  # 0: only at the end
     keep_last: int = 3
     log_every: int = 10
     compile: bool = False
     deterministic: bool = False
     on_nonfinite: str = "stop"  # or "skip": drop the step and go on
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; plain log lines otherwise (or when False)
     sample: bool = True
+    # Set when --resume changed `steps`: [step, lr] from which the rest of the cosine decay runs
+    # (from that lr to the minimum at the new last step), so the learning rate never jumps.
+    decay_from: Optional[List[float]] = None
 
     def validate(self) -> None:
         def positive(name, allow_zero=False):
@@ -80,8 +88,18 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not allow_zero):
                 raise TrainingError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
 
-        for n in ("steps", "batch_size", "grad_accum", "eval_every", "keep_last", "log_every"):
+        for n in ("steps", "grad_accum", "eval_every", "keep_last", "log_every"):
             positive(n)
+        for n in ("batch_size", "eval_tokens", "eval_batches"):
+            if getattr(self, n) is not None:
+                positive(n)
+        if self.eval_tokens is not None and self.eval_batches is not None:
+            raise TrainingError("give eval_tokens or eval_batches (--eval-tokens or --eval-batches), not both")
+        if self.val_fraction is not None and (isinstance(self.val_fraction, bool) or not isinstance(
+                self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1):
+            raise TrainingError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+        if self.val_data is not None and self.val_fraction:
+            raise TrainingError("give val_data or val_fraction (--val-data or --val-fraction), not both")
         if self.vocab_size is not None:
             positive("vocab_size")
         positive("save_every", allow_zero=True)
@@ -89,9 +107,11 @@ class TrainConfig:
             positive("warmup_steps", allow_zero=True)
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
             v = getattr(self, name)
+            if v is None and name == "lr":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TrainingError(f"{name} must be a finite number, got {v!r}")
-        if not 0 < self.lr < 10:
+        if self.lr is not None and not 0 < self.lr < 10:
             raise TrainingError(f"lr must be a positive number below 10, got {self.lr!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise TrainingError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
@@ -116,6 +136,31 @@ class TrainConfig:
             cfg = dataclasses.replace(cfg, vocab_size=self.vocab_size)
         return cfg
 
+    def defaults(self) -> Dict[str, Any]:
+        """The preset's training defaults (config.train_defaults), by size for a model of your own."""
+        return train_defaults(None if self.model is not None else self.preset, self.model_config())
+
+    def fill_defaults(self) -> None:
+        """Fill lr, batch_size and warmup_steps left to the preset with its values (a new run
+        saves them, so a later change of the defaults never changes a resumed run)."""
+        if self.lr is None or self.batch_size is None or self.warmup_steps is None:
+            d = self.defaults()
+            if self.lr is None:
+                self.lr = d["lr"]
+            if self.batch_size is None:
+                self.batch_size = d["batch_size"]
+            if self.warmup_steps is None:
+                self.warmup_steps = default_warmup(self.steps, d["warmup_max"])
+
+    def eval_windows(self, block_size: int, tokens_per_step: int) -> int:
+        """Windows (sequences of block_size tokens) per evaluation asked for."""
+        if self.eval_batches is not None:
+            return self.eval_batches * self.batch_size
+        tokens = self.eval_tokens
+        if tokens is None:
+            tokens = default_eval_tokens(self.defaults(), self.eval_every, tokens_per_step, block_size)
+        return max(1, -(-tokens // block_size))
+
 
 @dataclass
 class TrainResult:
@@ -129,6 +174,9 @@ class TrainResult:
     optimal_loss: Optional[float]  # the corpus's best achievable loss, when known (bark)
     tokens_per_sec: float
     sample: Optional[str] = None
+    # text corpora: the last evaluation in bits per byte of the text (comparable across tokenizers)
+    final_val_bpb: Optional[float] = None
+    final_val_ppl: Optional[float] = None  # exp(final_val_loss): perplexity per token
 
 
 # ---- the run, top-down: settings -> setup -> loop -> final save ------------------------------
@@ -250,6 +298,11 @@ class Run:
     flops_per_token: float = 0.0
     peak: Optional[float] = None
     optimal: Optional[float] = None  # the corpus's best achievable loss (bark)
+    eval_windows: int = 0  # windows (block_size tokens each) per evaluation
+    token_bytes: Optional[torch.Tensor] = None  # bytes of text per token id (text corpora), for bits per byte
+    plain: bool = True  # plain log lines instead of a progress bar
+    recent: Any = None  # (time, tokens done) of the last steps: the recent tokens/s
+    first_step_s: Optional[float] = None  # how long the first step of this process took (compilation)
     resumed_from: Optional[int] = None  # the step resumed from (None: a new run)
     last_ckpt: Optional[str] = None
     t0: float = 0.0
@@ -277,9 +330,10 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
         raise TrainingError(str(e)) from None
     amp_dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
+    cfg.fill_defaults()  # lr, batch size, warmup: the preset's unless given
 
     model_cfg = resumed["config"] if resumed else cfg.model_config()
-    dataset = load_dataset(cfg.data, model_cfg.block_size)
+    dataset = load_dataset(cfg.data, model_cfg.block_size, val_data=cfg.val_data, val_fraction=cfg.val_fraction)
     if dataset.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but the model's "
                             f"vocab_size is {model_cfg.vocab_size}; pass --vocab-size {dataset.vocab_size} "
@@ -308,6 +362,8 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     if isinstance(dataset, BarkCorpus):
         run.optimal = dataset.optimal_loss(getattr(dataset, "val", None))
     run.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * model_cfg.block_size  # all ranks
+    run.eval_windows = dataset.eval_windows(cfg.eval_windows(model_cfg.block_size, run.tokens_per_step))
+    run.token_bytes = getattr(dataset, "token_bytes", None)
     # MFU per device: tokens/s of all ranks over world.size, against this device's peak (None
     # where the peak is unknown, e.g. CPUs, unless BARKGPT_PEAK_TFLOPS says).
     run.flops_per_token = model.flops_per_token()
@@ -324,12 +380,19 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     say(f"barkgpt: {model.num_params():,} parameters, {cfg.steps} steps of {run.tokens_per_step:,} tokens, "
         f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {run.out_dir}"
         + (f", {world.size} processes" if world.enabled else ""))
+    say(f"lr {cfg.lr:g} (warmup {cfg.warmup_steps} steps), batch {cfg.batch_size} x {model_cfg.block_size} tokens"
+        + (f" x {cfg.grad_accum} micro-steps" if cfg.grad_accum > 1 else "")
+        + f"; evaluation every {cfg.eval_every} steps: {run.eval_windows:,} windows = "
+          f"{run.eval_windows * model_cfg.block_size:,} tokens of {_val_source(dataset)}; loss: cross-entropy in "
+          f"nats per token" + ("; bits per byte of text for evaluations" if run.token_bytes is not None else ""))
     run.metrics = _Metrics(os.path.join(run.out_dir, "metrics.jsonl") if world.is_main else None,
                            run.resumed_from)
     if world.is_main:
         with open(os.path.join(run.out_dir, "train_config.json"), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-    if cfg.progress and world.is_main:
+    # A bar on a terminal; plain lines every log_every steps in a file, a pipe or a scheduler's log.
+    run.plain = not (cfg.progress and _is_terminal(sys.stderr))
+    if world.is_main and not run.plain:
         from tqdm.auto import tqdm
 
         run.bar = tqdm(total=cfg.steps, initial=state.step, unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -346,12 +409,19 @@ def run_loop(run: Run, state: TrainState) -> None:
     there); a second one stops at once. Any way out restores the process's signal handlers
     and determinism setting."""
     cfg, world = run.cfg, run.world
-    interrupts = Interrupts(saved_step=state.step if run.resumed_from is not None else -1)
+    interrupts = Interrupts(saved_step=state.step if run.resumed_from is not None else -1,
+                            announce=world.is_main)
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:  # deterministic kernels (ours always are) and cuBLAS settings; restored after
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     run.t0 = time.perf_counter()
+    run.recent = collections.deque(maxlen=RECENT_STEPS + 1)
+    run.recent.append((run.t0, 0))
+    if cfg.compile and state.step < cfg.steps:
+        run.say("compiling the model (torch.compile): the first step takes longer")
+        if run.bar is not None:
+            run.bar.set_postfix_str("compiling (first step)", refresh=True)
     try:
         while state.step < cfg.steps:
             result = train_step(run, state, interrupts)
@@ -371,11 +441,12 @@ def run_loop(run: Run, state: TrainState) -> None:
                 if interrupts.saved_step != state.step:
                     save_on_all_ranks(run, state, interrupts)
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if run.bar is not None:
             run.bar.close()
             run.bar = None
         on_interrupt(run, state, interrupts)
+        e.reported_by_train = True  # the command line adds nothing to what on_interrupt said
         raise
     finally:
         interrupts.restore()
@@ -394,9 +465,13 @@ def _finish(run: Run, state: TrainState) -> TrainResult:
     elapsed = time.perf_counter() - run.t0
     tps = run.tok_done / elapsed if elapsed > 0 and run.tok_done else 0.0
     final_val = state.val_history[-1]["val_loss"] if state.val_history else None
+    final_bpb = state.val_history[-1].get("val_bpb") if state.val_history else None
+    final_ppl = state.val_history[-1].get("val_ppl") if state.val_history else None
     msg = f"done: {len(state.losses)} steps"
     if final_val is not None:
         msg += f", val loss {final_val:.4f}"
+    if final_bpb is not None:
+        msg += f" ({final_bpb:.4f} bits per byte, perplexity {final_ppl:.2f})"
     if run.optimal is not None:
         msg += f" (corpus optimum {run.optimal:.4f}, {100 * (final_val / run.optimal - 1):+.1f}%)"
     if run.skipped:
@@ -410,7 +485,8 @@ def _finish(run: Run, state: TrainState) -> TrainResult:
     return TrainResult(model=state.model, out_dir=run.out_dir, checkpoint=run.last_ckpt, losses=state.losses,
                        val_history=state.val_history, final_val_loss=final_val,
                        best_val_loss=state.best_val_loss if state.best_step >= 0 else None,
-                       optimal_loss=run.optimal, tokens_per_sec=tps, sample=sample)
+                       optimal_loss=run.optimal, tokens_per_sec=tps, sample=sample, final_val_bpb=final_bpb,
+                       final_val_ppl=final_ppl)
 
 
 # ---- the pieces of a step ---------------------------------------------------------------------
@@ -497,10 +573,22 @@ def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]
     return {"loss_sum": loss_sum, "n_total": n_total, "grad_norm": gnorm}
 
 
+RECENT_STEPS = 20  # the recent tokens/s is over this many steps (compilation drops out of it)
+EVAL_PROGRESS_EVERY_S = 5.0  # plain logs: a line this often while a long evaluation runs
+
+
 def log_step(run: Run, state: TrainState, result: StepResult) -> None:
     """The step's metrics line when due (a skipped step's event always)."""
-    elapsed = time.perf_counter() - run.t0
+    now = time.perf_counter()
+    elapsed = now - run.t0
     tps = run.tok_done / elapsed if elapsed > 0 else 0.0
+    if run.first_step_s is None:
+        run.first_step_s = elapsed
+        if run.cfg.compile:  # the first step compiled: time and rates from the second step on
+            run.recent.clear()
+            if run.bar is not None:
+                run.bar.set_postfix_str(f"compiled in {elapsed:.1f}s", refresh=False)
+    run.recent.append((now, run.tok_done))
     if result.skipped:
         run.metrics.write(step=result.step, event="skipped_nonfinite", what=result.what)
     elif run.due(result.step, run.cfg.log_every):
@@ -510,49 +598,137 @@ def log_step(run: Run, state: TrainState, result: StepResult) -> None:
     run.tokens_per_sec = tps
 
 
+def recent_rate(run: Run) -> Optional[tuple]:
+    """(tokens/s, seconds per step) over the last RECENT_STEPS steps; None before there are two points."""
+    if run.recent is None or len(run.recent) < 2:
+        return None
+    (t_a, tok_a), (t_b, tok_b) = run.recent[0], run.recent[-1]
+    if t_b <= t_a:
+        return None
+    return (tok_b - tok_a) / (t_b - t_a), (t_b - t_a) / (len(run.recent) - 1)
+
+
 def show_progress(run: Run, state: TrainState, result: StepResult) -> None:
+    """The bar on a terminal; otherwise a plain line every log_every steps (and at the last)."""
+    rate = recent_rate(run)
     if run.bar is not None:
+        if result.step == 1 + (run.resumed_from or 0) and run.cfg.compile:
+            # ETA from the steps after the compiling one
+            run.bar.update(1)
+            run.bar.start_t, run.bar.initial = run.bar._time(), run.bar.n  # noqa: SLF001
+            return
         run.bar.update(1)
-        post = {"loss": f"{result.loss:.4f}", "tok/s": f"{run.tokens_per_sec:,.0f}"}
+        post = {"loss": f"{result.loss:.4f}", "tok/s": f"{rate[0]:,.0f}" if rate else "-"}
         if state.val_history:
             post["val"] = f"{state.val_history[-1]['val_loss']:.4f}"
         run.bar.set_postfix(post, refresh=False)
+        return
+    if not run.plain or not (run.due(result.step, run.cfg.log_every) or result.step == 1 + (run.resumed_from or 0)):
+        return
+    parts = [f"step {result.step}/{run.cfg.steps}",
+             f"loss {result.loss:.4f}" if not result.skipped else f"skipped (non-finite {result.what})"]
+    if state.val_history:
+        parts.append(f"val {state.val_history[-1]['val_loss']:.4f} (step {state.val_history[-1]['step']})")
+    parts.append(f"lr {result.lr:.2e}")
+    if result.step == 1 + (run.resumed_from or 0) and run.cfg.compile:
+        parts.append(f"compiled in {run.first_step_s:.1f}s")
+    elif rate:
+        parts.append(f"{rate[0]:,.0f} tok/s")
+        util = perf.mfu(run.flops_per_token, rate[0] / run.world.size, run.peak)
+        if util is not None:
+            parts.append(f"MFU {100 * util:.1f}%")
+        parts.append(f"ETA {_duration(rate[1] * (run.cfg.steps - result.step))}")
+    run.say(" | ".join(parts))
 
 
 def evaluate_run(run: Run, state: TrainState) -> float:
-    """Evaluate the model at the step just completed; record it in the state and the metrics."""
-    val_loss = evaluate(state.model, run.dataset, run.cfg.batch_size, run.device, run.amp, run.world)
+    """Evaluate the model at the step just completed (its size and progress shown); record it in
+    the state and the metrics, with bits per byte and perplexity for text corpora."""
+    T = state.model.config.block_size
+    if run.bar is not None:
+        run.bar.set_postfix_str(f"evaluating {run.eval_windows:,} windows", refresh=True)
+    elif run.plain:
+        run.say(f"step {state.step}: evaluating {run.eval_windows:,} windows ({run.eval_windows * T:,} tokens)")
+    t0, last = time.perf_counter(), [time.perf_counter()]
+
+    def progress(done: int, total: int) -> None:
+        if run.bar is not None:
+            run.bar.set_postfix_str(f"evaluating {done:,}/{total:,} windows", refresh=True)
+        elif run.plain and time.perf_counter() - last[0] >= EVAL_PROGRESS_EVERY_S and done < total:
+            last[0] = time.perf_counter()
+            run.say(f"step {state.step}: evaluated {done:,}/{total:,} windows")
+
+    stats = evaluate_stats(state.model, run.dataset, run.cfg.batch_size, run.device, run.amp, run.world,
+                           windows=run.eval_windows, token_bytes=run.token_bytes,
+                           on_batch=progress if run.world.is_main else None)
+    val_loss = stats["loss"]
     state.record_eval(val_loss)
-    run.metrics.write(step=state.step, val_loss=val_loss, **({"optimal_loss": run.optimal} if run.optimal else {}))
+    extra = {}
+    if stats.get("bpb") is not None:
+        extra.update(val_bpb=stats["bpb"], val_ppl=stats["ppl"])
+        state.val_history[-1].update(val_bpb=stats["bpb"], val_ppl=stats["ppl"])
+    run.metrics.write(step=state.step, val_loss=val_loss, eval_tokens=stats["tokens"], **extra,
+                      **({"optimal_loss": run.optimal} if run.optimal else {}))
+    if run.plain:
+        text = f"step {state.step}: val {val_loss:.4f}"
+        if "val_bpb" in extra:
+            text += f" ({extra['val_bpb']:.4f} bits per byte, perplexity {extra['val_ppl']:.2f})"
+        run.say(text + f" over {stats['tokens']:,} target tokens in {time.perf_counter() - t0:.1f}s")
     return val_loss
 
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int, device: torch.device, amp_ctx,
-             world: Optional[distributed.World] = None) -> float:
-    """Mean loss over every non-ignored target of the held-out set (split across ranks)."""
+             world: Optional[distributed.World] = None, windows: Optional[int] = None) -> float:
+    """Mean loss over every non-ignored target of the held-out set (split across ranks); the
+    first ``windows`` windows of it (None: the dataset's default)."""
+    return evaluate_stats(model, dataset, batch_size, device, amp_ctx, world, windows=windows)["loss"]
+
+
+@torch.no_grad()
+def evaluate_stats(model, dataset, batch_size: int, device: torch.device, amp_ctx,
+                   world: Optional[distributed.World] = None, windows: Optional[int] = None,
+                   token_bytes: Optional[torch.Tensor] = None,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
+    """{"loss": mean loss per target token (nats), "tokens": targets, and with ``token_bytes``
+    (bytes of text per token id) "bpb": bits per byte of the targets' text and "ppl":
+    perplexity}. ``on_batch(windows done, windows in all)`` after each batch of this rank."""
     world = world or distributed.World()
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    n_bytes = torch.zeros((), dtype=torch.float64)
     count = 0
+    n_windows = dataset.eval_windows(windows)
+    done = 0
     try:
-        for x, y in world.shard(dataset.eval_batches(batch_size)):
-            x, y = x.to(device), y.to(device)
-            with amp_ctx():
-                logits = model(x)
-            n = int((y != dataset.ignore_index).sum())
-            if n == 0:
-                continue
-            loss = BarkGPT.loss_from_logits(logits, y, dataset.ignore_index)
-            total += loss.double() * n
-            count += n
+        for x, y in world.shard(dataset.eval_batches(batch_size, windows)):
+            done += x.shape[0] * world.size
+            mask = y != dataset.ignore_index
+            n = int(mask.sum())
+            if n:
+                if token_bytes is not None:
+                    n_bytes += token_bytes[y[mask]].sum()
+                x, y = x.to(device), y.to(device)
+                with amp_ctx():
+                    logits = model(x)
+                loss = BarkGPT.loss_from_logits(logits, y, dataset.ignore_index)
+                total += loss.double() * n
+                count += n
+            if on_batch is not None:
+                on_batch(min(done, n_windows), n_windows)
     finally:
         model.train(was_training)
     if world.enabled:
-        sums = world.sum_(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
-        total, count = sums[0], int(sums[1])
-    return float(total) / max(count, 1)
+        sums = world.sum_(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device),
+                                       n_bytes.to(device)]))
+        total, count, n_bytes = sums[0], int(sums[1]), sums[2]
+    loss = float(total) / max(count, 1)
+    out = {"loss": loss, "tokens": count}
+    if token_bytes is not None and float(n_bytes) > 0:
+        out["bpb"] = float(total) / math.log(2) / float(n_bytes)
+        out["ppl"] = math.exp(min(loss, 700.0))
+    return out
 
 
 def save_checkpoint(state: TrainState, out_dir: str) -> str:
@@ -594,8 +770,8 @@ class Interrupts:
     afterwards. Also tracks what an interrupt may save: ``updating`` is the step whose update
     and bookkeeping are under way (None between steps), ``saved_step`` the last step saved."""
 
-    def __init__(self, saved_step: int = -1, install: bool = True):
-        self.requested, self._old = False, None
+    def __init__(self, saved_step: int = -1, install: bool = True, announce: bool = True):
+        self.requested, self._old, self.announce = False, None, announce
         self.saved_step, self.updating = saved_step, None
         if install and threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -605,8 +781,9 @@ class Interrupts:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nbarkgpt: stopping at the next step boundary (saved there); Ctrl-C again to stop now",
-              file=sys.stderr, flush=True)
+        if self.announce:  # rank 0 speaks for the run: one message, not one per process
+            print("\nbarkgpt: stopping at the next step boundary (saved there); Ctrl-C again to stop now",
+                  file=sys.stderr, flush=True)
 
     def begin_update(self, step: int) -> None:
         self.updating = step
@@ -636,6 +813,7 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
             raise TrainingError(f"nothing to resume in {cfg.out!r}: it has no checkpoints")
         resumed = ckpt.load_training_checkpoint(latest)
         saved = TrainConfig(**resumed["state"]["train_config"])
+        before = dataclasses.replace(saved)  # the schedule the run had
         # batch_size is per process: the global micro-batch (the data stream) stays the run's.
         saved_world = resumed["state"].get("world_size", 1)
         if saved_world != world_size:
@@ -660,6 +838,7 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
             for k in RESUME_MAY_CHANGE:
                 setattr(saved, k, getattr(cfg, k))
         saved.out = cfg.out
+        _replan_decay(before, saved, resumed["state"]["step"], say)
         cfg = saved
     else:
         # (with no --out, a default run directory is reserved once the run starts: _train)
@@ -673,7 +852,24 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
         # Not under torchrun: there each machine resolves a relative path in its own directory.
         if world_size == 1:
             cfg.data = _data_path(cfg.data)
+            if cfg.val_data is not None:
+                cfg.val_data = _data_path(cfg.val_data)
     return cfg, resumed
+
+
+def _replan_decay(before: TrainConfig, cfg: TrainConfig, step: int, say) -> None:
+    """A resumed run given another number of steps: from the step it resumes at, the cosine
+    decay runs from the learning rate it has reached to the minimum at the new last step (a
+    finished run that is extended trains on at the minimum). Warmup stays as it was."""
+    if cfg.steps == before.steps or step >= cfg.steps:
+        return
+    warmup = before.warmup_steps if before.warmup_steps is not None else min(100, before.steps // 20)
+    cfg.warmup_steps = warmup
+    if step < warmup:
+        return  # still warming up: the decay after it is planned for the new steps from the start
+    cfg.decay_from = [step, lr_at(step, before)]
+    say(f"steps {before.steps} -> {cfg.steps}: the learning rate decays from {cfg.decay_from[1]:.3g} at step "
+        f"{step} to {cfg.lr * cfg.min_lr_ratio:.3g} at step {cfg.steps}")
 
 
 def _data_path(data: str) -> str:
@@ -715,14 +911,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step.
+    A run whose steps were changed on resume (cfg.decay_from = [s0, lr0]) decays from lr0 at
+    step s0 to the minimum at its new last step instead: the learning rate never jumps (a
+    finished run that is extended trains on at the minimum)."""
+    peak = cfg.lr if cfg.lr is not None else cfg.defaults()["lr"]
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, cfg.steps // 20)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    span = max(1, cfg.steps - warmup - 1)  # the last step (steps - 1) gets exactly the minimum
-    progress = min(1.0, (step - warmup) / span)
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+        return peak * (step + 1) / warmup
+    min_lr = peak * cfg.min_lr_ratio
+    start, top = warmup, peak
+    if cfg.decay_from is not None and step >= cfg.decay_from[0]:
+        start, top = int(cfg.decay_from[0]), float(cfg.decay_from[1])
+    span = max(1, cfg.steps - start - 1)  # the last step (steps - 1) gets exactly the minimum
+    progress = min(1.0, (step - start) / span)
+    return min_lr + 0.5 * (top - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def _reserve_out_dir(base: str) -> str:
@@ -737,6 +940,30 @@ def _reserve_out_dir(base: str) -> str:
             return path
         except FileExistsError:
             i += 1
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _val_source(dataset) -> str:
+    if isinstance(dataset, BarkCorpus):
+        return "the bark corpus's held-out set"
+    if getattr(dataset, "val_path", None):
+        return os.path.basename(dataset.val_path)
+    if getattr(dataset, "has_val", True):
+        return f"the last {dataset.val_fraction:.0%} of {dataset.name}"
+    return f"{dataset.name} (no held-out share: the training data)"
+
+
+def _duration(sec: float) -> str:
+    sec = int(round(sec))
+    h, rem = divmod(sec, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
 
 def _sample_text(model, dataset, device) -> Optional[str]:
     tok = getattr(dataset, "tokenizer", None)
