@@ -243,10 +243,11 @@ def _launch(nproc: int, argv: List[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as torchrun would set
-    # torch's launcher logs each signal it forwards and each worker it stops: the workers say it
+    # torch's launcher logs each signal it forwards and each worker that stops or fails: the
+    # workers say it themselves (and a failure is summed up below)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "--module",
                                          "barkgpt", "train", *argv])
     try:

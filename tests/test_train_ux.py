@@ -284,3 +284,14 @@ def test_ctrl_c_under_torchrun_says_it_once_per_run(tmp_path):
     assert err.count("stopping at the next step boundary") == 1, err
     assert err.count("interrupted: saved") == 1, err
     assert "barkgpt: interrupted" not in err
+
+
+def test_an_error_with_nproc_per_node_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    env = dict(os.environ, BARKGPT_BACKEND="torch", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "barkgpt", "train", "--nproc-per-node", "2", "--device", "cpu",
+                        "--steps", "2", "--out", "taken"], capture_output=True, text=True, env=env,
+                       cwd=str(tmp_path), timeout=240)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "barkgpt train: error: --out 'taken' is a file, not a directory; choose another --out"], p.stderr
