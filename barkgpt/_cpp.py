@@ -83,11 +83,34 @@ def _cache_root() -> str:
     return _cache_dir.cache_root()
 
 
+class _NoCudaHomeNotice:
+    """Drops torch's import-time "No CUDA runtime is found, using CUDA_HOME=..." warning: on a
+    CPU machine with a CUDA build of torch it says nothing about building CPU kernels."""
+
+    def filter(self, record) -> bool:
+        return "No CUDA runtime is found" not in str(record.msg)
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported only when a build is needed (its import probes for
+    CUDA and logs about it), without that notice."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    notice = _NoCudaHomeNotice()
+    logger.addFilter(notice)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(notice)
+    return cpp_extension
+
+
 def _compiler_problem() -> Optional[str]:
     cxx = os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
     if shutil.which(cxx.split()[0]) is None:
         return f"no C++ compiler found (looked for {cxx!r}; install one, or set CXX)"
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
@@ -128,8 +151,6 @@ def _short_build_error(text: str, log_path: str) -> str:
 
 def _jit_build(src: str) -> str:
     """Path of the JIT-built library for this torch/Python/CPU/sources, compiling it if needed."""
-    from torch.utils import cpp_extension
-
     cflags, ldflags = _jit_flags()
     key_parts = [torch.__version__, sys.version.split()[0], sys.platform, platform.machine(),
                  " ".join(cflags + ldflags), sources_hash(src)]
@@ -139,7 +160,7 @@ def _jit_build(src: str) -> str:
     name = f"barkgpt_cpp_{key}"
     root = _cache_root()
     build_dir = os.path.join(root, f"torch-{torch.__version__}-{key}")
-    ext = getattr(cpp_extension, "LIB_EXT", ".pyd" if os.name == "nt" else ".so")
+    ext = ".pyd" if os.name == "nt" else ".so"  # cpp_extension.LIB_EXT, without importing it
     lib = os.path.join(build_dir, name + ext)
     # The linker writes the library in place, so its mere existence does not mean it is whole:
     # a marker written after a finished build (under the lock) is what says it may be loaded.
@@ -156,6 +177,7 @@ def _jit_build(src: str) -> str:
         stale = os.path.join(build_dir, "lock")  # torch's own build marker, left by a killed build
         if os.path.exists(stale):
             os.remove(stale)
+        cpp_extension = _cpp_extension()
         sys.stderr.write(f"barkgpt: compiling the C++ CPU kernels for torch {torch.__version__} "
                          f"(once, about a minute) in {build_dir}\n")
         sys.stderr.flush()

@@ -65,6 +65,13 @@ def _seed_type(lo: int, hi: int):
     return seed
 
 
+def _fraction(s: str) -> float:
+    v = _nonneg_float(s)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s}")
+    return v
+
+
 def _unit_float(s: str) -> float:
     v = _positive_float(s)
     if v > 1:
@@ -95,12 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="the model's vocabulary instead of the preset's (at least the data's; "
                         "`barkgpt tokenize` prints it)")
-    t.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default: 600)")
-    t.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per micro-step (default: 64)")
+    t.add_argument("--val-data", default=None, metavar="FILE",
+                   help="validation file of the same kind as --data (then all of --data trains)")
+    t.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="share of --data held out for validation, in [0, 1); 0 validates on the training "
+                        "data (default: 0.1)")
+    t.add_argument("--steps", type=_positive_int, default=600,
+                   help="optimizer steps; on --resume, a new total (the rest of the lr decay is re-planned "
+                        "from the current lr) (default: 600)")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="sequences per micro-step (default: the preset's, see `barkgpt presets`)")
     t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step (default: 1)")
-    t.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (default: 1e-2)")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default: the preset's, see `barkgpt presets`)")
     t.add_argument("--min-lr-ratio", type=_nonneg_float, default=0.1, help="final lr / peak lr (default: 0.1)")
-    t.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps (default: 5%% of steps, at most 100)")
+    t.add_argument("--warmup-steps", type=_nonneg_int, default=None,
+                   help="linear warmup steps (default: 5%% of steps, at most the preset's cap)")
     t.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW weight decay on matmul weights (default: 0.1)")
     t.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm, 0 disables (default: 1.0)")
     # Training also seeds its data stream with seed + 1, hence one less at the top.
@@ -114,12 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run directory (default: runs/<preset>, numbered if taken)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--eval-every", type=_positive_int, default=100, help="validate every N steps (default: 100)")
+    ev = t.add_mutually_exclusive_group()
+    ev.add_argument("--eval-tokens", type=_positive_int, default=None,
+                    help="validation tokens per evaluation, rounded up to whole windows of block_size "
+                         "(default: the preset's, or sized to about a tenth of the training time)")
+    ev.add_argument("--eval-batches", type=_positive_int, default=None,
+                    help="validation batches of --batch-size windows per evaluation (instead of --eval-tokens)")
+    t.add_argument("--log-every", type=_positive_int, default=10,
+                   help="a log line (and metrics.jsonl entry) every N steps (default: 10)")
     t.add_argument("--save-every", type=_nonneg_int, default=200, help="checkpoint every N steps, 0: only at the end (default: 200)")
     t.add_argument("--keep-last", type=_positive_int, default=3, help="checkpoints kept besides the best (default: 3)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--deterministic", action="store_true", help="deterministic algorithms: identical weights run to run")
     t.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss/gradient instead of stopping")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="plain log lines every --log-every steps instead of a progress bar (the default "
+                        "when stderr is not a terminal)")
+    t.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine (what torchrun --standalone "
+                        "--nproc_per_node N does, with one clean message on Ctrl-C)")
     t.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
 
     g = sub.add_parser("generate", help="sample text from a trained model",
@@ -168,7 +198,9 @@ def _train_config_from_args(a):
         grad_clip=a.grad_clip, seed=a.seed, device=a.device, backend=None if a.backend == "auto" else a.backend,
         dtype=a.dtype, out=a.out, eval_every=a.eval_every, save_every=a.save_every, keep_last=a.keep_last,
         compile=a.compile, deterministic=a.deterministic, on_nonfinite="skip" if a.skip_nonfinite else "stop",
-        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size)
+        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size, val_data=a.val_data,
+        val_fraction=a.val_fraction, eval_tokens=a.eval_tokens, eval_batches=a.eval_batches,
+        log_every=a.log_every)
     if a.config:
         cfg.model = GPTConfig.from_json(a.config).to_dict()
     return cfg
@@ -188,8 +220,56 @@ def _explicit_flags(parser, argv) -> set:
     return set(given) - {"command"}
 
 
+def _without_nproc(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc-per-node":
+            skip = True
+        elif not x.startswith("--nproc-per-node="):
+            out.append(x)
+    return out
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """`barkgpt train --nproc-per-node N`: what `torchrun --standalone --nproc_per_node N -m barkgpt
+    train` does, in this process, so that Ctrl-C ends in the training processes' one message
+    (rank 0's) instead of torchrun's SignalException traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as torchrun would set
+    # torch's launcher logs each signal it forwards and each worker that stops or fails: the
+    # workers say it themselves (and a failure is summed up below)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "--module",
+                                         "barkgpt", "train", *argv])
+    try:
+        run(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = next((c for c in codes if c not in (0, None)), 1)
+        if code == 2:  # a user error, already reported by the failing process in one line
+            return 2
+        print(f"barkgpt train: a training process failed with exit code {code} (its error is above)",
+              file=sys.stderr)
+        return code if 0 < code < 256 else 1
+    return 0
+
+
 def _cmd_train(a, parser=None, argv=None) -> int:
     from .train import train
+
+    if a.nproc_per_node and a.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(a.nproc_per_node, _without_nproc(list(sys.argv[2:] if argv is None else argv[1:])))
 
     cfg = _train_config_from_args(a)
     if not a.resume:
@@ -255,17 +335,35 @@ def _cmd_tokenize(a) -> int:
     return 0
 
 
+def _eval_size(d) -> str:
+    if d.get("eval_tokens") is not None:
+        return f"{d['eval_tokens']:,}"
+    return f"sized, <= {d['eval_tokens_max']:,}"
+
+
 def _cmd_presets(_a) -> int:
-    from .config import GPTConfig
+    from .config import EVAL_SHARE, GPTConfig, train_defaults
     from .model import BarkGPT
 
     import torch
 
+    rows = []
     for name, about in GPTConfig.presets().items():
         c = GPTConfig.preset(name)
         with torch.device("meta"):
             n = BarkGPT(c, backend="torch").num_params()
-        print(f"{name:13s} {n / 1e6:9.3f}M  {about}")
+        d = train_defaults(name, c)
+        rows.append((name, f"{n / 1e6:.3f}M", f"{d['lr']:g}", str(d["batch_size"]),
+                     f"5%, <= {d['warmup_max']}", _eval_size(d), about))
+    head = ("preset", "params", "lr", "batch", "warmup", "eval tokens", "")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(6)]
+    for r in [head] + rows:
+        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r[:6], widths)))
+              + ("  " + r[6] if r[6] else ""))
+    print(f"\nlr, batch (sequences per micro-step), warmup (of the steps) and eval tokens are what `barkgpt train "
+          f"--preset NAME` uses unless --lr, --batch-size, --warmup-steps, --eval-tokens say otherwise; a sized "
+          f"evaluation reads about {EVAL_SHARE} x --eval-every x tokens per step (a tenth of the training "
+          f"between evaluations).")
     return 0
 
 
@@ -340,8 +438,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not getattr(e, "reported_by_main", False):
             print(f"barkgpt {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("barkgpt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # Training says itself what it saved; under torchrun, rank 0 speaks for the run.
+        if not getattr(e, "reported_by_train", False) and os.environ.get("RANK", "0") == "0":
+            print("barkgpt: interrupted", file=sys.stderr)
         return 130
 
 

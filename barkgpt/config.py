@@ -188,3 +188,45 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                        activation="gelu_tanh", tie_embeddings=True),
     },
 }
+
+
+# ---- training defaults ----------------------------------------------------------------------------
+# What `barkgpt train` / barkgpt.train() use for each preset unless told otherwise, and
+# `barkgpt presets` shows. Each was tried on this preset: a short run does not diverge
+# (tests/test_presets_train.py). Warmup: 5% of the steps, at most warmup_max. eval_tokens:
+# validation tokens per evaluation; None sizes it to the run (about 0.3 x eval_every x tokens per
+# step, so forward-only evaluation costs about a tenth of the training between two evaluations),
+# between one window and eval_tokens_max.
+TRAIN_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    # the bark corpus's whole held-out set (2048 sequences): cheap for these models
+    "bark": dict(lr=1e-2, batch_size=64, warmup_max=100, eval_tokens=2048 * 32),
+    "bark-tiny": dict(lr=1e-2, batch_size=64, warmup_max=100, eval_tokens=2048 * 32),
+    "bark-article": dict(lr=1e-2, batch_size=64, warmup_max=100, eval_tokens=2048 * 256),
+    "small": dict(lr=3e-3, batch_size=32, warmup_max=100, eval_tokens=None, eval_tokens_max=256 * 128),
+    # GPT-2 small's usual peak lr; batch 8 x 1024 tokens fits a 24 GB GPU (--grad-accum for more)
+    "gpt2": dict(lr=6e-4, batch_size=8, warmup_max=700, eval_tokens=None, eval_tokens_max=128 * 1024),
+}
+EVAL_SHARE = 0.3  # eval tokens per training token between evaluations, for sized evaluations
+
+
+def train_defaults(preset: Optional[str], config: "GPTConfig") -> Dict[str, Any]:
+    """lr, batch_size, warmup_max, eval_tokens and eval_tokens_max for ``preset``; for a model
+    of your own (``preset=None``), by size: the wider the model, the lower the learning rate."""
+    if preset is not None and preset in TRAIN_DEFAULTS:
+        return dict(TRAIN_DEFAULTS[preset], eval_tokens_max=TRAIN_DEFAULTS[preset].get("eval_tokens_max"))
+    lr = 1e-2 if config.n_embd <= 64 else 3e-3 if config.n_embd <= 256 else 1e-3 if config.n_embd <= 512 else 6e-4
+    batch = max(1, min(64, 16384 // config.block_size))
+    return dict(lr=lr, batch_size=batch, warmup_max=100, eval_tokens=None, eval_tokens_max=256 * config.block_size)
+
+
+def default_warmup(steps: int, warmup_max: int) -> int:
+    return min(warmup_max, steps // 20)
+
+
+def default_eval_tokens(defaults: Dict[str, Any], eval_every: int, tokens_per_step: int, block_size: int) -> int:
+    """Validation tokens per evaluation when none are asked for: the preset's, or sized to the run."""
+    if defaults.get("eval_tokens") is not None:
+        return int(defaults["eval_tokens"])
+    want = EVAL_SHARE * min(eval_every, 10**9) * tokens_per_step
+    cap = defaults.get("eval_tokens_max") or 256 * block_size
+    return int(max(block_size, min(cap, want)))

@@ -12,8 +12,8 @@
 #    (`python -m barkgpt.kernels._attention_config`) and leaves the table lines to paste into
 #    kernels/_attention_config.py in gpu-attention-tune.log.
 # Everything lands in $OUT when set (the device tool brings that folder back), else in
-# benchmarks/results/. The whole run fits RUN_GPU_BUDGET_S seconds (default 540, for a
-# 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
+# benchmarks/out/ (git ignores it; copy curated results into benchmarks/results/). The whole run
+# fits RUN_GPU_BUDGET_S seconds (default 540, for a 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
 # new cases when their share is spent (BARKGPT_BENCH_BUDGET_S), keeping what they measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ case "$MODE" in all|tests|bench|tune) ;; *) echo "usage: $0 [all|tests|bench|tun
 START=$(date +%s)
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 TESTS_S=${RUN_GPU_TESTS_S:-180}
-DEST=${OUT:-$ROOT/benchmarks/results}
+DEST=${OUT:-$ROOT/benchmarks/out}
 mkdir -p "$DEST"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
