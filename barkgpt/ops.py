@@ -176,8 +176,20 @@ def _resolve_for_trace(op: str, backend: Optional[str], device_type: str, dtypes
     return resolve_backend(backend, device_type, op, dtypes)
 
 
-def _implementation(op: str, backend: Optional[str], device, dtypes: tuple) -> Impl:
-    impl = registry.implementation(op, _resolve_for_trace(op, backend, _device_type(device), dtypes))
+_resolved: Dict[tuple, Impl] = {}
+_is_compiling = torch.compiler.is_compiling
+
+
+def _implementation(op: str, backend: Optional[str], device_type: str, dtypes: tuple) -> Impl:
+    if _is_compiling():
+        return registry.implementation(op, _resolve_for_trace(op, backend, device_type, dtypes))
+    # Eager calls: resolved once per (request, device, dtypes, environment, registry version); a
+    # resolution costs tens of microseconds, as much as a small kernel.
+    key = (op, backend, device_type, dtypes, os.environ.get(ENV_VAR), registry.version())
+    impl = _resolved.get(key)
+    if impl is None:
+        impl = registry.implementation(op, resolve_backend(backend, device_type, op, dtypes))
+        _resolved[key] = impl
     return impl
 
 
@@ -193,7 +205,7 @@ def _public(decl: OpDecl):
     src = (f"def {decl.name}({params}, backend):\n"
            f"    _check({params})\n"
            f"    _dtypes = tuple(d for d in ({dtype_of},) if d is not None)\n"
-           f"    _impl = _implementation({decl.name!r}, backend, {first}.device, _dtypes)\n"
+           f"    _impl = _implementation({decl.name!r}, backend, {first}.device.type, _dtypes)\n"
            f"    if _impl.precheck is not None:\n"
            f"        _impl.precheck({params})\n"
            f"    return _impl.call({params})\n")

@@ -187,17 +187,29 @@ class Impl:
     forward: Any = None
     backward: Any = None
     eager: Any = None  # an eager fast path with its own (C++) autograd, checked against `backward`
+    prepare: Optional[Callable[..., Any]] = None  # argument adaptation done before the kernels
+
+    def declared_call(self) -> Callable[..., Any]:
+        """``call`` without the eager fast path: the forward op with the autograd wired from the
+        declaration, in eager mode too (what the fast path is measured and tested against)."""
+        return _make_call(OPS[self.op], self.forward, None, self.prepare)
 
 
 OPS: Dict[str, OpDecl] = {}
 BACKENDS: Dict[str, BackendSpec] = {}
 _IMPLS: Dict[Tuple[str, str], Impl] = {}
+_version = [0]  # bumped by every change below: dispatch caches what it resolved per version
+
+
+def version() -> int:
+    return _version[0]
 
 
 def declare_op(decl: OpDecl) -> OpDecl:
     if decl.name in OPS:
         raise ValueError(f"op {decl.name!r} is already declared")
     OPS[decl.name] = decl
+    _version[0] += 1
     return decl
 
 
@@ -205,6 +217,7 @@ def declare_backend(spec: BackendSpec) -> BackendSpec:
     if spec.name in BACKENDS or spec.name in ("auto", ""):
         raise ValueError(f"backend name {spec.name!r} is taken")
     BACKENDS[spec.name] = spec
+    _version[0] += 1
     return spec
 
 
@@ -214,7 +227,14 @@ def register_impl(impl: Impl) -> Impl:
     if impl.backend not in BACKENDS:
         raise ValueError(f"backend {impl.backend!r} is not declared")
     _IMPLS[(impl.op, impl.backend)] = impl  # a module re-import replaces its own entries
+    _version[0] += 1
     return impl
+
+
+def remove_impl(op: str, backend: str) -> Optional[Impl]:
+    """Take ``backend``'s implementation of ``op`` out of the registry (returns it, or None)."""
+    _version[0] += 1
+    return _IMPLS.pop((op, backend), None)
 
 
 def implementation(op: str, backend: str) -> Optional[Impl]:
@@ -331,7 +351,7 @@ def register_kernels(decl: OpDecl, backend: str, namespace: str, forward, backwa
         _WIRED[fwd_name] = (fwd_op, bwd_op)
     fwd_op, bwd_op = _WIRED[fwd_name]
     call = _make_call(decl, fwd_op, eager, prepare)
-    return register_impl(Impl(decl.name, backend, call, tuple(dtypes), precheck, fwd_op, bwd_op, eager))
+    return register_impl(Impl(decl.name, backend, call, tuple(dtypes), precheck, fwd_op, bwd_op, eager, prepare))
 
 
 def _make_call(decl: OpDecl, fwd_op, eager, prepare):

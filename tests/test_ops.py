@@ -270,21 +270,25 @@ def test_every_op_is_public_with_the_declared_signature():
 def test_an_op_a_backend_lacks_falls_back_under_auto_and_raises_when_explicit(monkeypatch):
     if ops.unavailable_reason("cpp", "cpu") is not None:
         pytest.skip("the cpp backend is unavailable here")
-    monkeypatch.delitem(registry._IMPLS, ("layer_norm", "cpp"))
-    monkeypatch.setattr(ops, "_warned", set())
-    monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    x, w = torch.randn(3, 8), torch.randn(8)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            y = ops.layer_norm(x, w)
-        ops.attention(*(torch.randn(1, 1, 4, 2) for _ in range(3)))  # cpp still runs attention
-    msgs = [str(c.message) for c in caught]
-    assert len(msgs) == 1 and "has no layer_norm op" in msgs[0] and "using the torch backend" in msgs[0], msgs
-    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), w))
-    with pytest.raises(ops.BackendUnavailable, match="backend 'cpp' was requested for layer_norm but the cpp "
-                                                     "backend has no layer_norm op"):
-        ops.layer_norm(x, w, backend="cpp")
+    removed = registry.remove_impl("layer_norm", "cpp")
+    try:
+        monkeypatch.setattr(ops, "_warned", set())
+        monkeypatch.delenv(ops.ENV_VAR, raising=False)
+        x, w = torch.randn(3, 8), torch.randn(8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                y = ops.layer_norm(x, w)
+            ops.attention(*(torch.randn(1, 1, 4, 2) for _ in range(3)))  # cpp still runs attention
+        msgs = [str(c.message) for c in caught]
+        assert len(msgs) == 1 and "has no layer_norm op" in msgs[0] and "using the torch backend" in msgs[0], msgs
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), w))
+        with pytest.raises(ops.BackendUnavailable, match="backend 'cpp' was requested for layer_norm but the cpp "
+                                                         "backend has no layer_norm op"):
+            ops.layer_norm(x, w, backend="cpp")
+    finally:
+        registry.register_impl(removed)
+    assert ops.resolve_backend(None, "cpu", "layer_norm", (torch.float32,)) == "cpp"
 
 
 def test_an_unsupported_dtype_falls_back_under_auto_and_raises_when_explicit(monkeypatch):
