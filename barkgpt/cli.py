@@ -186,14 +186,14 @@ class _Unset:
     """The value of a train flag not given on the command line."""
 
 
-def _explicit_flags(argv) -> set:
-    """Dest names of the train flags given on the command line ``argv``."""
+def _explicit_flags(argv=None) -> set:
+    """Dest names of the train flags given on the command line ``argv`` (None: sys.argv[1:])."""
     train = build_parser().commands["train"]
     # argparse fills in a default only where the namespace has no value yet: start from one that
     # has a marker for every flag, and what the command line sets replaces it.
     unset = _Unset()
     ns = argparse.Namespace(**dict.fromkeys(vars(train.parse_args([])), unset))
-    args = list(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     given = vars(train.parse_args(args[args.index("train") + 1:], namespace=ns))
     return {dest for dest, value in given.items() if value is not unset}
 

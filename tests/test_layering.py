@@ -120,11 +120,14 @@ def test_openmp_is_detected_from_the_parallel_backend_only():
     assert "_build.compiler_flags(" in setup_py and "parallel_info()" in setup_py.split("_build.uses_openmp(")[1][:60]
 
 
-def test_explicit_flags_leave_the_parser_alone():
+def test_explicit_flags_leave_the_parser_alone(monkeypatch):
     from barkgpt import cli
 
     argv = ["train", "--resume", "--steps", "5", "--out", "x"]
     assert cli._explicit_flags(argv) == {"resume", "steps", "out"}
+    # `python -m barkgpt train ...`: main(None) reads sys.argv
+    monkeypatch.setattr(cli.sys, "argv", ["barkgpt", "train", "--ste=7", "--resume"])
+    assert cli._explicit_flags(None) == {"resume", "steps"}
     # the parser main() uses keeps its defaults
     a = cli.build_parser().parse_args(["train"])
     assert a.steps == 600 and a.backend == "auto"
