@@ -466,3 +466,22 @@ def test_kernels_package_imports_nothing_from_barkgpt():
                         f"{f} imports from the package's __init__ (a back-edge)"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("barkgpt") for a in node.names), f
+
+
+def test_a_bad_declaration_is_refused_at_import():
+    base = dict(name="t", doc="", results=("y",), returns=1, check=None, reference=None, fake=None)
+    x = Arg("x", "Tensor", grad=True)
+    with pytest.raises(ValueError, match="only tensors can have gradients"):
+        Arg("k", "int", 1, grad=True)
+    with pytest.raises(ValueError, match="unknown type"):
+        Arg("k", "long")
+    with pytest.raises(ValueError, match="returns must be in 1..1"):
+        OpDecl(args=(x,), **{**base, "returns": 2})
+    with pytest.raises(ValueError, match="backward argument 'z' is not an input, result or kept value"):
+        OpDecl(args=(x,), backward=Backward(args=("z",), grads=("x",), fake=None), **base)
+    with pytest.raises(ValueError, match="'k' is not a tensor; declare it in `keep`"):
+        OpDecl(args=(x, Arg("k", "int", 1)), backward=Backward(args=("x", "k"), grads=("x",), fake=None), **base)
+    with pytest.raises(ValueError, match="gradient for unknown input 'w'"):
+        OpDecl(args=(x,), backward=Backward(args=("x",), grads=("w",), fake=None), **base)
+    with pytest.raises(ValueError, match="already declared"):
+        registry.declare_op(registry.OPS["layer_norm"])
