@@ -13,9 +13,10 @@ once and uses the torch backend). Where the compiled library comes from, first m
 ``BARKGPT_NO_CPP=1`` disables the backend; ``BARKGPT_CACHE_DIR`` moves the build cache. A library
 is loaded only from a directory no other user can write (barkgpt/_cache_dir.py): anything else is
 refused with the reason, and barkgpt runs on the torch backend.
-C++ registers only schemas and CPU kernels; this module adds the fake (meta) kernels and the
-autograd formulas with ``torch.library``, so ``torch.compile(fullgraph=True)`` sees each op as
-one node and ``torch.library.opcheck`` passes.
+C++ registers only schemas and CPU kernels; this module registers them against the op
+declarations (barkgpt/opdecls.py) with ``registry.register_kernels``, which adds the fake (meta)
+kernels and the autograd formulas with ``torch.library``, so ``torch.compile(fullgraph=True)``
+sees each op as one node and ``torch.library.opcheck`` passes.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _build, _cache_dir
+from . import _build, _cache_dir, opdecls
 from ._build import source_files, sources_hash
+from .registry import implementation, register_kernels
 
 __all__ = ["layer_norm", "attention", "embedding_add", "unavailable_reason", "LIBRARY", "BUILD"]
 
@@ -57,25 +59,16 @@ def source_dir() -> Optional[str]:
 
 
 def _uses_openmp() -> bool:
-    # ATen's parallel_for is header-inline OpenMP when torch was built with it: we need -fopenmp.
     try:
-        return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        return _build.uses_openmp(torch.__config__.parallel_info())
     except Exception:  # pragma: no cover - very old torch
         return True
 
 
 def _jit_flags() -> Tuple[List[str], List[str]]:
-    if os.name == "nt":
-        return ["/O2", "/openmp"], []
-    cflags, ldflags = ["-O3", "-fno-math-errno"], []
     # Built on (and for) the machine that runs it, so it may use every instruction this CPU has.
-    native = _build.native_flag()
-    if native and not _truthy("BARKGPT_CPP_PORTABLE"):
-        cflags.append(native)
-    if _uses_openmp():
-        cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    return cflags, ldflags
+    native = None if _truthy("BARKGPT_CPP_PORTABLE") else _build.native_flag()
+    return _build.compiler_flags(_uses_openmp(), native)
 
 
 def _cache_root() -> str:
@@ -270,135 +263,34 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"the cpp backend runs on CPU tensors only, not {device_type}"
 
 
-# ---- fake (meta) kernels: shapes and dtypes only, same layout as the CPU kernels ----------------
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake(f"{_NS}::layer_norm_fwd")
-    def _(x, weight, bias, eps):
-        stat = x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
-        return x.new_empty(x.shape), stat, torch.empty_like(stat)
-
-    @torch.library.register_fake(f"{_NS}::layer_norm_bwd")
-    def _(grad, x, weight, bias, mean, rstd):
-        db_dtype = (bias if bias is not None else weight).dtype
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=db_dtype)
-
-    @torch.library.register_fake(f"{_NS}::attention_fwd")
-    def _(q, k, v, causal):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
-
-    @torch.library.register_fake(f"{_NS}::attention_bwd")
-    def _(grad, q, k, v, out, lse, causal):
-        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
-
-    @torch.library.register_fake(f"{_NS}::embedding_add_fwd")
-    def _(idx, tok_weight, pos_weight):
-        return tok_weight.new_empty((idx.shape[0], idx.shape[1], tok_weight.shape[1]))
-
-    @torch.library.register_fake(f"{_NS}::embedding_add_bwd")
-    def _(grad, idx, vocab_size, num_positions):
-        return grad.new_empty((vocab_size, grad.shape[2])), grad.new_empty((num_positions, grad.shape[2]))
-
-    # the eager ops with C++ autograd (csrc/autograd.cpp)
-    @torch.library.register_fake(f"{_NS}::layer_norm")
-    def _(x, weight, bias, eps):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake(f"{_NS}::attention")
-    def _(q, k, v, causal):
-        return q.new_empty(q.shape)
-
-    @torch.library.register_fake(f"{_NS}::embedding_add")
-    def _(idx, tok_weight, pos_weight):
-        return tok_weight.new_empty((idx.shape[0], idx.shape[1], tok_weight.shape[1]))
-
-
-# ---- autograd: forward ops save what backward needs; backward ops are C++ kernels too --------
-
-def _ln_setup(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _ln_backward(ctx, gy, _gmean, _grstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _ops.layer_norm_bwd.default(gy, x, weight, bias, mean, rstd)
-    return dx, dw, (db if bias is not None else None), None
-
-
-def _attn_setup(ctx, inputs, output):
-    q, k, v, causal = inputs
-    out, lse = output
-    ctx.causal = causal
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.mark_non_differentiable(lse)
-
-
-def _attn_backward(ctx, gout, _glse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _ops.attention_bwd.default(gout, q, k, v, out, lse, ctx.causal)
-    return dq, dk, dv, None
-
-
-def _emb_setup(ctx, inputs, output):
-    idx, tok_weight, pos_weight = inputs
-    ctx.vocab_size, ctx.num_positions = tok_weight.shape[0], pos_weight.shape[0]
-    ctx.save_for_backward(idx)
-
-
-def _emb_backward(ctx, grad):
-    (idx,) = ctx.saved_tensors
-    dtok, dpos = _ops.embedding_add_bwd.default(grad, idx, ctx.vocab_size, ctx.num_positions)
-    return None, dtok, dpos
-
-
-def _register_autograd() -> None:
-    torch.library.register_autograd(f"{_NS}::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
-    torch.library.register_autograd(f"{_NS}::attention_fwd", _attn_backward, setup_context=_attn_setup)
-    torch.library.register_autograd(f"{_NS}::embedding_add_fwd", _emb_backward, setup_context=_emb_setup)
-
-
-# Python registrations live as long as the process; a re-import must not repeat them.
-if not getattr(torch.ops.barkgpt_cpp, "_barkgpt_python_registered", False):
-    _register_fakes()
-    _register_autograd()
-    torch.ops.barkgpt_cpp._barkgpt_python_registered = True
-
-
-# ---- the backend interface (ops.py has validated shapes, devices and dtypes) ---------------------
+# ---- registrations: the declared ops' kernels (barkgpt/opdecls.py has shapes and formulas) -------
 #
-# Two routes to the same kernels. Under torch.compile: the kernel ops, whose fake kernels and
-# autograd formulas are registered above, so the graph holds *_fwd/*_bwd nodes and runs no
-# Python autograd at all. In eager mode: barkgpt_cpp::layer_norm/attention/embedding_add, whose
-# autograd is C++ (csrc/autograd.cpp) and calls the same kernel ops; the Python autograd layer
-# would add ~15 us per op, as much as the kernels take at the presets' sizes.
+# Two routes to the same kernels. Under torch.compile: the kernel ops *_fwd/*_bwd, whose fake
+# kernels and autograd are wired from the declarations by registry.register_kernels, so the
+# graph holds *_fwd/*_bwd nodes and runs no Python autograd at all. In eager mode:
+# barkgpt_cpp::layer_norm/attention/embedding_add, whose autograd is C++ (csrc/autograd.cpp) and
+# calls the same kernel ops; the Python autograd layer would add ~15 us per op, as much as the
+# kernels take at the presets' sizes (benchmarks/test_bench_autograd.py measures it).
+# tests/test_ops.py checks that route against the declaration's, bitwise.
 
-_is_compiling = torch.compiler.is_compiling
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
-    if _is_compiling():
-        return _ops.layer_norm_fwd.default(x, weight, bias, float(eps))[0]
-    return _ops.layer_norm.default(x, weight, bias, float(eps))
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    if _is_compiling():
-        return _ops.attention_fwd.default(q, k, v, bool(causal))[0]
-    return _ops.attention.default(q, k, v, bool(causal))
+def _register() -> None:
+    # op declaration -> argument adaptation before the kernels (None: none). Out-of-range ids
+    # raise IndexError inside the C++ embedding kernel (same message as check_token_ids),
+    # compiled or not, before any table row is read.
+    kernels = [(opdecls.LAYER_NORM, None), (opdecls.ATTENTION, None), (opdecls.EMBEDDING_ADD, opdecls.promote_tables)]
+    for decl, prepare in kernels:
+        has_bwd = decl.backward is not None
+        eager = getattr(_ops, decl.name).default if _op_registered(decl.name) else None
+        register_kernels(decl, "cpp", _NS, f"{_NS}::{decl.name}_fwd", f"{_NS}::{decl.name}_bwd" if has_bwd else None,
+                         dtypes=_DTYPES, eager=eager, prepare=prepare)
 
 
-def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
-    # Out-of-range ids raise IndexError inside the C++ kernel (same message as check_token_ids),
-    # on every path, compiled or not, before any table row is read.
-    dtype = torch.promote_types(tok_weight.dtype, pos_weight.dtype)
-    tok_weight, pos_weight = tok_weight.to(dtype), pos_weight.to(dtype)
-    if _is_compiling():
-        return _ops.embedding_add_fwd.default(idx, tok_weight, pos_weight)
-    return _ops.embedding_add.default(idx, tok_weight, pos_weight)
+_register()
+
+# The backend's ops as plain functions (ops.py has validated shapes, devices and dtypes).
+layer_norm = implementation("layer_norm", "cpp").call
+attention = implementation("attention", "cpp").call
+embedding_add = implementation("embedding_add", "cpp").call

@@ -1,17 +1,18 @@
-"""Public functional ops and their backend dispatch.
+"""Public functional ops and their backend dispatch, read from the op registry.
 
-Each op has one entry here and one reference in ``reference.py``. A backend is a module
-exposing ``layer_norm(x, weight, bias, eps)``, ``attention(q, k, v, causal)`` and
-``embedding_add(idx, tok_weight, pos_weight)`` (differentiable, registered with
-``torch.library`` so ``torch.compile(fullgraph=True)`` sees them as single ops), plus
-``unavailable_reason(device_type) -> str | None``.
+Every op declared in ``barkgpt/opdecls.py`` (``barkgpt.registry.OPS``) is a function here with
+the declared arguments plus ``backend=``: ``layer_norm``, ``attention``, ``embedding_add``. Each
+call runs the declaration's argument checks, then the implementation of the chosen backend.
 
-Backends: ``"triton"`` (GPU; CPU tensors only under ``TRITON_INTERPRET=1``), ``"cpp"``
-(CPU, the C++ extension in csrc/), ``"torch"`` (everywhere, reference.py).
-Choice, first match wins: the ``backend=`` argument of the call, the model's ``backend``,
-the ``BARKGPT_BACKEND`` environment variable, then auto: CUDA -> triton, CPU -> cpp,
-falling back to torch with one warning. A backend named explicitly that cannot run raises
-``BackendUnavailable`` with the reason; it never silently falls back.
+Backends (``barkgpt.registry.BACKENDS``, declared below): ``"triton"`` (GPU; CPU tensors only
+under ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU, the C++ extension in csrc/), ``"torch"``
+(everywhere: each declaration's reference). Choice, first match wins: the ``backend=`` argument
+of the call, the model's ``backend``, the ``BARKGPT_BACKEND`` environment variable, then auto:
+the backends whose ``auto_devices`` list the tensors' device type, in order (CUDA: triton,
+CPU: cpp), then torch. Under auto, a backend that cannot run, lacks the op or does not take the
+inputs' dtype is skipped with one warning. A backend named explicitly that cannot run or lacks
+the op raises ``BackendUnavailable`` saying why (a dtype it does not take: TypeError); it never
+silently falls back.
 """
 
 from __future__ import annotations
@@ -20,64 +21,59 @@ import importlib
 import os
 import threading
 import warnings
-from types import ModuleType
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import reference
-from ._checks import check_attention_args, check_embedding_args, check_layer_norm_args
+from . import opdecls, registry
+from ._checks import FLOAT_DTYPES
+from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 
-BACKENDS: Tuple[str, ...] = ("triton", "cpp", "torch")
+__all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
+           "resolve_backend", "cpu_cache_info", "empty_cpu_cache"] + list(registry.OPS)
+
 ENV_VAR = "BARKGPT_BACKEND"
 AUTO_NAMES = ("auto", "", None)
 
+# The backends, in auto-preference order. A new backend: one module that registers its Impls
+# when imported (see barkgpt/_cpp.py) and one line here.
+registry.declare_backend(BackendSpec("triton", "barkgpt._triton", ("cuda",),
+                                     "Triton GPU kernels (kernels/); CPU tensors under TRITON_INTERPRET=1"))
+registry.declare_backend(BackendSpec("cpp", "barkgpt._cpp", ("cpu",), "C++ CPU kernels (csrc/)"))
+registry.declare_backend(BackendSpec("torch", None, ("*",), "pure PyTorch: each op's reference"))
 
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
+BACKENDS = tuple(registry.BACKENDS)
 
-
-class _TorchBackend:
-    """The pure-PyTorch backend: reference.py, differentiated by autograd."""
-
-    @staticmethod
-    def unavailable_reason(device_type: str) -> Optional[str]:
-        return None
-
-    layer_norm = staticmethod(reference.layer_norm_ref)
-    attention = staticmethod(reference.attention_ref)
-    embedding_add = staticmethod(reference.embedding_add_ref)
-
-
-# Where the non-torch backends live; imported lazily (triton and the C++ build are slow/optional).
-_BACKEND_MODULES = {"triton": "barkgpt.kernels", "cpp": "barkgpt._cpp"}
+# The torch backend: every declared op's reference, differentiated by autograd.
+for _decl in registry.OPS.values():
+    registry.register_impl(Impl(_decl.name, "torch", _decl.reference, FLOAT_DTYPES))
 
 _lock = threading.Lock()
-_loaded: Dict[str, Union[ModuleType, type]] = {"torch": _TorchBackend}
+_loaded: Dict[str, object] = {"torch": None}  # backend name -> its module (None: no module)
 _load_errors: Dict[str, str] = {}
 _warned: set = set()
 
 
-def _load(name: str):
-    """Return the backend module, or None with the reason recorded in _load_errors."""
+def _load(name: str) -> bool:
+    """Import backend ``name``'s module (registering its Impls); False with the reason recorded."""
     if name in _loaded:
-        return _loaded[name]
+        return True
     if name in _load_errors:
-        return None
+        return False
     with _lock:
         if name in _loaded or name in _load_errors:
-            return _loaded.get(name)
+            return name in _loaded
         try:
-            mod = importlib.import_module(_BACKEND_MODULES[name])
+            mod = importlib.import_module(registry.BACKENDS[name].module)
         except Exception as e:  # ImportError, build failures ... all mean "not available"
             _load_errors[name] = f"{type(e).__name__}: {e}"
-            return None
+            return False
         _loaded[name] = mod
     # A loaded backend's complaint about a setting (a bad BARKGPT_CPU_CACHE_MB), once, at the
     # caller: the backend stays loaded even where warnings are errors.
     if getattr(mod, "LOAD_WARNING", None):
         warnings.warn(mod.LOAD_WARNING, UserWarning, stacklevel=3)
-    return mod
+    return True
 
 
 def _device_type(device) -> str:
@@ -86,14 +82,19 @@ def _device_type(device) -> str:
     return torch.device(device).type
 
 
+def _check_name(name: str) -> str:
+    if name not in registry.BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} (or 'auto')")
+    return name
+
+
 def unavailable_reason(name: str, device="cpu") -> Optional[str]:
     """None if backend ``name`` can run on ``device``, else a sentence saying why not."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} (or 'auto')")
-    mod = _load(name)
-    if mod is None:
+    _check_name(name)
+    if not _load(name):
         return f"the {name} backend failed to load ({_load_errors[name]})"
-    return mod.unavailable_reason(_device_type(device))
+    mod = _loaded[name]
+    return None if mod is None else mod.unavailable_reason(_device_type(device))
 
 
 def available_backends(device="cpu") -> List[str]:
@@ -104,36 +105,125 @@ def available_backends(device="cpu") -> List[str]:
 def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def resolve_backend(backend: Optional[str], device) -> str:
-    """The backend that will run for tensors on ``device`` given a requested name (or None)."""
+def _auto_chain(dev: str) -> List[str]:
+    chain = [b.name for b in registry.BACKENDS.values() if dev in b.auto_devices]
+    return chain + [b.name for b in registry.BACKENDS.values() if "*" in b.auto_devices and b.name not in chain]
+
+
+def _why_not(name: str, op: Optional[str], dev: str, dtypes: Sequence[torch.dtype]) -> Optional[str]:
+    """Why backend ``name`` cannot run op ``op`` here (None: it can). Loads the backend."""
+    reason = unavailable_reason(name, dev)
+    if reason is not None or op is None:
+        return reason
+    impl = registry.implementation(op, name)
+    if impl is None:
+        return f"the {name} backend has no {op} op"
+    bad = [d for d in dtypes if d not in impl.dtypes]
+    if bad:
+        ok = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
+        return f"the {name} backend's {op} supports {ok}, not {str(bad[0]).replace('torch.', '')}"
+    return None
+
+
+def resolve_backend(backend: Optional[str], device, op: Optional[str] = None,
+                    dtypes: Sequence[torch.dtype] = ()) -> str:
+    """The backend that will run (op ``op`` on inputs of ``dtypes``) for tensors on ``device``
+    given a requested name (or None: auto)."""
     name = backend if backend not in AUTO_NAMES else os.environ.get(ENV_VAR) or None
     dev = _device_type(device)
     if name not in AUTO_NAMES:
-        name = name.lower()
-        reason = unavailable_reason(name, dev)
+        name = _check_name(name.lower())
+        reason = _why_not(name, None, dev, ())
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} was requested for {dev} tensors but cannot run: {reason}")
+        if op is not None:
+            reason = _why_not(name, op, dev, dtypes)
+            if reason is not None and registry.implementation(op, name) is not None:
+                raise TypeError(f"{reason}; use backend='torch' for these inputs")
+            if reason is not None:
+                raise BackendUnavailable(f"backend {name!r} was requested for {op} but {reason}; "
+                                         f"available for {op}: {', '.join(_providers(op))}")
         return name
-    preferred = "triton" if dev == "cuda" else "cpp" if dev == "cpu" else "torch"
-    if preferred == "torch":
-        return "torch"
-    reason = unavailable_reason(preferred, dev)
-    if reason is None:
-        return preferred
-    _warn_once(f"{preferred}:{dev}", f"barkgpt: the {preferred} backend is unavailable for {dev} tensors "
-                                     f"({reason}); using the torch backend")
-    return "torch"
+    skipped = []
+    for cand in _auto_chain(dev):
+        # A backend that cannot run here is warned about once; one that lacks the op or the
+        # inputs' dtype, once per op.
+        reason, for_op = _why_not(cand, None, dev, ()), None
+        if reason is None and op is not None:
+            reason, for_op = _why_not(cand, op, dev, dtypes), op
+        if reason is None:
+            for s, o, why in skipped:
+                _warn_once(f"{s}:{o}:{dev}:{why}", f"barkgpt: the {s} backend is unavailable for {dev} tensors"
+                                                   f"{'' if o is None else ' (' + o + ')'} ({why}); "
+                                                   f"using the {cand} backend")
+            return cand
+        skipped.append((cand, for_op, reason))
+    raise BackendUnavailable(f"no backend can run {op or 'barkgpt ops'} on {dev} tensors: "
+                             + "; ".join(f"{s}: {why}" for s, _, why in skipped))
+
+
+def _providers(op: str) -> List[str]:
+    return [b for b in BACKENDS if registry.implementation(op, b) is not None]
 
 
 @torch.compiler.assume_constant_result
-def _resolve_for_trace(backend: Optional[str], device_type: str) -> str:
+def _resolve_for_trace(op: str, backend: Optional[str], device_type: str, dtypes: tuple) -> str:
     # torch.compile evaluates this eagerly while tracing (imports, locks and warnings cannot be
     # traced) and bakes the name into the graph: dispatch costs nothing in compiled code.
-    return resolve_backend(backend, device_type)
+    return resolve_backend(backend, device_type, op, dtypes)
 
+
+_resolved: Dict[tuple, Impl] = {}
+_is_compiling = torch.compiler.is_compiling
+
+
+def _implementation(op: str, backend: Optional[str], device_type: str, dtypes: tuple) -> Impl:
+    if _is_compiling():
+        return registry.implementation(op, _resolve_for_trace(op, backend, device_type, dtypes))
+    # Eager calls: resolved once per (request, device, dtypes, environment, registry version); a
+    # resolution costs tens of microseconds, as much as a small kernel.
+    key = (op, backend, device_type, dtypes, os.environ.get(ENV_VAR), registry.version())
+    impl = _resolved.get(key)
+    if impl is None:
+        impl = registry.implementation(op, resolve_backend(backend, device_type, op, dtypes))
+        _resolved[key] = impl
+    return impl
+
+
+# ---- the public ops, one per declaration ------------------------------------------------------
+
+def _public(decl: OpDecl):
+    """The public function of ``decl``: its arguments plus ``backend=``, checks, then dispatch."""
+    names = decl.arg_names
+    first = next(a.name for a in decl.args if a.type == "Tensor")
+    dtype_of = ", ".join(f"{n}.dtype" if decl.args[names.index(n)].type == "Tensor"
+                         else f"({n}.dtype if {n} is not None else None)" for n in decl.checked_dtype_args)
+    params = ", ".join(names)
+    src = (f"def {decl.name}({params}, backend):\n"
+           f"    _check({params})\n"
+           f"    _dtypes = tuple(d for d in ({dtype_of},) if d is not None)\n"
+           f"    _impl = _implementation({decl.name!r}, backend, {first}.device.type, _dtypes)\n"
+           f"    if _impl.precheck is not None:\n"
+           f"        _impl.precheck({params})\n"
+           f"    return _impl.call({params})\n")
+    scope = {"_check": decl.check, "_implementation": _implementation}
+    exec(compile(src, f"<barkgpt.ops.{decl.name}>", "exec"), scope)  # noqa: S102 - our own source
+    fn = scope[decl.name]
+    defaults = [a.default for a in decl.args]
+    first_default = next((i for i, d in enumerate(defaults) if d is not registry.REQUIRED), len(defaults))
+    fn.__defaults__ = tuple(defaults[first_default:]) + (None,)
+    fn.__doc__ = decl.doc
+    fn.__module__ = __name__
+    fn.__qualname__ = decl.name
+    return fn
+
+
+for _decl in registry.OPS.values():
+    globals()[_decl.name] = _public(_decl)
+del _decl
 
 _CPU_CACHE_FIELDS = ("idle_bytes", "idle_blocks", "reuses", "new_blocks", "limit_bytes", "live_bytes")
 
@@ -154,29 +244,3 @@ def empty_cpu_cache() -> None:
         torch.ops.barkgpt_cpp.output_cache_release()
 
 
-def get_backend(backend: Optional[str], device):
-    dev = _device_type(device)
-    return _loaded[_resolve_for_trace(backend, dev)]
-
-
-# ---- the ops -----------------------------------------------------------------------------
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               eps: float = 1e-5, backend: Optional[str] = None) -> torch.Tensor:
-    """LayerNorm over the last dim of ``x`` (any rank); fp32 math, result in ``x.dtype``."""
-    check_layer_norm_args(x, weight, bias, eps)
-    return get_backend(backend, x.device).layer_norm(x, weight, bias, float(eps))
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              backend: Optional[str] = None) -> torch.Tensor:
-    """Scaled dot-product self-attention on ``(B, H, T, D)`` tensors, scale ``1/sqrt(D)``."""
-    check_attention_args(q, k, v)
-    return get_backend(backend, q.device).attention(q, k, v, bool(causal))
-
-
-def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor,
-                  backend: Optional[str] = None) -> torch.Tensor:
-    """``tok_weight[idx] + pos_weight[:T]`` for token ids ``idx`` of shape ``(B, T)``."""
-    check_embedding_args(idx, tok_weight, pos_weight)
-    return get_backend(backend, idx.device).embedding_add(idx, tok_weight, pos_weight)

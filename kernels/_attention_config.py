@@ -82,13 +82,13 @@ _INTERPRET_TABLE: Dict[str, TileConfig] = {
     "dq": TileConfig(32, 16, 4, 1),
 }
 
-def padded_head_dim(d: int) -> int:
-    """Power of two >= max(d, 16): ``tl.dot`` needs every dimension >= 16."""
-    return max(16, 1 << (max(d, 1) - 1).bit_length())
-
-
 def _pow2_at_least(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
+
+
+def padded_head_dim(d: int) -> int:
+    """Power of two >= max(d, 16): ``tl.dot`` needs every dimension >= 16."""
+    return max(16, _pow2_at_least(d))
 
 
 def tile_config(kind: str, head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool) -> TileConfig:

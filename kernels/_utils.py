@@ -1,5 +1,6 @@
-"""Launch helpers shared by the LayerNorm and embedding-add Triton kernels.
+"""Launch helpers shared by the Triton kernels.
 
+* ``interpret_mode``: whether kernels run in Triton's interpreter (``TRITON_INTERPRET=1``).
 * ``device_ctx``: launch on the tensor's own GPU (``torch.cuda.device``), not the current one.
 * ``num_programs_target``: how many programs fill the device; fixes the number of partial
   sums the deterministic reductions use (depends only on the device, so repeated runs on one
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -26,10 +28,9 @@ import triton.language as tl
 _INTERPRET_SMS = 2
 
 
-def interpret() -> bool:
-    from . import interpret_mode
-
-    return interpret_mode()
+def interpret_mode() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_ctx(t: torch.Tensor):

@@ -12,8 +12,9 @@ Three layers (Liger style):
 2. Launchers ``attention_fwd`` / ``attention_bwd``: allocate, pick tiles from
    ``_attention_config``, launch on the tensors' device. Inputs may be any strided views
    (q, k, v sliced out of a fused qkv projection, a transposed dO): every stride is passed.
-3. ``torch.library`` ops ``barkgpt_triton::attention_fwd`` / ``attention_bwd`` with fake
-   (meta) kernels and ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one op.
+3. The ``torch.library`` ops ``barkgpt_triton::attention_fwd`` / ``attention_bwd``, their fake
+   kernels and autograd are wired from the op's declaration by barkgpt/_triton.py (with
+   ``empty_out`` as the forward's layout).
 
 Head dims 1..256 are padded inside the kernels to a power of two >= 16 (``tl.dot`` needs 16)
 with masked loads. Causal runs visit only tiles at or below the diagonal and mask only the
@@ -23,7 +24,6 @@ fp16/bf16 use tensor cores; all accumulation is fp32.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Tuple
 
@@ -32,18 +32,14 @@ import triton
 import triton.language as tl
 
 from . import _attention_config as _cfg
+from ._utils import device_ctx, interpret_mode
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals a @triton.jit function reads must be tl.constexpr.
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GRID_AXIS_LIMIT = 65535  # CUDA limit for grid dims 1 and 2 (heads, batch)
-
-
-def _interpret() -> bool:
-    from . import interpret_mode
-
-    return interpret_mode()
 
 
 # ---- 1. kernels ----------------------------------------------------------------------------
@@ -138,7 +134,7 @@ def _attention_fwd_kernel(
                                          BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
     # Every row (padding rows included) saw at least one unmasked key, so l_i > 0.
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log
     tl.store(LSE + (b * H + h) * T + offs_m, lse, mask=m_ok)
     o_ptrs = (O + b * stride_ob + h * stride_oh + row0.to(tl.int64) * stride_ot
               + tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :] * stride_od)
@@ -172,7 +168,7 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, stride_qt, stride_
             lse = tl.load(LSE_bh + offs_m)
             delta = tl.load(DELTA_bh + offs_m)
         sT = tl.dot(k, qT, input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-        logit = sT * qk_scale - (lse * 1.4426950408889634)[None, :]
+        logit = sT * qk_scale - (lse * LOG2E)[None, :]
         if MASKED:
             # Select before exp2: a future key can score far above the row's lse (overflow).
             keep = m_ok[None, :]
@@ -315,7 +311,7 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows_m * stride_dot + offs_d[None, :] * stride_dod,
                  mask=md_mask, other=0.0)
     # Padding rows get lse = +inf so their probabilities are exactly 0.
-    lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + (b * H + h) * T + offs_m, mask=m_ok, other=float("inf")) * LOG2E
     # The "preprocess" step lives here: this program owns these query rows and already holds dO.
     # dK/dV runs after this kernel and reads delta back.
     o = tl.load(O + b * stride_ob + h * stride_oh + rows_m * stride_ot + offs_d[None, :] * stride_od,
@@ -345,16 +341,12 @@ def _attention_bwd_dq_kernel(
 
 # ---- 2. launchers --------------------------------------------------------------------------
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _precision(dtype: torch.dtype) -> str:
     # "ieee" keeps fp32 exact vs an fp32 reference (no TF32); ignored for 16-bit inputs.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _empty_out(q: torch.Tensor) -> torch.Tensor:
+def empty_out(q: torch.Tensor) -> torch.Tensor:
     """(B, H, T, D) output laid out as (B, T, H, D) in memory, like PyTorch's flash backend:
     the model's ``y.transpose(1, 2).reshape(B, T, C)`` is then a free view."""
     B, H, T, D = q.shape
@@ -368,16 +360,16 @@ def _strides(t: torch.Tensor):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out`` (B, H, T, D) in q.dtype and the natural-log ``lse`` (B, H, T) in fp32."""
     B, H, T, D = q.shape
-    out = _empty_out(q)
+    out = empty_out(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf") if D > 0 else 0.0)
         return out, lse
-    cfg = _cfg.tile_config("fwd", D, T, q.dtype, _interpret())
+    cfg = _cfg.tile_config("fwd", D, T, q.dtype, interpret_mode())
     block_d = _cfg.padded_head_dim(D)
     qk_scale = LOG2E / math.sqrt(D)
     grid = (triton.cdiv(T, cfg.block_m), H, B)
-    with _device_ctx(q):
+    with device_ctx(q):
         _attention_fwd_kernel[grid](
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -398,7 +390,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if dq.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    interp = _interpret()
+    interp = interpret_mode()
     block_d = _cfg.padded_head_dim(D)
     even_d = block_d == D
     precision = _precision(q.dtype)
@@ -407,7 +399,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg_kv = _cfg.tile_config("dkdv", D, T, q.dtype, interp)
     cfg_q = _cfg.tile_config("dq", D, T, q.dtype, interp)
-    with _device_ctx(q):
+    with device_ctx(q):
         # dQ first: it also writes delta = rowsum(dO * O), which dK/dV reads.
         _attention_bwd_dq_kernel[(triton.cdiv(T, cfg_q.block_m), H, B)](
             q, k, v, out, do, dq, lse, delta,
@@ -426,61 +418,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
-# ---- 3. torch.library registration ---------------------------------------------------------
-
-@torch.library.custom_op("barkgpt_triton::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, causal)
-
-
-@_attention_fwd_op.register_fake
-def _(q, k, v, causal):
-    B, H, T, D = q.shape
-    return _empty_out(q), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("barkgpt_triton::attention_bwd", mutates_args=())
-def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_bwd(do, q, k, v, out, lse, causal)
-
-
-@_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, causal):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal = causal
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    if dout is None:
-        return None, None, None, None
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.causal)
-    return dq, dk, dv, None
-
-
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- public entry ----------------------------------------------------------------------------
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) [+ causal mask]) v for (B, H, T, D) tensors; differentiable.
-
-    barkgpt.ops has already checked shapes, devices and dtype agreement.
-    """
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton attention supports float16, bfloat16 and float32, got {q.dtype}; "
-                        f"use backend='torch' for {q.dtype}")
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """What these kernels cannot take, beyond dtype (the caller has checked shapes and devices)."""
     B, H, T, D = q.shape
     if D > MAX_HEAD_DIM:
         raise ValueError(f"triton attention supports head dims up to {MAX_HEAD_DIM}, got {D}; "
@@ -488,5 +427,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if H > _GRID_AXIS_LIMIT or B > _GRID_AXIS_LIMIT:
         raise ValueError(f"triton attention supports at most {_GRID_AXIS_LIMIT} heads and batch rows, "
                          f"got B={B}, H={H}")
-    out, _ = _attention_fwd_op(q, k, v, bool(causal))
-    return out

@@ -17,10 +17,10 @@ Three layers (Liger style):
 2. Launchers ``embedding_add_fwd`` / ``embedding_add_bwd``: heuristic tiles (no autotune, so
    the first call on a shape equals the second), any strides for ids, tables and upstream
    gradient, launched on the tensors' device.
-3. ``torch.library`` ops ``barkgpt_triton::embedding_add_fwd`` / ``embedding_add_bwd`` with
-   fake kernels and ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one op.
-   The forward op body checks the ids (``check_token_ids``): ids outside ``[0, V)`` raise
-   IndexError instead of reading out of bounds.
+3. The ``torch.library`` ops ``barkgpt_triton::embedding_add_fwd`` / ``embedding_add_bwd``,
+   their fake kernels and autograd are wired from the op's declaration by barkgpt/_triton.py;
+   the forward op body checks the ids there (ids outside ``[0, V)`` raise IndexError). The
+   forward kernel itself never reads outside the table whatever the ids.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from typing import NamedTuple, Tuple
 import torch
 import triton
 import triton.language as tl
-
-from barkgpt._checks import check_token_ids
 
 from ._utils import device_ctx, pow2_floor, sm_count, sum_partials, warps_for
 
@@ -159,14 +157,15 @@ def embedding_add_fwd(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: t
     return out
 
 
-def embedding_add_bwd(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int, n_pos: int,
-                      tok_dtype: torch.dtype, pos_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the token table (vocab_size, C) and the position table (n_pos, C)."""
+def embedding_add_bwd(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int,
+                      n_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the token table (vocab_size, C) and the position table (n_pos, C), in dout's
+    dtype (the tables share it: callers promote them first)."""
     B, T, C = dout.shape
     dev = dout.device
     n_tokens = B * T
-    dtok = torch.empty((vocab_size, C), dtype=tok_dtype, device=dev)
-    dpos = torch.empty((n_pos, C), dtype=pos_dtype, device=dev)
+    dtok = torch.empty((vocab_size, C), dtype=dout.dtype, device=dev)
+    dpos = torch.empty((n_pos, C), dtype=dout.dtype, device=dev)
     if T < n_pos:
         dpos[T:].zero_()
     if n_tokens == 0 or C == 0:
@@ -203,60 +202,3 @@ def embedding_add_bwd(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int, n_
     if split > 1:
         sum_partials(target.view(split, T * C), dpos[:T].view(-1))
     return dtok, dpos
-
-
-# ---- 3. torch.library registration ---------------------------------------------------------
-
-@torch.library.custom_op("barkgpt_triton::embedding_add_fwd", mutates_args=())
-def _embedding_add_fwd_op(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
-    check_token_ids(idx, tok_weight.shape[0])
-    return embedding_add_fwd(idx, tok_weight, pos_weight)
-
-
-@_embedding_add_fwd_op.register_fake
-def _(idx, tok_weight, pos_weight):
-    B, T = idx.shape
-    return tok_weight.new_empty((B, T, tok_weight.shape[1]),
-                                dtype=torch.promote_types(tok_weight.dtype, pos_weight.dtype))
-
-
-@torch.library.custom_op("barkgpt_triton::embedding_add_bwd", mutates_args=())
-def _embedding_add_bwd_op(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int, n_pos: int,
-                          tok_dtype: torch.dtype, pos_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    return embedding_add_bwd(dout, idx, vocab_size, n_pos, tok_dtype, pos_dtype)
-
-
-@_embedding_add_bwd_op.register_fake
-def _(dout, idx, vocab_size, n_pos, tok_dtype, pos_dtype):
-    C = dout.shape[-1]
-    return dout.new_empty((vocab_size, C), dtype=tok_dtype), dout.new_empty((n_pos, C), dtype=pos_dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    idx, tok_weight, pos_weight = inputs
-    ctx.save_for_backward(idx)
-    ctx.vocab_size, ctx.n_pos = tok_weight.shape[0], pos_weight.shape[0]
-    ctx.tok_dtype, ctx.pos_dtype = tok_weight.dtype, pos_weight.dtype
-
-
-def _backward(ctx, dout):
-    (idx,) = ctx.saved_tensors
-    dtok, dpos = _embedding_add_bwd_op(dout, idx, ctx.vocab_size, ctx.n_pos, ctx.tok_dtype, ctx.pos_dtype)
-    return None, dtok, dpos
-
-
-_embedding_add_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- public entry ----------------------------------------------------------------------------
-
-def embedding_add(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
-    """``tok_weight[idx] + pos_weight[:T]`` for ids ``idx`` (B, T); differentiable in both tables.
-
-    barkgpt.ops has already checked shapes, devices and dtypes; the op itself checks id range.
-    """
-    for name, t in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"triton embedding_add supports float16, bfloat16 and float32 tables, got "
-                            f"{name} in {t.dtype}; use backend='torch' for {t.dtype}")
-    return _embedding_add_fwd_op(idx, tok_weight, pos_weight)

@@ -15,8 +15,8 @@ Three layers (Liger style):
    strides allow; any row and column stride goes to the kernel), pick tiles with a fixed
    heuristic (no autotune, so the first call on a shape equals the second), allocate, and
    launch on the tensor's device.
-3. ``torch.library`` ops ``barkgpt_triton::layer_norm_fwd`` / ``layer_norm_bwd`` with fake
-   kernels and ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one op.
+3. The ``torch.library`` ops ``barkgpt_triton::layer_norm_fwd`` / ``layer_norm_bwd``, their fake
+   kernels and autograd are wired from the op's declaration by barkgpt/_triton.py.
 """
 
 from __future__ import annotations
@@ -261,10 +261,12 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(N, dtype=weight.dtype, device=x.device)
-    db = torch.empty(N if bias is not None else 0, dtype=(bias if bias is not None else weight).dtype,
-                     device=x.device)
+    # Without a bias, dbias is zeros of weight's shape (the declared contract; the caller drops it).
+    db = torch.empty(N, dtype=(bias if bias is not None else weight).dtype, device=x.device)
+    if bias is None or dx.numel() == 0:
+        db.zero_()
     if dx.numel() == 0:
-        return dx, dw.zero_(), db.zero_()
+        return dx, dw.zero_(), db
     x2, dy2 = as_rows(x, N), as_rows(dy, N)
     M = x2.shape[0]
     cfg, grid = _bwd_config(M, N, x.device)
@@ -278,62 +280,3 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
             num_warps=cfg.num_warps)
     sum_partials(part, dw, db if bias is not None else None)
     return dx, dw, db
-
-
-# ---- 3. torch.library registration ---------------------------------------------------------
-
-@torch.library.custom_op("barkgpt_triton::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_fwd(x, weight, bias, eps)
-
-
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("barkgpt_triton::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       mean: torch.Tensor, rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(dy, x, weight, bias, mean, rstd)
-
-
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd):
-    N = x.shape[-1]
-    db = x.new_empty((N if bias is not None else 0,), dtype=(bias if bias is not None else weight).dtype)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight), db
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, bias, mean, rstd)
-    return dx, dw, (db if bias is not None else None), None
-
-
-_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- public entry ----------------------------------------------------------------------------
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dim of ``x`` (any rank, any strides); fp32 math, result in x.dtype.
-
-    barkgpt.ops has already checked shapes, devices and eps.
-    """
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"triton layer_norm supports float16, bfloat16 and float32, got {name} "
-                            f"in {t.dtype}; use backend='torch' for {t.dtype}")
-    y, _, _ = _layer_norm_fwd_op(x, weight, bias, float(eps))
-    return y

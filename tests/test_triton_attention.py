@@ -15,6 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from barkgpt import ops, reference
 
+triton_backend = importlib.import_module("barkgpt._triton")  # registers the barkgpt_triton ops
+
 kattn = importlib.import_module("barkgpt.kernels.attention")
 kcfg = importlib.import_module("barkgpt.kernels._attention_config")
 

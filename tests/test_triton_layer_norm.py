@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from barkgpt import ops, reference
 
+triton_backend = importlib.import_module("barkgpt._triton")  # registers the barkgpt_triton ops
+
 kln = importlib.import_module("barkgpt.kernels.layer_norm")
 
 HAS_CUDA = torch.cuda.is_available()
@@ -255,11 +257,11 @@ def test_unsupported_dtype_raises():
 
 def test_registered_op_passes_opcheck():
     x, w, b = _inputs((7, 97), torch.float32)
-    torch.library.opcheck(kln._layer_norm_fwd_op, (x, w, b, 1e-5))
-    torch.library.opcheck(kln._layer_norm_fwd_op, (x, w, None, 1e-5))
+    torch.library.opcheck(torch.ops.barkgpt_triton.layer_norm_fwd.default, (x, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.barkgpt_triton.layer_norm_fwd.default, (x, w, None, 1e-5))
     dy = torch.randn(7, 97, device=DEVICE)
-    _, mean, rstd = kln._layer_norm_fwd_op(x.detach(), w.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(kln._layer_norm_bwd_op, (dy, x.detach(), w.detach(), b.detach(), mean, rstd))
+    _, mean, rstd = torch.ops.barkgpt_triton.layer_norm_fwd.default(x.detach(), w.detach(), b.detach(), 1e-5)
+    torch.library.opcheck(torch.ops.barkgpt_triton.layer_norm_bwd.default, (dy, x.detach(), w.detach(), b.detach(), mean, rstd))
 
 
 def test_torch_compile_fullgraph_aot_eager():

@@ -1,0 +1,47 @@
+"""The ``"triton"`` backend: the Triton kernels of ``barkgpt.kernels`` registered against the op
+declarations (barkgpt/opdecls.py) as ``barkgpt_triton::<op>_fwd`` / ``_bwd`` ops.
+
+Importing this module imports Triton (an ImportError marks the backend unavailable) and wires
+each op with ``registry.register_kernels``: custom ops with the declared schemas, fake kernels and
+autograd, so ``torch.compile(fullgraph=True)`` sees each op as one node. Runs on CUDA tensors,
+and on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import kernels, opdecls
+from .kernels import attention as _attention
+from .kernels import embedding as _embedding
+from .kernels import layer_norm as _layer_norm
+from .registry import register_kernels
+
+_NS = "barkgpt_triton"
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and kernels.interpret_mode():
+        return None
+    if device_type == "cpu":
+        return "Triton kernels need a CUDA GPU (set TRITON_INTERPRET=1 to run them on CPU tensors, slowly)"
+    return f"Triton kernels do not run on {device_type} tensors"
+
+
+def _attention_fake(q, k, v, causal):
+    # the output is laid out (B, T, H, D) in memory: the model's head merge is then a view
+    B, H, T, D = q.shape
+    return _attention.empty_out(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+register_kernels(opdecls.LAYER_NORM, "triton", _NS, _layer_norm.layer_norm_fwd, _layer_norm.layer_norm_bwd,
+                 dtypes=_layer_norm.SUPPORTED_DTYPES)
+register_kernels(opdecls.ATTENTION, "triton", _NS, _attention.attention_fwd, _attention.attention_bwd,
+                 dtypes=_attention.SUPPORTED_DTYPES, fake=_attention_fake, precheck=_attention.check_inputs)
+register_kernels(opdecls.EMBEDDING_ADD, "triton", _NS, _embedding.embedding_add_fwd,
+                 _embedding.embedding_add_bwd, dtypes=_embedding.SUPPORTED_DTYPES,
+                 prepare=opdecls.promote_tables)

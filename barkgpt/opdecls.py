@@ -1,0 +1,263 @@
+"""The declaration of every op: one :class:`~barkgpt.registry.OpDecl` each.
+
+A declaration holds what does not depend on the backend: arguments, checks, the reference (the
+``torch`` backend and the float64 test oracle), the forward kernel's shape rule for fake tensors,
+the autograd contract every backend's kernels follow, the byte/FLOP model, the test tolerances per
+dtype and the test cases (tests/test_ops.py runs every case on every backend that can run).
+Backends register their kernels against these declarations (barkgpt/_cpp.py, barkgpt/_triton.py);
+barkgpt.ops turns each declaration into its public function.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import perf, reference
+from ._checks import check_token_ids, float_tensor, same_device, tensor
+from .registry import Arg, Backward, Case, OpDecl, declare_op
+
+# Max error against the float64 reference, relative to max(1, max |expected|), for the op's
+# results and every gradient (the C++ backend's tolerances before the registry; Triton's were
+# looser or of another form, none tighter).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate and keep statistics in: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+
+
+# ---- layer_norm ------------------------------------------------------------------------------
+
+def check_layer_norm(x, weight, bias=None, eps=1e-5) -> None:
+    op = "layer_norm"
+    tensor("x", x), tensor("weight", weight)
+    if bias is not None:
+        tensor("bias", bias)
+    same_device(op, x=x, weight=weight, bias=bias)
+    float_tensor(op, "x", x), float_tensor(op, "weight", weight)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise ValueError(f"{op}: weight must have shape ({n},) to match x's last dim, got {tuple(weight.shape)}")
+    if bias is not None:
+        float_tensor(op, "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ValueError(f"{op}: bias must have shape ({n},) to match x's last dim, got {tuple(bias.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
+
+
+def _layer_norm_fake(x, weight, bias, eps):
+    stat = x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
+    return x.new_empty(x.shape), stat, torch.empty_like(stat)
+
+
+def _layer_norm_bwd_fake(grad_y, x, weight, bias, mean, rstd):
+    # dbias has bias's dtype (weight's, and is ignored, when there is no bias)
+    db_dtype = (bias if bias is not None else weight).dtype
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=db_dtype)
+
+
+def _layer_norm_case(rows, n, bias=True, w_dtype=None, shape=None):
+    def make(dtype, device, gen):
+        x = _randn(gen, rows, n, dtype=dtype, device=device, scale=2.0, shift=0.5)
+        if shape is not None:
+            x = x.reshape(shape)
+        wd = w_dtype or dtype
+        w = _randn(gen, n, dtype=wd, device=device, scale=0.5, shift=1.0)
+        b = _randn(gen, n, dtype=wd, device=device) if bias else None
+        return x, w, b, 1e-5
+    return make
+
+
+def _layer_norm_cases():
+    sizes = [(rows, n) for n in (1, 3, 8, 97, 768) for rows in (1, 7, 4097)]
+    sizes += [(rows, n) for n in (16, 32, 64, 128) for rows in (7, 300)]  # unrolled widths
+    sizes += [(rows, n) for n in (1500, 1536) for rows in (1, 7, 300)]
+    sizes += [(1, 4096), (7, 4096), (33, 4096)]
+    cases = [Case(f"rows{r}-n{n}", _layer_norm_case(r, n), heavy=r * n > 40000 or (r > 7 and n > 97))
+             for r, n in sizes]
+    cases += [Case(f"nobias-rows{r}-n{n}", _layer_norm_case(r, n, bias=False)) for r, n in ((7, 3), (7, 97))]
+    cases += [Case("nobias-rank3-fp32params", _layer_norm_case(10, 97, bias=False, w_dtype=torch.float32,
+                                                                shape=(2, 5, 97)))]
+    return tuple(cases)
+
+
+LAYER_NORM = declare_op(OpDecl(
+    name="layer_norm",
+    doc="LayerNorm over the last dim of ``x`` (any rank); fp32 math, result in ``x.dtype``.",
+    args=(Arg("x", "Tensor", grad=True), Arg("weight", "Tensor", grad=True),
+          Arg("bias", "Tensor?", None, grad=True), Arg("eps", "float", 1e-5)),
+    results=("y", "mean", "rstd"), returns=1,
+    check=check_layer_norm,
+    reference=reference.layer_norm_ref,
+    fake=_layer_norm_fake,
+    backward=Backward(args=("x", "weight", "bias", "mean", "rstd"), grads=("x", "weight", "bias"),
+                      fake=_layer_norm_bwd_fake),
+    bytes=lambda x, weight, bias, eps, mode="fwd+bwd": perf.layer_norm_bytes(
+        x.numel() // max(x.shape[-1], 1), x.shape[-1], x.element_size(), weight.element_size(), mode,
+        bias=bias is not None),
+    tolerance=TOLERANCE,
+    cases=_layer_norm_cases(),
+))
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+def check_attention(q, k, v, causal=True) -> None:
+    op = "attention"
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        tensor(n, t)
+        float_tensor(op, n, t)
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {n} must have shape (B, H, T, D), got {tuple(t.shape)}")
+    same_device(op, q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{op}: q, k, v must have the same shape (B, H, T, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def _attention_fake(q, k, v, causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+
+
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_case(B, H, T, D, causal, qkv_view=False):
+    def make(dtype, device, gen):
+        if qkv_view:  # q, k, v split from a fused projection, as the model makes them
+            qkv = _randn(gen, B, T, 3 * H * D, dtype=dtype, device=device)
+            q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+        else:
+            q, k, v = (_randn(gen, B, H, T, D, dtype=dtype, device=device) for _ in range(3))
+        return q, k, v, causal
+    return make
+
+
+def _attention_cases():
+    cases = []
+    for causal in (True, False):
+        c = "causal" if causal else "full"
+        for T in (1, 2, 15, 17, 64, 100, 129):
+            for D in (1, 3, 8, 16, 24, 64, 80, 128):
+                small = (T <= 17 and D <= 24) or (T, D) in ((17, 64), (64, 16), (100, 16))
+                lo = (T, D) in ((1, 1), (17, 3), (64, 16), (100, 64), (129, 80))
+                cases.append(Case(f"{c}-T{T}-D{D}", _attention_case(2, 2, T, D, causal), heavy=not small,
+                                  dtypes=None if lo else (torch.float64, torch.float32)))
+        cases.append(Case(f"{c}-qkv-view", _attention_case(2, 3, 37, 24, causal, qkv_view=True)))
+    return tuple(cases)
+
+
+ATTENTION = declare_op(OpDecl(
+    name="attention",
+    doc="Scaled dot-product self-attention on ``(B, H, T, D)`` tensors, scale ``1/sqrt(D)``.",
+    args=(Arg("q", "Tensor", grad=True), Arg("k", "Tensor", grad=True), Arg("v", "Tensor", grad=True),
+          Arg("causal", "bool", True)),
+    results=("out", "lse"), returns=1,
+    check=check_attention,
+    reference=reference.attention_ref,
+    fake=_attention_fake,
+    backward=Backward(args=("q", "k", "v", "out", "lse", "causal"), grads=("q", "k", "v"),
+                      keep={"causal": ("bool", lambda a: a["causal"])}, fake=_attention_bwd_fake),
+    flops=lambda q, k, v, causal, mode="fwd+bwd": perf.attention_flops(*q.shape, causal, mode),
+    bytes=lambda q, k, v, causal, mode="fwd+bwd": perf.attention_bytes(*q.shape, q.element_size(), mode),
+    tolerance=TOLERANCE,
+    cases=_attention_cases(),
+))
+
+
+# ---- embedding_add ---------------------------------------------------------------------------
+
+def check_embedding_add(idx, tok_weight, pos_weight) -> None:
+    op = "embedding_add"
+    tensor("idx", idx), tensor("tok_weight", tok_weight), tensor("pos_weight", pos_weight)
+    same_device(op, idx=idx, tok_weight=tok_weight, pos_weight=pos_weight)
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: idx must hold integer token ids (int64 or int32), got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{op}: idx must have shape (B, T), got {tuple(idx.shape)}")
+    float_tensor(op, "tok_weight", tok_weight), float_tensor(op, "pos_weight", pos_weight)
+    if tok_weight.dim() != 2 or pos_weight.dim() != 2:
+        raise ValueError(f"{op}: tok_weight and pos_weight must be 2-D tables, got "
+                         f"{tuple(tok_weight.shape)} and {tuple(pos_weight.shape)}")
+    if tok_weight.shape[1] != pos_weight.shape[1]:
+        raise ValueError(f"{op}: token and position tables must have the same width, got "
+                         f"{tok_weight.shape[1]} and {pos_weight.shape[1]}")
+    if idx.shape[1] > pos_weight.shape[0]:
+        raise ValueError(f"{op}: sequence length {idx.shape[1]} exceeds the position table's "
+                         f"{pos_weight.shape[0]} rows (block_size); crop the input")
+
+
+def promote_tables(idx, tok_weight, pos_weight):
+    """Kernels take both tables in one dtype (the promoted one); autograd of the cast gives each
+    table its gradient in its own dtype."""
+    dtype = torch.promote_types(tok_weight.dtype, pos_weight.dtype)
+    return idx, tok_weight.to(dtype), pos_weight.to(dtype)
+
+
+def _embedding_fake(idx, tok_weight, pos_weight):
+    return tok_weight.new_empty((idx.shape[0], idx.shape[1], tok_weight.shape[1]))
+
+
+def _embedding_bwd_fake(grad_out, idx, vocab_size, num_positions):
+    return grad_out.new_empty((vocab_size, grad_out.shape[2])), grad_out.new_empty((num_positions, grad_out.shape[2]))
+
+
+def _embedding_case(V, B, T, C, P, id_dtype=torch.int64, all_equal: Optional[int] = None):
+    def make(dtype, device, gen):
+        if all_equal is not None:
+            idx = torch.full((B, T), all_equal, dtype=id_dtype)
+        else:
+            idx = torch.randint(0, V, (B, T), generator=gen, dtype=id_dtype)
+        return (idx.to(device), _randn(gen, V, C, dtype=dtype, device=device),
+                _randn(gen, P, C, dtype=dtype, device=device))
+    return make
+
+
+def _embedding_cases():
+    shapes = [(9, 4, 7, 5, 10), (9, 32, 32, 8, 32), (20, 3, 5, 16, 8), (6000, 2, 40, 48, 40),
+              (70000, 3, 33, 8, 40), (9, 32, 32, 32, 32), (256, 3, 17, 97, 20), (50, 2, 1, 1, 1),
+              (1000, 2, 65, 130, 65)]
+    cases = []
+    for V, B, T, C, P in shapes:
+        heavy = V * C > 50000 or B * T * C > 20000
+        for id_dtype in (torch.int64, torch.int32):
+            cases.append(Case(f"V{V}-B{B}-T{T}-C{C}-P{P}-{str(id_dtype)[6:]}",
+                              _embedding_case(V, B, T, C, P, id_dtype), heavy=heavy))
+    cases.append(Case("all-equal-ids", _embedding_case(9, 16, 256, 48, 256, all_equal=3), heavy=True,
+                      dtypes=(torch.float64, torch.float32, torch.bfloat16)))
+    cases.append(Case("all-equal-ids-small", _embedding_case(3, 4, 9, 8, 12, all_equal=1)))
+    return tuple(cases)
+
+
+EMBEDDING_ADD = declare_op(OpDecl(
+    name="embedding_add",
+    doc="``tok_weight[idx] + pos_weight[:T]`` for token ids ``idx`` of shape ``(B, T)``.",
+    args=(Arg("idx", "Tensor"), Arg("tok_weight", "Tensor", grad=True), Arg("pos_weight", "Tensor", grad=True)),
+    results=("out",), returns=1,
+    check=check_embedding_add,
+    reference=reference.embedding_add_ref,
+    fake=_embedding_fake,
+    backward=Backward(args=("idx", "vocab_size", "num_positions"), grads=("tok_weight", "pos_weight"),
+                      keep={"vocab_size": ("SymInt", lambda a: a["tok_weight"].shape[0]),
+                            "num_positions": ("SymInt", lambda a: a["pos_weight"].shape[0])},
+                      fake=_embedding_bwd_fake),
+    kernel_check=lambda idx, tok_weight, pos_weight: check_token_ids(idx, tok_weight.shape[0]),
+    bytes=lambda idx, tok_weight, pos_weight, mode="fwd+bwd": perf.embedding_bytes(
+        idx.shape[0], idx.shape[1], tok_weight.shape[1], tok_weight.shape[0], tok_weight.element_size(),
+        idx.element_size(), mode),
+    tolerance=TOLERANCE,
+    cases=_embedding_cases(),
+))
