@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -213,10 +214,10 @@ class TrainState:
     def capture_rng(self, device: torch.device) -> None:
         self.rng = _rng_tensors(self.data_gen, device)
 
-    def end_step(self, loss: float, device: torch.device) -> None:
-        """The step's update is done: it counts, with its loss and the RNG/data position after it."""
+    def end_step(self, device: torch.device) -> None:
+        """The step's update is done: it counts, with the RNG/data position after it (its loss
+        joins ``losses`` when it is read back: account_steps)."""
         self.step += 1
-        self.losses.append(loss)
         self.capture_rng(device)
 
     def record_eval(self, val_loss: float) -> None:
@@ -273,6 +274,7 @@ class Run:
     tok_done: int = 0  # tokens of the updates done by this process's run (all ranks)
     tokens_per_sec: float = 0.0  # as of the last step
     skipped: int = 0
+    pending: List[StepResult] = dataclasses.field(default_factory=list)  # steps whose numbers are unread
 
     def amp(self):
         if self.amp_dtype == torch.float32:
@@ -377,6 +379,10 @@ def run_loop(run: Run, state: TrainState) -> None:
     try:
         while state.step < cfg.steps:
             result = train_step(run, state, interrupts)
+            # the step's loss and grad norm stay on the device until a boundary needs them
+            if any(run.due(state.step, every) for every in (cfg.log_every, cfg.eval_every, cfg.save_every)) \
+                    or run.on_step is not None or result.stop or interrupts.requested:
+                read_steps(run, state)
             log_step(run, state, result)
             # a skipped step still ends its step: the evaluation and checkpoint due there happen
             if run.due(state.step, cfg.eval_every):
@@ -439,53 +445,91 @@ def _finish(run: Run, state: TrainState) -> TrainResult:
 
 @dataclass
 class StepResult:
+    """A step as train_step leaves it. Its loss and gradient norm stay on the device
+    (``values``) until read_steps reads the steps pending since the last boundary, at once."""
+
     step: int  # the step just completed (1-based)
-    loss: float  # mean over every real target of all micro-batches on all ranks
-    grad_norm: float
     lr: float
+    values: torch.Tensor  # float32 [loss, grad norm] on the device
+    stop: bool = False  # some rank asked to stop (Ctrl-C, SIGTERM) before this step ended
+    read: bool = False  # whether the fields below are known yet
+    loss: float = math.nan  # mean over every real target of all micro-batches on all ranks
+    grad_norm: float = math.nan
     skipped: bool = False  # non-finite loss or gradient, dropped (on_nonfinite="skip")
     what: str = ""  # what was non-finite: "loss" or "gradient norm"
-    stop: bool = False  # some rank asked to stop (Ctrl-C) before this step ended
 
 
 def train_step(run: Run, state: TrainState, interrupts: Optional[Interrupts] = None) -> StepResult:
     """One optimizer step: the step's micro-batches, each forward/backward weighted by its share
-    of the step's real targets, clipping, then the update (or, on a non-finite loss or
-    gradient, a stop or a skip as ``on_nonfinite`` says). Advances ``state`` by one step."""
+    of the step's real targets, clipping, then the update, which a non-finite loss or gradient
+    norm cancels. Advances ``state`` by one step. Nothing is read back from the device (one
+    stop vote per step under DDP aside): with a fused optimizer the update is cancelled on the
+    device (its ``found_inf``) and read_steps applies ``on_nonfinite`` (stop or skip) at the
+    next boundary; other optimizers read the numbers now, before the update."""
     cfg, world, device = run.cfg, run.world, run.device
     interrupts = interrupts if interrupts is not None else Interrupts(install=False)
     lr = lr_at(state.step, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     stats = accumulate_gradients(run, state)
-    # One small all-reduce: the summed loss and any rank's stop request (so that all ranks stop
-    # after this same step); the gradients (so the norm) are the same on every rank already.
-    summed = world.sum_(torch.stack([stats["loss_sum"].float(),
-                                     torch.tensor(float(interrupts.requested), device=device)]))
-    loss, stop_votes, gnorm = torch.stack([summed[0] / stats["n_total"], summed[1],
-                                           stats["grad_norm"].float()]).tolist()
+    loss_sum, stop = stats["loss_sum"].float(), interrupts.requested
+    if world.enabled:
+        # One small all-reduce: the summed loss and any rank's stop request (so that all ranks
+        # stop after this same step); the gradients (so the norm) are the same on every rank.
+        summed = world.sum_(torch.stack([loss_sum, torch.tensor(float(stop), device=device)]))
+        loss_sum, stop = summed[0], summed[1].item() > 0
     done = state.step + 1
-    result = StepResult(step=done, loss=loss, grad_norm=gnorm, lr=lr, stop=stop_votes > 0)
-    # With fp16 the scaler finds inf gradients itself (and skips those steps).
-    if not (math.isfinite(loss) and math.isfinite(gnorm)) and not state.scaler.is_enabled():
-        state.optimizer.zero_grad(set_to_none=True)
-        result.what = "loss" if not math.isfinite(loss) else "gradient norm"
-        if cfg.on_nonfinite == "stop":
-            raise TrainingError(
-                f"non-finite {result.what} at step {done} ({loss if result.what == 'loss' else gnorm}); "
-                f"stopping. The last good checkpoint is {run.last_ckpt or 'none (none saved yet)'}; "
-                f"lower --lr, use float32, or pass --skip-nonfinite (on_nonfinite='skip') to drop "
-                f"such steps")
-        result.skipped = True
-        run.skipped += 1
+    result = StepResult(step=done, lr=lr, values=torch.stack([loss_sum / stats["n_total"],
+                                                              stats["grad_norm"].float()]), stop=stop)
+    check = not state.scaler.is_enabled()  # with fp16 the scaler finds inf gradients itself (and skips those steps)
+    on_device = check and all(g.get("fused") for g in state.optimizer.param_groups)
+    if check and not on_device:
+        account_steps(run, state, [result])  # raises on a non-finite step if on_nonfinite="stop"
     interrupts.begin_update(done)  # from here until the step's bookkeeping ends, nothing is saved
     if not result.skipped:
-        state.scaler.step(state.optimizer)
+        if on_device:  # the fused update does nothing where found_inf is 1 (its step count included)
+            state.optimizer.found_inf = (~torch.isfinite(result.values).all()).float()
+        try:
+            state.scaler.step(state.optimizer)
+        finally:
+            state.optimizer.__dict__.pop("found_inf", None)
         state.scaler.update()
-        state.optimizer.zero_grad(set_to_none=True)
-        run.tok_done += run.tokens_per_step
-    state.end_step(float("nan") if result.skipped else loss, device)
+    state.optimizer.zero_grad(set_to_none=True)
+    if not result.read:
+        run.pending.append(result)
+    state.end_step(device)
     return result
+
+
+def read_steps(run: Run, state: TrainState) -> None:
+    """Read the pending steps' numbers back from the device (one read) and account for them."""
+    pending, run.pending = run.pending, []
+    if pending:
+        account_steps(run, state, pending)
+
+
+def account_steps(run: Run, state: TrainState, results: List[StepResult]) -> None:
+    """Read ``results`` (one read for all) and account for them in order: their losses (nan for
+    a skipped step), tokens and skip events; the first non-finite one stops the run if
+    ``on_nonfinite`` is "stop" (nothing after the last good checkpoint is saved)."""
+    values = torch.stack([r.values for r in results]).tolist()
+    for r, (loss, gnorm) in zip(results, values):
+        r.loss, r.grad_norm, r.read = loss, gnorm, True
+        if not (math.isfinite(loss) and math.isfinite(gnorm)) and not state.scaler.is_enabled():
+            r.what = "loss" if not math.isfinite(loss) else "gradient norm"
+            if run.cfg.on_nonfinite == "stop":
+                raise TrainingError(
+                    f"non-finite {r.what} at step {r.step} ({loss if r.what == 'loss' else gnorm}); "
+                    f"stopping. The last good checkpoint is {run.last_ckpt or 'none (none saved yet)'}; "
+                    f"lower --lr, use float32, or pass --skip-nonfinite (on_nonfinite='skip') to drop "
+                    f"such steps")
+            r.skipped = True
+            run.skipped += 1
+            state.losses.append(float("nan"))
+            run.metrics.write(step=r.step, event="skipped_nonfinite", what=r.what)
+        else:
+            state.losses.append(loss)
+            run.tok_done += run.tokens_per_step
 
 
 def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]:
@@ -497,9 +541,12 @@ def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]
     cfg, world, device, dataset = run.cfg, run.world, run.device, run.dataset
     world.seed_dropout(state.data_gen)
     batches = [world.local_batch(dataset, cfg.batch_size, state.data_gen) for _ in range(cfg.grad_accum)]
-    counts = [int((y != dataset.ignore_index).sum()) for _, y in batches]  # CPU tensors: no device sync
-    n_total = max(world.sum_(torch.tensor(float(sum(counts)), dtype=torch.float64,
-                                          device=device if world.enabled else "cpu")).item(), 1.0)
+    # counted on the host batches (numpy): no read from the device
+    counts = [int(np.count_nonzero(y.numpy() != dataset.ignore_index)) for _, y in batches]
+    n_total = float(sum(counts))
+    if world.enabled:  # the real targets of all ranks (read: the micro-batch weights are Python numbers)
+        n_total = world.sum_(torch.tensor(n_total, dtype=torch.float64, device=device)).item()
+    n_total = max(n_total, 1.0)
     loss_sum = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -520,12 +567,10 @@ def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]
 
 
 def log_step(run: Run, state: TrainState, result: StepResult) -> None:
-    """The step's metrics line when due (a skipped step's event always)."""
+    """The step's metrics line when due (read_steps has read it then; it wrote skip events)."""
     elapsed = time.perf_counter() - run.t0
     tps = run.tok_done / elapsed if elapsed > 0 else 0.0
-    if result.skipped:
-        run.metrics.write(step=result.step, event="skipped_nonfinite", what=result.what)
-    elif run.due(result.step, run.cfg.log_every):
+    if result.read and not result.skipped and run.due(result.step, run.cfg.log_every):
         util = perf.mfu(run.flops_per_token, tps / run.world.size, run.peak)
         run.metrics.write(step=result.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                           tokens_per_sec=tps, elapsed_sec=elapsed, **({"mfu": util} if util is not None else {}))
@@ -535,10 +580,11 @@ def log_step(run: Run, state: TrainState, result: StepResult) -> None:
 def show_progress(run: Run, state: TrainState, result: StepResult) -> None:
     if run.bar is not None:
         run.bar.update(1)
-        post = {"loss": f"{result.loss:.4f}", "tok/s": f"{run.tokens_per_sec:,.0f}"}
-        if state.val_history:
-            post["val"] = f"{state.val_history[-1]['val_loss']:.4f}"
-        run.bar.set_postfix(post, refresh=False)
+        if result.read:  # the numbers are shown as they are read (at each log line)
+            post = {"loss": f"{result.loss:.4f}", "tok/s": f"{run.tokens_per_sec:,.0f}"}
+            if state.val_history:
+                post["val"] = f"{state.val_history[-1]['val_loss']:.4f}"
+            run.bar.set_postfix(post, refresh=False)
 
 
 def evaluate_run(run: Run, state: TrainState) -> float:
@@ -588,6 +634,7 @@ def save_checkpoint(state: TrainState, out_dir: str) -> str:
 
 def save_on_all_ranks(run: Run, state: TrainState, interrupts: Interrupts) -> None:
     """Rank 0 saves; every rank waits for the save (and learns if it failed)."""
+    read_steps(run, state)
     run.last_ckpt = run.world.run_on_main(lambda: save_checkpoint(state, run.out_dir))
     interrupts.saved_step = state.step
 
@@ -600,6 +647,7 @@ def on_interrupt(run: Run, state: TrainState, interrupts: Interrupts, terminated
         return
     whole = interrupts.updating is None or interrupts.saved_step == interrupts.updating  # saved just before
     if whole and state.step > interrupts.saved_step:
+        read_steps(run, state)
         run.last_ckpt = save_checkpoint(state, run.out_dir)
         interrupts.saved_step = state.step
     what = "terminated (SIGTERM)" if terminated else "interrupted"
@@ -987,6 +1035,7 @@ class _Metrics:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+            self.f = None
 
 
 def _metrics_lines(path: str, resume_step: int) -> tuple:
