@@ -817,6 +817,8 @@ class RunLock:
         if not _try_lock(fd):
             try:
                 holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "its process is starting"
+            except OSError:  # (Windows: the holder's lock covers what it wrote)
+                holder = "another process"
             finally:
                 os.close(fd)
             raise TrainingError(f"--out {out!r} is in use by another barkgpt run ({holder}); wait for it to end "
