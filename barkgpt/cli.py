@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (default: bfloat16 on GPUs that support it, else float32)")
     t.add_argument("--out", default=None, help="run directory (default: runs/<preset>, numbered if taken)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on even though the data file changed since the checkpoint")
     t.add_argument("--eval-every", type=_positive_int, default=100, help="validate every N steps (default: 100)")
     ev = t.add_mutually_exclusive_group()
     ev.add_argument("--eval-tokens", type=_positive_int, default=None,
@@ -286,7 +288,7 @@ def _cmd_train(a, argv=None) -> int:
         train(cfg)
         return 0
     # On --resume only the flags actually given are passed on: the rest come from the checkpoint.
-    given = _explicit_flags(argv) - {"resume"}
+    given = _explicit_flags(argv) - {"resume", "allow_data_change"}
     full = dataclasses.asdict(cfg)
     rename = {"skip_nonfinite": "on_nonfinite", "no_progress": "progress", "no_sample": "sample", "config": "model"}
     overrides = {}
@@ -294,7 +296,7 @@ def _cmd_train(a, argv=None) -> int:
         key = rename.get(dest, dest)
         if key in full:
             overrides[key] = full[key]
-    train(resume=True, **overrides)
+    train(resume=True, allow_data_change=a.allow_data_change, **overrides)
     return 0
 
 
@@ -431,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .ops import BackendUnavailable
-    from .train import TrainingError
+    from .train import Terminated, TrainingError
 
     handlers = {"train": lambda a: _cmd_train(a, argv), "generate": _cmd_generate,
                 "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
@@ -456,6 +458,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not getattr(e, "reported_by_main", False):
             print(f"barkgpt {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 143  # SIGTERM: training already said what it saved, in one line
     except KeyboardInterrupt as e:
         # Training says itself what it saved; under torchrun, rank 0 speaks for the run.
         if not getattr(e, "reported_by_train", False) and os.environ.get("RANK", "0") == "0":

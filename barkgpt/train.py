@@ -10,16 +10,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -40,6 +44,11 @@ RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "keep_last", "log_ever
 
 class TrainingError(RuntimeError):
     """Training cannot go on (bad settings, a non-finite loss ...); the message says why."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (``timeout``, Slurm preemption, a container stop) ended training the way a Ctrl-C
+    does: the run was saved at a step boundary when it could be (the message said where)."""
 
 
 @dataclass
@@ -181,30 +190,39 @@ class TrainResult:
 
 # ---- the run, top-down: settings -> setup -> loop -> final save ------------------------------
 
-def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, log=None,
-          on_step: Optional[Callable[[int, float], None]] = None, **overrides) -> TrainResult:
+def train(config: Union[TrainConfig, None] = None, *, resume: bool = False, allow_data_change: bool = False,
+          log=None, on_step: Optional[Callable[[int, float], None]] = None, **overrides) -> TrainResult:
     """Train a BarkGPT. Pass a TrainConfig and/or its fields as keyword arguments, e.g.
     ``barkgpt.train(preset="bark", steps=300, out="runs/demo")``. With ``resume=True`` the run in
-    ``out`` continues from its latest checkpoint, exactly as if it had never stopped.
-    ``log(msg)`` receives progress messages (default: stderr); ``on_step(step, loss)`` is called
-    after every optimizer step (an exception from it ends the run, as a crash would).
+    ``out`` continues from its latest checkpoint, exactly as if it had never stopped; settings
+    given (as keywords, or as the fields of ``config`` that differ from TrainConfig's defaults)
+    must agree with the run's, except those in RESUME_MAY_CHANGE. A resume refuses data that
+    changed since the checkpoint unless ``allow_data_change=True``. ``log(msg)`` receives
+    progress messages (default: stderr); ``on_step(step, loss)`` is called after every
+    optimizer step (an exception from it ends the run, as a crash would). SIGTERM is handled
+    like Ctrl-C, ending in :class:`Terminated` (a KeyboardInterrupt).
 
     Launched by torchrun with several processes, this trains data-parallel (see
     barkgpt/distributed.py): ``batch_size`` is per process, rank 0 logs and writes the files,
     and every rank returns the same result."""
-    return _train(distributed.init(), config, resume, log, on_step, overrides)
+    return _train(distributed.init(), config, resume, log, on_step, overrides, allow_data_change)
 
 
-def _train(world: distributed.World, config, resume, log, on_step, overrides) -> TrainResult:
+def _train(world: distributed.World, config, resume, log, on_step, overrides,
+           allow_data_change: bool = False) -> TrainResult:
     cfg = _settings(config, overrides)
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not world.is_main:
         say = lambda msg: None  # noqa: E731  (rank 0 speaks for the run)
-    # rank 0 decides (and reads the checkpoint to resume), every rank follows
-    cfg, resumed = world.run_on_main(lambda: _open_run(cfg, config, overrides, resume, world.size, say))
-    run, state = setup(cfg, world, resumed, say, on_step)
-    run_loop(run, state)
-    return _finish(run, state)
+    lock = RunLock()  # rank 0 holds the run directory's lock for the whole run
+    try:
+        # rank 0 decides (and reads the checkpoint to resume), every rank follows
+        cfg, resumed = world.run_on_main(lambda: _open_run(cfg, config, overrides, resume, world.size, say, lock))
+        run, state = setup(cfg, world, resumed, say, on_step, lock, allow_data_change)
+        run_loop(run, state)
+        return _finish(run, state)
+    finally:
+        lock.release()
 
 
 def _settings(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> TrainConfig:
@@ -244,10 +262,10 @@ class TrainState:
     def capture_rng(self, device: torch.device) -> None:
         self.rng = _rng_tensors(self.data_gen, device)
 
-    def end_step(self, loss: float, device: torch.device) -> None:
-        """The step's update is done: it counts, with its loss and the RNG/data position after it."""
+    def end_step(self, device: torch.device) -> None:
+        """The step's update is done: it counts, with the RNG/data position after it (its loss
+        joins ``losses`` when it is read back: account_steps)."""
         self.step += 1
-        self.losses.append(loss)
         self.capture_rng(device)
 
     def record_eval(self, val_loss: float) -> None:
@@ -309,6 +327,7 @@ class Run:
     tok_done: int = 0  # tokens of the updates done by this process's run (all ranks)
     tokens_per_sec: float = 0.0  # as of the last step
     skipped: int = 0
+    pending: List[StepResult] = dataclasses.field(default_factory=list)  # steps whose numbers are unread
 
     def amp(self):
         if self.amp_dtype == torch.float32:
@@ -322,8 +341,9 @@ class Run:
 
 
 def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str, Any]], say,
-          on_step=None) -> tuple:
-    """Build the model, optimizer, data and run directory: (Run, TrainState) ready to loop."""
+          on_step=None, lock: Optional[RunLock] = None, allow_data_change: bool = False) -> tuple:
+    """Build the model, optimizer, data and run directory: (Run, TrainState) ready to loop.
+    ``lock`` (rank 0's; None: none) is taken on the run directory as it is made."""
     try:
         device = world.device(resolve_device(cfg.device))
     except ValueError as e:
@@ -339,6 +359,9 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
                             f"vocab_size is {model_cfg.vocab_size}; pass --vocab-size {dataset.vocab_size} "
                             f"(vocab_size={dataset.vocab_size}) or pick a preset or config with a vocabulary "
                             f"that large")
+    data_info = world.run_on_main(lambda: describe_data(dataset))
+    if resumed:
+        world.run_on_main(lambda: check_same_data(resumed["state"].get("dataset"), data_info, allow_data_change, say))
     model = BarkGPT(model_cfg, backend=cfg.backend)
     model.tokenizer = dataset.tokenizer
     if resumed:
@@ -350,7 +373,7 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
         optimizer=model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                              device_type=device.type),
         scaler=torch.amp.GradScaler(device.type, enabled=(amp_dtype == torch.float16)),
-        data_gen=torch.Generator().manual_seed(cfg.seed + 1), dataset=dataset.describe(), world_size=world.size)
+        data_gen=torch.Generator().manual_seed(cfg.seed + 1), dataset=data_info, world_size=world.size)
     if resumed:
         state.restore(resumed, device)
         say(f"resuming {os.path.abspath(cfg.out)} from step {state.step}")
@@ -373,9 +396,9 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     # by a run that failed to start, and two runs started together never share one).
     if cfg.out is None:
         cfg.out = world.run_on_main(lambda: _reserve_out_dir(
-            os.path.join("runs", cfg.preset if cfg.model is None else "custom")))
+            os.path.join("runs", cfg.preset if cfg.model is None else "custom"), lock))
     else:
-        world.run_on_main(lambda: _make_run_dir(cfg.out))
+        world.run_on_main(lambda: _make_run_dir(cfg.out, lock))
     run.out_dir = os.path.abspath(cfg.out)
     say(f"barkgpt: {model.num_params():,} parameters, {cfg.steps} steps of {run.tokens_per_step:,} tokens, "
         f"device {device}, backend {backend_name}, {str(amp_dtype).replace('torch.', '')}, out {run.out_dir}"
@@ -386,10 +409,10 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
           f"{run.eval_windows * model_cfg.block_size:,} tokens of {_val_source(dataset)}; loss: cross-entropy in "
           f"nats per token" + ("; bits per byte of text for evaluations" if run.token_bytes is not None else ""))
     run.metrics = _Metrics(os.path.join(run.out_dir, "metrics.jsonl") if world.is_main else None,
-                           run.resumed_from)
+                           run.resumed_from, say)
     if world.is_main:
-        with open(os.path.join(run.out_dir, "train_config.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        write_run_file(os.path.join(run.out_dir, "train_config.json"),
+                       json.dumps(dataclasses.asdict(cfg), indent=2).encode())
     # A bar on a terminal; plain lines every log_every steps in a file, a pipe or a scheduler's log.
     run.plain = not (cfg.progress and _is_terminal(sys.stderr))
     if world.is_main and not run.plain:
@@ -405,12 +428,12 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
 
 def run_loop(run: Run, state: TrainState) -> None:
     """Steps until ``cfg.steps``; after each, its log line, evaluation and checkpoint when due.
-    Ctrl-C asks to stop at the next step boundary all ranks agree on (a checkpoint is saved
-    there); a second one stops at once. Any way out restores the process's signal handlers
-    and determinism setting."""
+    Ctrl-C or SIGTERM asks to stop at the next step boundary all ranks agree on (a checkpoint
+    is saved there); a second one stops at once. Any way out restores the process's signal
+    handlers and determinism setting."""
     cfg, world = run.cfg, run.world
     interrupts = Interrupts(saved_step=state.step if run.resumed_from is not None else -1,
-                            announce=world.is_main)
+                            announce=world.is_main)  # (torchrun passes a SIGTERM to every rank)
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:  # deterministic kernels (ours always are) and cuBLAS settings; restored after
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -425,6 +448,10 @@ def run_loop(run: Run, state: TrainState) -> None:
     try:
         while state.step < cfg.steps:
             result = train_step(run, state, interrupts)
+            # the step's loss and grad norm stay on the device until a boundary needs them
+            if any(run.due(state.step, every) for every in (cfg.log_every, cfg.eval_every, cfg.save_every)) \
+                    or run.on_step is not None or result.stop or interrupts.requested:
+                read_steps(run, state)
             log_step(run, state, result)
             # a skipped step still ends its step: the evaluation and checkpoint due there happen
             if run.due(state.step, cfg.eval_every):
@@ -440,12 +467,12 @@ def run_loop(run: Run, state: TrainState) -> None:
             if (result.stop or (interrupts.requested and not world.enabled)) and state.step < cfg.steps:
                 if interrupts.saved_step != state.step:
                     save_on_all_ranks(run, state, interrupts)
-                raise KeyboardInterrupt
+                raise Terminated() if interrupts.by_sigterm else KeyboardInterrupt()
     except KeyboardInterrupt as e:
         if run.bar is not None:
             run.bar.close()
             run.bar = None
-        on_interrupt(run, state, interrupts)
+        on_interrupt(run, state, interrupts, isinstance(e, Terminated))
         e.reported_by_train = True  # the command line adds nothing to what on_interrupt said
         raise
     finally:
@@ -493,53 +520,91 @@ def _finish(run: Run, state: TrainState) -> TrainResult:
 
 @dataclass
 class StepResult:
+    """A step as train_step leaves it. Its loss and gradient norm stay on the device
+    (``values``) until read_steps reads the steps pending since the last boundary, at once."""
+
     step: int  # the step just completed (1-based)
-    loss: float  # mean over every real target of all micro-batches on all ranks
-    grad_norm: float
     lr: float
+    values: torch.Tensor  # float32 [loss, grad norm] on the device
+    stop: bool = False  # some rank asked to stop (Ctrl-C, SIGTERM) before this step ended
+    read: bool = False  # whether the fields below are known yet
+    loss: float = math.nan  # mean over every real target of all micro-batches on all ranks
+    grad_norm: float = math.nan
     skipped: bool = False  # non-finite loss or gradient, dropped (on_nonfinite="skip")
     what: str = ""  # what was non-finite: "loss" or "gradient norm"
-    stop: bool = False  # some rank asked to stop (Ctrl-C) before this step ended
 
 
 def train_step(run: Run, state: TrainState, interrupts: Optional[Interrupts] = None) -> StepResult:
     """One optimizer step: the step's micro-batches, each forward/backward weighted by its share
-    of the step's real targets, clipping, then the update (or, on a non-finite loss or
-    gradient, a stop or a skip as ``on_nonfinite`` says). Advances ``state`` by one step."""
+    of the step's real targets, clipping, then the update, which a non-finite loss or gradient
+    norm cancels. Advances ``state`` by one step. Nothing is read back from the device (one
+    stop vote per step under DDP aside): with a fused optimizer the update is cancelled on the
+    device (its ``found_inf``) and read_steps applies ``on_nonfinite`` (stop or skip) at the
+    next boundary; other optimizers read the numbers now, before the update."""
     cfg, world, device = run.cfg, run.world, run.device
     interrupts = interrupts if interrupts is not None else Interrupts(install=False)
     lr = lr_at(state.step, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     stats = accumulate_gradients(run, state)
-    # One small all-reduce: the summed loss and any rank's stop request (so that all ranks stop
-    # after this same step); the gradients (so the norm) are the same on every rank already.
-    summed = world.sum_(torch.stack([stats["loss_sum"].float(),
-                                     torch.tensor(float(interrupts.requested), device=device)]))
-    loss, stop_votes, gnorm = torch.stack([summed[0] / stats["n_total"], summed[1],
-                                           stats["grad_norm"].float()]).tolist()
+    loss_sum, stop = stats["loss_sum"].float(), interrupts.requested
+    if world.enabled:
+        # One small all-reduce: the summed loss and any rank's stop request (so that all ranks
+        # stop after this same step); the gradients (so the norm) are the same on every rank.
+        summed = world.sum_(torch.stack([loss_sum, torch.tensor(float(stop), device=device)]))
+        loss_sum, stop = summed[0], summed[1].item() > 0
     done = state.step + 1
-    result = StepResult(step=done, loss=loss, grad_norm=gnorm, lr=lr, stop=stop_votes > 0)
-    # With fp16 the scaler finds inf gradients itself (and skips those steps).
-    if not (math.isfinite(loss) and math.isfinite(gnorm)) and not state.scaler.is_enabled():
-        state.optimizer.zero_grad(set_to_none=True)
-        result.what = "loss" if not math.isfinite(loss) else "gradient norm"
-        if cfg.on_nonfinite == "stop":
-            raise TrainingError(
-                f"non-finite {result.what} at step {done} ({loss if result.what == 'loss' else gnorm}); "
-                f"stopping. The last good checkpoint is {run.last_ckpt or 'none (none saved yet)'}; "
-                f"lower --lr, use float32, or pass --skip-nonfinite (on_nonfinite='skip') to drop "
-                f"such steps")
-        result.skipped = True
-        run.skipped += 1
+    result = StepResult(step=done, lr=lr, values=torch.stack([loss_sum / stats["n_total"],
+                                                              stats["grad_norm"].float()]), stop=stop)
+    check = not state.scaler.is_enabled()  # with fp16 the scaler finds inf gradients itself (and skips those steps)
+    on_device = check and all(g.get("fused") for g in state.optimizer.param_groups)
+    if check and not on_device:
+        account_steps(run, state, [result])  # raises on a non-finite step if on_nonfinite="stop"
     interrupts.begin_update(done)  # from here until the step's bookkeeping ends, nothing is saved
     if not result.skipped:
-        state.scaler.step(state.optimizer)
+        if on_device:  # the fused update does nothing where found_inf is 1 (its step count included)
+            state.optimizer.found_inf = (~torch.isfinite(result.values).all()).float()
+        try:
+            state.scaler.step(state.optimizer)
+        finally:
+            state.optimizer.__dict__.pop("found_inf", None)
         state.scaler.update()
-        state.optimizer.zero_grad(set_to_none=True)
-        run.tok_done += run.tokens_per_step
-    state.end_step(float("nan") if result.skipped else loss, device)
+    state.optimizer.zero_grad(set_to_none=True)
+    if not result.read:
+        run.pending.append(result)
+    state.end_step(device)
     return result
+
+
+def read_steps(run: Run, state: TrainState) -> None:
+    """Read the pending steps' numbers back from the device (one read) and account for them."""
+    pending, run.pending = run.pending, []
+    if pending:
+        account_steps(run, state, pending)
+
+
+def account_steps(run: Run, state: TrainState, results: List[StepResult]) -> None:
+    """Read ``results`` (one read for all) and account for them in order: their losses (nan for
+    a skipped step), tokens and skip events; the first non-finite one stops the run if
+    ``on_nonfinite`` is "stop" (nothing after the last good checkpoint is saved)."""
+    values = torch.stack([r.values for r in results]).tolist()
+    for r, (loss, gnorm) in zip(results, values):
+        r.loss, r.grad_norm, r.read = loss, gnorm, True
+        if not (math.isfinite(loss) and math.isfinite(gnorm)) and not state.scaler.is_enabled():
+            r.what = "loss" if not math.isfinite(loss) else "gradient norm"
+            if run.cfg.on_nonfinite == "stop":
+                raise TrainingError(
+                    f"non-finite {r.what} at step {r.step} ({loss if r.what == 'loss' else gnorm}); "
+                    f"stopping. The last good checkpoint is {run.last_ckpt or 'none (none saved yet)'}; "
+                    f"lower --lr, use float32, or pass --skip-nonfinite (on_nonfinite='skip') to drop "
+                    f"such steps")
+            r.skipped = True
+            run.skipped += 1
+            state.losses.append(float("nan"))
+            run.metrics.write(step=r.step, event="skipped_nonfinite", what=r.what)
+        else:
+            state.losses.append(loss)
+            run.tok_done += run.tokens_per_step
 
 
 def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]:
@@ -551,9 +616,12 @@ def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]
     cfg, world, device, dataset = run.cfg, run.world, run.device, run.dataset
     world.seed_dropout(state.data_gen)
     batches = [world.local_batch(dataset, cfg.batch_size, state.data_gen) for _ in range(cfg.grad_accum)]
-    counts = [int((y != dataset.ignore_index).sum()) for _, y in batches]  # CPU tensors: no device sync
-    n_total = max(world.sum_(torch.tensor(float(sum(counts)), dtype=torch.float64,
-                                          device=device if world.enabled else "cpu")).item(), 1.0)
+    # counted on the host batches (numpy): no read from the device
+    counts = [int(np.count_nonzero(y.numpy() != dataset.ignore_index)) for _, y in batches]
+    n_total = float(sum(counts))
+    if world.enabled:  # the real targets of all ranks (read: the micro-batch weights are Python numbers)
+        n_total = world.sum_(torch.tensor(n_total, dtype=torch.float64, device=device)).item()
+    n_total = max(n_total, 1.0)
     loss_sum = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -578,7 +646,7 @@ EVAL_PROGRESS_EVERY_S = 5.0  # plain logs: a line this often while a long evalua
 
 
 def log_step(run: Run, state: TrainState, result: StepResult) -> None:
-    """The step's metrics line when due (a skipped step's event always)."""
+    """The step's metrics line when due (read_steps has read it then; it wrote skip events)."""
     now = time.perf_counter()
     elapsed = now - run.t0
     tps = run.tok_done / elapsed if elapsed > 0 else 0.0
@@ -588,10 +656,9 @@ def log_step(run: Run, state: TrainState, result: StepResult) -> None:
             run.recent.clear()
             if run.bar is not None:
                 run.bar.set_postfix_str(f"compiled in {elapsed:.1f}s", refresh=False)
-    run.recent.append((now, run.tok_done))
-    if result.skipped:
-        run.metrics.write(step=result.step, event="skipped_nonfinite", what=result.what)
-    elif run.due(result.step, run.cfg.log_every):
+    # tokens of the steps taken (read or not: the rate needs no read of the device)
+    run.recent.append((now, (result.step - (run.resumed_from or 0)) * run.tokens_per_step))
+    if result.read and not result.skipped and run.due(result.step, run.cfg.log_every):
         util = perf.mfu(run.flops_per_token, tps / run.world.size, run.peak)
         run.metrics.write(step=result.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                           tokens_per_sec=tps, elapsed_sec=elapsed, **({"mfu": util} if util is not None else {}))
@@ -618,19 +685,24 @@ def show_progress(run: Run, state: TrainState, result: StepResult) -> None:
             run.bar.start_t, run.bar.initial = run.bar._time(), run.bar.n  # noqa: SLF001
             return
         run.bar.update(1)
-        post = {"loss": f"{result.loss:.4f}", "tok/s": f"{rate[0]:,.0f}" if rate else "-"}
-        if state.val_history:
-            post["val"] = f"{state.val_history[-1]['val_loss']:.4f}"
-        run.bar.set_postfix(post, refresh=False)
+        if result.read:  # the numbers are shown as they are read (at each log line)
+            post = {"loss": f"{result.loss:.4f}", "tok/s": f"{rate[0]:,.0f}" if rate else "-"}
+            if state.val_history:
+                post["val"] = f"{state.val_history[-1]['val_loss']:.4f}"
+            run.bar.set_postfix(post, refresh=False)
         return
-    if not run.plain or not (run.due(result.step, run.cfg.log_every) or result.step == 1 + (run.resumed_from or 0)):
+    # plain lines: at the log boundaries (where the step's numbers are read), and after a
+    # compiling first step
+    first_compiled = result.step == 1 + (run.resumed_from or 0) and run.cfg.compile
+    if not run.plain or not ((result.read and run.due(result.step, run.cfg.log_every)) or first_compiled):
         return
-    parts = [f"step {result.step}/{run.cfg.steps}",
-             f"loss {result.loss:.4f}" if not result.skipped else f"skipped (non-finite {result.what})"]
+    parts = [f"step {result.step}/{run.cfg.steps}"]
+    if result.read:
+        parts.append(f"loss {result.loss:.4f}" if not result.skipped else f"skipped (non-finite {result.what})")
     if state.val_history:
         parts.append(f"val {state.val_history[-1]['val_loss']:.4f} (step {state.val_history[-1]['step']})")
     parts.append(f"lr {result.lr:.2e}")
-    if result.step == 1 + (run.resumed_from or 0) and run.cfg.compile:
+    if first_compiled:
         parts.append(f"compiled in {run.first_step_s:.1f}s")
     elif rate:
         parts.append(f"{rate[0]:,.0f} tok/s")
@@ -742,11 +814,12 @@ def save_checkpoint(state: TrainState, out_dir: str) -> str:
 
 def save_on_all_ranks(run: Run, state: TrainState, interrupts: Interrupts) -> None:
     """Rank 0 saves; every rank waits for the save (and learns if it failed)."""
+    read_steps(run, state)
     run.last_ckpt = run.world.run_on_main(lambda: save_checkpoint(state, run.out_dir))
     interrupts.saved_step = state.step
 
 
-def on_interrupt(run: Run, state: TrainState, interrupts: Interrupts) -> None:
+def on_interrupt(run: Run, state: TrainState, interrupts: Interrupts, terminated: bool = False) -> None:
     """A KeyboardInterrupt reached the loop: save the last whole step so that --resume loses
     nothing, unless it came in the middle of a step's update and bookkeeping (its state is
     then half-written), and say how to continue. No collectives: other ranks may be gone."""
@@ -754,35 +827,43 @@ def on_interrupt(run: Run, state: TrainState, interrupts: Interrupts) -> None:
         return
     whole = interrupts.updating is None or interrupts.saved_step == interrupts.updating  # saved just before
     if whole and state.step > interrupts.saved_step:
+        read_steps(run, state)
         run.last_ckpt = save_checkpoint(state, run.out_dir)
         interrupts.saved_step = state.step
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
     if whole:
-        run.say(f"interrupted: saved {run.last_ckpt}; continue with --resume --out {run.out_dir}")
+        run.say(f"{what}: saved {run.last_ckpt}; continue with --resume --out {run.out_dir}")
     else:
-        run.say(f"interrupted in the middle of step {interrupts.updating}'s update: not saved; "
+        run.say(f"{what} in the middle of step {interrupts.updating}'s update: not saved; "
                 f"--resume --out {run.out_dir} continues from {run.last_ckpt or 'the start'}")
 
 
 class Interrupts:
-    """Turns the first Ctrl-C (SIGINT) into a request that training honours at the next step
-    boundary all ranks agree on; a second one raises KeyboardInterrupt at once. Installed only
-    in the main thread over Python's default handler (never over someone else's), restored
-    afterwards. Also tracks what an interrupt may save: ``updating`` is the step whose update
-    and bookkeeping are under way (None between steps), ``saved_step`` the last step saved."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request that training honours at the
+    next step boundary all ranks agree on; a second one raises KeyboardInterrupt (Terminated
+    if a SIGTERM came) at once. Installed only in the main thread over Python's default
+    handlers (never over someone else's), restored afterwards. Also tracks what an interrupt
+    may save: ``updating`` is the step whose update and bookkeeping are under way (None
+    between steps), ``saved_step`` the last step saved."""
 
     def __init__(self, saved_step: int = -1, install: bool = True, announce: bool = True):
-        self.requested, self._old, self.announce = False, None, announce
+        self.requested, self.by_sigterm, self._old, self.announce = False, False, {}, announce
         self.saved_step, self.updating = saved_step, None
-        if install and threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        if not install or threading.current_thread() is not threading.main_thread():
+            return
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        term = signum == signal.SIGTERM
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:  # rank 0 speaks for the run: one message, not one per process
-            print("\nbarkgpt: stopping at the next step boundary (saved there); Ctrl-C again to stop now",
+            raise Terminated() if term or self.by_sigterm else KeyboardInterrupt()
+        self.requested, self.by_sigterm = True, term
+        if self.announce:
+            print("\nbarkgpt: SIGTERM: stopping at the next step boundary (saved there); a second SIGTERM or "
+                  "Ctrl-C stops at once" if term else
+                  "\nbarkgpt: stopping at the next step boundary (saved there); Ctrl-C again to stop now",
                   file=sys.stderr, flush=True)
 
     def begin_update(self, step: int) -> None:
@@ -792,9 +873,9 @@ class Interrupts:
         self.updating = None
 
     def restore(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 
@@ -802,12 +883,19 @@ class Interrupts:
 # ---- opening a run: resume or a new directory --------------------------------------------------
 
 def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[str, Any], resume: bool,
-              world_size: int, say) -> tuple:
-    """Pick the run directory or load the checkpoint to resume: (cfg, resumed)."""
+              world_size: int, say, lock: Optional[RunLock] = None) -> tuple:
+    """Pick the run directory or load the checkpoint to resume: (cfg, resumed). An existing
+    run directory is locked first (``lock``; None: not locked), so no other run uses it meanwhile."""
+    lock = lock if lock is not None else RunLock(enabled=False)
     resumed = None
+    if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise TrainingError(f"--out {cfg.out!r} is a file, not a directory; choose another --out")
     if resume:
         if cfg.out is None:
             raise TrainingError("resume needs the run directory: pass out=... (--out)")
+        if not os.path.isdir(cfg.out):
+            raise TrainingError(f"nothing to resume: the run directory --out {cfg.out!r} does not exist")
+        lock.acquire(cfg.out)
         latest = ckpt.latest_checkpoint(cfg.out)
         if latest is None:
             raise TrainingError(f"nothing to resume in {cfg.out!r}: it has no checkpoints")
@@ -824,8 +912,17 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
             say(f"resuming a {saved_world}-process run on {world_size}: batch_size {saved.batch_size} -> "
                 f"{per_rank} per process keeps the global batch")
             saved.batch_size = per_rank
-        # The run's identity comes from the checkpoint; only RESUME_MAY_CHANGE may differ.
-        for k, v in overrides.items():
+        # The run's identity comes from the checkpoint; only RESUME_MAY_CHANGE may differ. What
+        # was given: the keywords (CLI flags), over the fields of a TrainConfig that are not its defaults.
+        given = {}
+        if config is not None:
+            defaults = TrainConfig()
+            given = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
+                     if getattr(config, f.name) != getattr(defaults, f.name)}
+            if isinstance(given.get("model"), GPTConfig):
+                given["model"] = given["model"].to_dict()
+        given.update(overrides)
+        for k, v in given.items():
             if k == "data" and _data_path(v) == _data_path(saved.data):
                 continue  # the same file, named another way (or relative, as older runs stored it)
             if k in RESUME_MAY_CHANGE or k == "out":
@@ -834,20 +931,26 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
                 raise TrainingError(f"{k}={v!r} differs from the run being resumed ({getattr(saved, k)!r}); "
                                     f"a resumed run keeps its settings (only {', '.join(RESUME_MAY_CHANGE)} "
                                     f"may change): drop the option or start a new run in another --out")
-        if config is not None:
-            for k in RESUME_MAY_CHANGE:
-                setattr(saved, k, getattr(cfg, k))
         saved.out = cfg.out
         _replan_decay(before, saved, resumed["state"]["step"], say)
         cfg = saved
     else:
-        # (with no --out, a default run directory is reserved once the run starts: _train)
-        if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-            raise TrainingError(f"--out {cfg.out!r} is a file, not a directory; choose another --out")
-        if cfg.out is not None and (ckpt.list_checkpoints(cfg.out)
-                                    or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE))):
-            raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
-                                f"or choose another --out")
+        # (with no --out, a default run directory is reserved once the run starts: setup)
+        if cfg.out is not None and os.path.isdir(cfg.out):
+            def holds_run():
+                return ckpt.list_checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, ckpt.MODEL_FILE))
+
+            # Checked before the lock file is made: nothing is written into someone else's directory.
+            foreign = [] if holds_run() else sorted(n for n in os.listdir(cfg.out)
+                                                    if n not in RUN_LEFTOVERS and not n.startswith(".tmp-"))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise TrainingError(f"--out {cfg.out!r} is not empty and is not a barkgpt run (it holds {shown}); "
+                                    f"its files would be overwritten: choose a new or empty directory")
+            lock.acquire(cfg.out)  # a run using it is named before anything else is said
+            if holds_run():
+                raise TrainingError(f"{cfg.out!r} already holds a training run; pass --resume to continue it "
+                                    f"or choose another --out")
         # A path relative to where the run started would not resolve from elsewhere on --resume.
         # Not under torchrun: there each machine resolves a relative path in its own directory.
         if world_size == 1:
@@ -876,12 +979,148 @@ def _data_path(data: str) -> str:
     return data if data == "bark" else os.path.abspath(data)
 
 
-def _make_run_dir(out: str) -> None:
-    """Created only once the run is known to start (no empty run directories from bad settings)."""
+def _make_run_dir(out: str, lock: Optional[RunLock] = None) -> None:
+    """Created only once the run is known to start (no empty run directories from bad settings),
+    and locked."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise TrainingError(f"cannot create the run directory --out {out!r}: {e.strerror or e}") from None
+    if lock is not None:
+        lock.acquire(out)
+
+
+# What a run that has saved nothing yet leaves in its directory (with temp files named .tmp-*):
+# any other file in an --out that holds no run makes it someone else's directory.
+LOCK_FILE = ".barkgpt.lock"
+RUN_LEFTOVERS = {ckpt.CKPT_DIR, "metrics.jsonl", "train_config.json", LOCK_FILE}
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a run uses it (``flock`` on ``.barkgpt.lock``,
+    which names the holder). The kernel drops it when the process ends, however it ends, so a
+    killed run never blocks its own resume."""
+
+    def __init__(self, enabled: bool = True):
+        self.fd: Optional[int] = None
+        self.enabled = enabled
+
+    def acquire(self, out: str) -> None:
+        if self.fd is not None or not self.enabled:
+            return
+        path = os.path.join(out, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the mode the umask allows
+        except OSError as e:
+            raise TrainingError(f"cannot lock the run directory --out {out!r}: {e.strerror or e}") from None
+        if not _try_lock(fd):
+            try:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "its process is starting"
+            except OSError:  # (Windows: the holder's lock covers what it wrote)
+                holder = "another process"
+            finally:
+                os.close(fd)
+            raise TrainingError(f"--out {out!r} is in use by another barkgpt run ({holder}); wait for it to end "
+                                f"or stop it, or choose another --out")
+        info = (f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {' '.join(sys.argv)}")
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode()[:4000])
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def _try_lock(fd: int) -> bool:
+    """Lock ``fd`` for this process without waiting; False if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:  # a file system without locks (some network mounts): run, but say so
+        warnings.warn(f"cannot lock the run directory ({e.strerror or e}): nothing stops a second run "
+                      f"from using it at the same time", stacklevel=2)
+        return True
+
+
+def write_run_file(path: str, data: bytes) -> None:
+    """Replace a run file atomically (temp file, fsync, rename) with the mode a plain ``open``
+    gives it: the umask's, so a shared run stays readable to whom the user meant."""
+    d, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(d, f".tmp-{name}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---- the data a run trains on: recorded, and checked on resume --------------------------------
+
+_PIECE, _PIECES = 1 << 16, 16
+
+
+def describe_data(dataset) -> Dict[str, Any]:
+    """The dataset's description, plus for a file its size and a cheap content fingerprint:
+    sha256 of 16 pieces of 64 KiB spread evenly over it (the whole file up to 1 MiB)."""
+    info = dict(dataset.describe())
+    path = info.get("path")
+    if path is None:
+        return info  # built in (bark): nothing to change
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _PIECE * _PIECES:
+            h.update(f.read())
+        else:
+            for i in range(_PIECES):
+                f.seek((size - _PIECE) * i // (_PIECES - 1))
+                h.update(f.read(_PIECE))
+    info.update(bytes=size, fingerprint=h.hexdigest()[:32])
+    return info
+
+
+def check_same_data(recorded: Optional[Dict[str, Any]], current: Dict[str, Any], allow: bool, say) -> None:
+    """Refuse to resume on data other than the run's (compared by size and fingerprint; older
+    runs, which recorded neither, by token count) unless ``allow``."""
+    if not recorded or "path" not in current:
+        return
+    if "bytes" in recorded:
+        if recorded["bytes"] != current["bytes"]:
+            what = f"it had {recorded['bytes']:,} bytes and now has {current['bytes']:,}"
+        elif recorded.get("fingerprint") != current["fingerprint"]:
+            what = f"its content differs (same size, {current['bytes']:,} bytes)"
+        else:
+            return
+    elif "tokens" in recorded and recorded["tokens"] != current["tokens"]:
+        what = f"it had {recorded['tokens']:,} tokens and now has {current['tokens']:,}"
+    else:
+        return
+    if allow:
+        say(f"the data file {current['path']!r} changed since the checkpoint ({what}); resuming on it as asked")
+        return
+    raise TrainingError(f"the data file {current['path']!r} changed since the run was saved: {what}. Resuming "
+                        f"would not continue the same run; restore the data, start a new run, or pass "
+                        f"--allow-data-change (allow_data_change=True) to resume on it anyway")
 
 
 
@@ -928,18 +1167,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (top - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _reserve_out_dir(base: str) -> str:
+def _reserve_out_dir(base: str, lock: Optional[RunLock] = None) -> str:
     """The first of base, base-2, base-3 ... that this call creates (mkdir is atomic: two runs
-    started together never share one)."""
+    started together never share one), locked."""
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     i = 1
     while True:
         path = base if i == 1 else f"{base}-{i}"
         try:
             os.mkdir(path)
-            return path
         except FileExistsError:
             i += 1
+            continue
+        if lock is not None:
+            lock.acquire(path)
+        return path
+
 
 def _is_terminal(stream) -> bool:
     try:
@@ -998,7 +1241,7 @@ class _Metrics:
     """Append-only JSON-lines metrics file (one object per log/eval event); ``path=None``
     (ranks other than 0) writes nothing."""
 
-    def __init__(self, path: Optional[str], resume_step: Optional[int]):
+    def __init__(self, path: Optional[str], resume_step: Optional[int], say=None):
         self.path = path
         self.f = None
         if path is None:
@@ -1008,15 +1251,12 @@ class _Metrics:
             return
         if os.path.exists(path):
             # Drop events after the checkpoint we resume from: they will be logged again.
-            with open(path, encoding="utf-8") as f:
-                keep = []
-                for line in f:
-                    try:
-                        if json.loads(line).get("step", 0) <= resume_step:
-                            keep.append(line)
-                    except ValueError:
-                        pass  # a line cut by a crash
-            ckpt.atomic_write_bytes(path, "".join(keep).encode())
+            keep, bad = _metrics_lines(path, resume_step)
+            if bad and say is not None:
+                say(f"{path}: dropped {len(bad)} unreadable line{'s' if len(bad) > 1 else ''} (line "
+                    f"{', '.join(map(str, bad[:3]))}{' ...' if len(bad) > 3 else ''}): each line should be a "
+                    f"JSON object with an integer step")
+            write_run_file(path, b"".join(keep))
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, **event) -> None:
@@ -1027,5 +1267,29 @@ class _Metrics:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+            self.f = None
+
+
+def _metrics_lines(path: str, resume_step: int) -> tuple:
+    """(lines to keep: events up to ``resume_step``, numbers of the unreadable lines). A last
+    line without its newline was cut by a crash: dropped without a word."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        lines.pop()  # cut by a crash
+    keep, bad = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            event = json.loads(line.decode("utf-8"))
+            step = event["step"] if isinstance(event, dict) else None
+        except (ValueError, KeyError):
+            step = None
+        if isinstance(step, bool) or not isinstance(step, int):
+            bad.append(n)
+        elif step <= resume_step:
+            keep.append(line + b"\n")
+    return keep, bad
 
 
