@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--min-frequency", type=_positive_int, default=2,
                    help="merge only pairs seen at least this often (default: 2)")
     k.add_argument("--out", default=None, help="token file to write (default: INPUT with .bin)")
+    k.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="encode with the tokenizer of DIR (a Hugging Face GPT-2 directory, or a barkgpt model "
+                        "or run) instead of training one, e.g. to fine-tune with train --init-from DIR")
     k.add_argument("--force", action="store_true", help="overwrite an existing token file and sidecar")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -382,8 +385,13 @@ def _cmd_tokenize(a) -> int:
 
     from .data import tokenize_file
 
+    tokenizer = None
+    if a.tokenizer is not None:
+        from .hf import tokenizer_from_path
+
+        tokenizer = tokenizer_from_path(a.tokenizer)
     out = tokenize_file(a.input, out=a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency,
-                        overwrite=a.force, progress=not a.no_progress)
+                        overwrite=a.force, progress=not a.no_progress, tokenizer=tokenizer)
     with open(os.path.splitext(out)[0] + ".json", encoding="utf-8") as f:
         meta = json.load(f)
     print(f"wrote {out}: {meta['tokens']:,} tokens ({meta['source_bytes'] / meta['tokens']:.2f} bytes per "

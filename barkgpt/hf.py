@@ -300,6 +300,38 @@ def load_hf_tokenizer(path: str):
     return None
 
 
+def tokenizer_from_path(path: str):
+    """The tokenizer of a Hugging Face GPT-2 directory, or of a barkgpt model or run directory (its
+    tokenizer.json), for encoding data the way that model reads it."""
+    from .data import tokenizer_from_dict
+
+    if not os.path.isdir(path):
+        raise HFFormatError(f"tokenizer directory {path!r} is not a directory")
+    if is_hf_dir(path):
+        tok = load_hf_tokenizer(path)
+    else:
+        from .checkpoint import latest_checkpoint
+
+        candidates = [path] + ([latest_checkpoint(path)] if latest_checkpoint(path) else [])
+        found = [os.path.join(d, TOKENIZER_FILE) for d in candidates if os.path.isfile(os.path.join(d, TOKENIZER_FILE))]
+        tok = tokenizer_from_dict(_read_json(found[0])) if found else None
+    if tok is None:
+        raise HFFormatError(f"{path} holds no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    return tok
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two barkgpt tokenizers map text to the same ids (same kind and vocabulary, and for
+    BPE the same merges and special tokens)."""
+    if a is None or b is None or a.kind != b.kind:
+        return False
+    if a.kind != "bpe":
+        return True
+    da, db = a.to_dict()["tokenizer"], b.to_dict()["tokenizer"]
+    keys = ("model", "added_tokens", "pre_tokenizer", "normalizer")
+    return all(da.get(k) == db.get(k) for k in keys)
+
+
 def load_hf(path: str, device="cpu", backend: Optional[str] = None, dropout: float = 0.0):
     """A BarkGPT from a local directory in the Hugging Face GPT-2 layout, with its tokenizer
     attached (``model.tokenizer``, None when the directory has none). ``dropout`` sets the

@@ -325,3 +325,42 @@ def test_tokenizer_exported_and_generate_speaks_text_like_transformers(gpt2_tok_
 def test_public_api():
     assert barkgpt.load_hf is load_hf and barkgpt.save_hf is save_hf
     assert issubclass(HFFormatError, barkgpt.CheckpointError)
+
+
+def test_tokenize_with_the_tokenizer_of_a_gpt2_directory(gpt2_tok_dir, tmp_path):
+    from barkgpt.cli import main
+    from barkgpt.data import TextCorpus
+    from barkgpt.hf import same_tokenizer, tokenizer_from_path
+
+    _, d = gpt2_tok_dir
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        f.write(bpe_tokenizer()._tk.to_str())
+    text = "".join(TEXTS) * 40
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    assert main(["tokenize", str(tmp_path / "corpus.txt"), "--tokenizer", d, "--no-progress"]) == 0
+    corpus = TextCorpus(str(tmp_path / "corpus.bin"), block_size=8)
+    tok = load_hf(d).tokenizer
+    assert same_tokenizer(corpus.tokenizer, tok) and not same_tokenizer(corpus.tokenizer, bpe_tokenizer(270))
+    assert [int(i) for i in corpus.data] == tok.encode(text)
+    # a barkgpt model directory lends its tokenizer the same way
+    save_dir = str(tmp_path / "saved")
+    load_hf(d).save(save_dir)
+    assert same_tokenizer(tokenizer_from_path(save_dir), tok)
+    with pytest.raises(HFFormatError, match="holds no tokenizer"):
+        tokenizer_from_path(str(tmp_path))
+
+
+def test_readme_gpt2_example_runs(gpt2_tok_dir, tmp_path, capsys, monkeypatch):
+    import re
+
+    _, d = gpt2_tok_dir
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        f.write(bpe_tokenizer()._tk.to_str())
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = re.search(r"## GPT-2 weights \(Hugging Face format\)\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'load_hf("gpt2")' in block and 'save_hf(model, "gpt2-copy")' in block
+    assert d == str(tmp_path / "gpt2")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own README
+    assert capsys.readouterr().out.startswith("Hello, my dog")
+    assert transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "gpt2-copy")) is not None
