@@ -372,8 +372,12 @@ def save_hf(model, path: str, overwrite: bool = False) -> str:
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise HFFormatError(f"{path} exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise HFFormatError(f"{path} exists and is not empty; choose another directory or overwrite (--force)")
+    if os.path.isdir(path) and os.listdir(path):
+        if os.path.exists(os.path.join(path, "manifest.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
+            # --force must not turn a training run (its checkpoints) into an export
+            raise HFFormatError(f"{path} holds a barkgpt model or training run; export into another directory")
+        if not overwrite:
+            raise HFFormatError(f"{path} exists and is not empty; choose another directory or overwrite (--force)")
     files = {CONFIG_FILE: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
              WEIGHTS_FILE: save(state_dict_to_hf(model), metadata={"format": "pt"})}
     if bpe is not None:

@@ -268,6 +268,11 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
     save_hf(m, str(tmp_path / "out"), overwrite=True)
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp dirs left
+    # never over a barkgpt model or run, even with overwrite
+    m.save(str(tmp_path / "run"))
+    with pytest.raises(HFFormatError, match="holds a barkgpt model or training run"):
+        save_hf(m, str(tmp_path / "run"), overwrite=True)
+    assert os.path.exists(tmp_path / "run" / "manifest.json")
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
