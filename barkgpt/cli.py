@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a model in another format (hf: Hugging Face transformers GPT-2)",
                        description="Write a barkgpt model (run or saved model directory) as a directory that "
                                    "transformers.GPT2LMHeadModel.from_pretrained loads: config.json, "
-                                   "model.safetensors and, for a BPE tokenizer, tokenizer.json. Models GPT-2 "
+                                   "model.safetensors and the tokenizer (tokenizer.json). Models GPT-2 "
                                    "cannot express (post-LN, no biases, no causal mask) are refused with the reason.")
     x.add_argument("model", help="run directory or saved model directory")
     x.add_argument("out", help="directory to write (must not exist or be empty, unless --force)")
@@ -372,9 +372,7 @@ def _cmd_export(a) -> int:
 
     model = load(a.model)
     out = save_hf(model, a.out, overwrite=a.force)
-    extra = " and tokenizer" if os.path.exists(os.path.join(out, "tokenizer.json")) else \
-        f" (no tokenizer: barkgpt's {model.tokenizer.kind} tokenizer has no Hugging Face form)" \
-        if model.tokenizer is not None else ""
+    extra = " and tokenizer" if os.path.exists(os.path.join(out, "tokenizer.json")) else ""
     print(f"wrote {out}: GPT-2 config and weights{extra}; load it with "
           f"transformers.GPT2LMHeadModel.from_pretrained({out!r})")
     return 0

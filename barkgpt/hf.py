@@ -271,6 +271,58 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
     raise HFFormatError(f"{path} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX})")
 
 
+def _byte_symbols() -> Dict[int, str]:
+    """GPT-2's byte -> printable symbol table (the alphabet of byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _to_hf_tokenizer(tok):
+    """(tokenizers.Tokenizer, special tokens for tokenizer_config.json) encoding exactly as the
+    barkgpt tokenizer ``tok`` does: a BPE one as it is, the byte tokenizer as byte-level BPE with
+    no merges (id = byte), the bark tokenizer as a word-level one."""
+    from .data import _hf_tokenizers
+
+    hf = _hf_tokenizers()
+    if tok.kind == "bpe":
+        return tok._tk, ({"eos_token": tok.EOS, "bos_token": tok.EOS, "unk_token": tok.EOS}  # noqa: SLF001
+                         if tok.eos_id is not None else {})
+    if tok.kind == "byte":
+        sym = _byte_symbols()
+        tk = hf.Tokenizer(hf.models.BPE(vocab={sym[b]: b for b in range(256)}, merges=[]))
+        tk.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = hf.decoders.ByteLevel()
+        return tk, {}
+    if tok.kind == "bark":
+        tk = hf.Tokenizer(hf.models.WordLevel(vocab=dict(tok.stoi), unk_token=None))
+        tk.pre_tokenizer = hf.pre_tokenizers.WhitespaceSplit()
+        pad, eos = tok.VOCAB[tok.pad_id], tok.VOCAB[tok.eos_id]
+        tk.add_special_tokens([pad, eos])
+        return tk, {"eos_token": eos, "pad_token": pad}
+    return None, {}
+
+
+def _from_hf_tokenizer(tk):
+    """A barkgpt tokenizer for a tokenizers.Tokenizer: the byte and bark tokenizers come back as
+    themselves (see _to_hf_tokenizer), anything else as BPETokenizer."""
+    from .data import BarkTokenizer, BPETokenizer, ByteTokenizer
+
+    model = json.loads(tk.to_str()).get("model", {})
+    vocab = tk.get_vocab(with_added_tokens=True)
+    if model.get("type") == "WordLevel" and vocab == BarkTokenizer().stoi:
+        return BarkTokenizer()
+    if model.get("type") == "BPE" and not model.get("merges") and \
+            vocab == {c: b for b, c in _byte_symbols().items()}:
+        return ByteTokenizer()
+    return BPETokenizer(tk)
+
+
 def load_hf_tokenizer(path: str):
     """The tokenizer of a transformers GPT-2 directory (``tokenizer.json``, else ``vocab.json`` +
     ``merges.txt``) as a barkgpt BPETokenizer, or None when the directory has neither."""
@@ -281,7 +333,7 @@ def load_hf_tokenizer(path: str):
     try:
         if os.path.isfile(tj):
             hf = _hf_tokenizers()
-            return BPETokenizer(hf.Tokenizer.from_file(tj))
+            return _from_hf_tokenizer(hf.Tokenizer.from_file(tj))
         if os.path.isfile(vocab) and os.path.isfile(merges):
             hf = _hf_tokenizers()
             # GPT2Tokenizer's scheme: byte-level pre-tokenization (GPT-2's regex, no prefix
@@ -358,8 +410,8 @@ def load_hf(path: str, device="cpu", backend: Optional[str] = None, dropout: flo
 
 def save_hf(model, path: str, overwrite: bool = False) -> str:
     """Write ``model`` as a directory ``transformers.GPT2LMHeadModel.from_pretrained(path)`` loads:
-    config.json and model.safetensors, plus tokenizer.json and tokenizer_config.json for a BPE
-    tokenizer (barkgpt's bark and byte tokenizers have no Hugging Face file and are left out).
+    config.json and model.safetensors, plus tokenizer.json and tokenizer_config.json (the
+    tokenizer in the form Hugging Face ``tokenizers`` reads; load_hf gives back the same kind).
     The directory appears complete or not at all; an existing one is replaced only with
     ``overwrite``. A config GPT-2 cannot express raises HFFormatError naming why."""
     from safetensors.torch import save
@@ -367,8 +419,9 @@ def save_hf(model, path: str, overwrite: bool = False) -> str:
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     tok = getattr(model, "tokenizer", None)
-    bpe = tok if getattr(tok, "kind", None) == "bpe" else None
-    cfg = config_to_hf(model.config, eos_token_id=bpe.eos_id if bpe is not None else None)
+    cfg = config_to_hf(model.config, eos_token_id=getattr(tok, "eos_id", None))
+    if getattr(tok, "pad_id", None) is not None:
+        cfg["pad_token_id"] = tok.pad_id
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise HFFormatError(f"{path} exists and is not a directory")
@@ -380,12 +433,13 @@ def save_hf(model, path: str, overwrite: bool = False) -> str:
             raise HFFormatError(f"{path} exists and is not empty; choose another directory or overwrite (--force)")
     files = {CONFIG_FILE: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
              WEIGHTS_FILE: save(state_dict_to_hf(model), metadata={"format": "pt"})}
-    if bpe is not None:
-        files[TOKENIZER_FILE] = bpe._tk.to_str().encode()  # noqa: SLF001 - the tokenizers object
-        special = {"eos_token": bpe.EOS, "bos_token": bpe.EOS, "unk_token": bpe.EOS} if bpe.eos_id is not None else {}
+    hf_tok, special = _to_hf_tokenizer(tok) if tok is not None else (None, {})
+    if hf_tok is not None:
+        files[TOKENIZER_FILE] = hf_tok.to_str().encode()
+        # the generic fast class loads tokenizer.json as it is (GPT2Tokenizer would rebuild a BPE)
         files["tokenizer_config.json"] = json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
-             "add_prefix_space": False, **special}, indent=2).encode()
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
+             **special}, indent=2).encode()
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)

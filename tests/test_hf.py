@@ -369,3 +369,23 @@ def test_readme_gpt2_example_runs(gpt2_tok_dir, tmp_path, capsys, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own README
     assert capsys.readouterr().out.startswith("Hello, my dog")
     assert transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "gpt2-copy")) is not None
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte", "bark"])
+def test_every_tokenizer_kind_is_exported_and_comes_back(tmp_path, kind):
+    from barkgpt.data import BarkTokenizer, ByteTokenizer
+
+    tok = {"bpe": bpe_tokenizer, "byte": ByteTokenizer, "bark": BarkTokenizer}[kind]()
+    texts = ["User: speak Assistant: woof arf <EOS>", "speak  woof\ngrrr"] if kind == "bark" else TEXTS
+    m = _random_barkgpt(vocab_size=300)
+    m.tokenizer = tok
+    out = save_hf(m, str(tmp_path / "out"))
+    back = load_hf(out).tokenizer
+    assert back.kind == kind and back.eos_id == tok.eos_id and back.pad_id == tok.pad_id
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    for text in texts:
+        ids = tok.encode(text)
+        assert back.encode(text) == ids and back.decode(ids) == tok.decode(ids)
+        assert auto.encode(text) == ids, text
+    cfg = transformers.GPT2Config.from_pretrained(out)
+    assert cfg.eos_token_id == tok.eos_id and getattr(cfg, "pad_token_id", None) == tok.pad_id

@@ -185,12 +185,15 @@ def test_export_command_writes_what_transformers_loads(bark_run, tmp_path):
     out = str(tmp_path / "hf")
     r = run_cli("export", bark_run, "--format", "hf", out)
     assert r.returncode == 0, r.stderr
-    assert "GPT2LMHeadModel.from_pretrained" in r.stdout and "no tokenizer" in r.stdout
+    assert "GPT2LMHeadModel.from_pretrained" in r.stdout and "and tokenizer" in r.stdout
     ref = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     model = barkgpt.load(bark_run, backend="torch").eval()
     idx = torch.tensor([[6, 8, 7, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(ref(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
+    # the exported directory chats like the run: the bark tokenizer came along
+    r = run_cli("chat", out, "--greedy", stdin="speak\n")
+    assert r.returncode == 0 and r.stdout == run_cli("chat", bark_run, "--greedy", stdin="speak\n").stdout
     again = run_cli("export", bark_run, out)
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
     assert run_cli("export", bark_run, out, "--force").returncode == 0
