@@ -289,8 +289,10 @@ def _cmd_generate(a) -> int:
     if a.num_samples == 1:  # stream: each token printed as soon as it is drawn
         stream = TextStream(tok)
         _write(stream.push(ids))
-        model.generate(idx, a.max_new_tokens, on_token=lambda nxt: _write(stream.push(nxt.tolist())), **sample)
-        _write(stream.flush() + "\n")
+        try:
+            model.generate(idx, a.max_new_tokens, on_token=lambda nxt: _write(stream.push(nxt.tolist())), **sample)
+        finally:  # Ctrl-C mid-sample: end the line before the interruption is reported
+            _write(stream.flush() + "\n")
         return 0
     out = model.generate(idx, a.max_new_tokens, **sample)
     for row in out.tolist():
