@@ -148,13 +148,16 @@ def _expected_shapes(config: GPTConfig) -> Dict[str, Tuple[int, ...]]:
 
 
 def state_dict_from_hf(tensors: Dict[str, torch.Tensor], config: GPTConfig) -> Dict[str, torch.Tensor]:
-    """BarkGPT state dict (tied head omitted) from GPT-2 tensors as ``save_pretrained`` (keys under
-    ``transformer.``) or the original Hub checkpoints (no prefix) name them. Raises HFFormatError
-    listing missing or unexpected keys and shapes that disagree with ``config``."""
+    """BarkGPT state dict (tied head omitted; fp32, contiguous) from GPT-2 tensors as
+    ``save_pretrained`` (keys under ``transformer.``) or the original Hub checkpoints (no prefix)
+    name them. ``tensors`` is emptied as it is converted, so that only one copy of the weights is
+    alive at a time. Raises HFFormatError listing missing or unexpected keys and shapes that
+    disagree with ``config``."""
     body: Dict[str, torch.Tensor] = {}
     head = None
     unexpected = []
-    for key, t in tensors.items():
+    for key in list(tensors):
+        t = tensors.pop(key)
         if key == "lm_head.weight":
             head = t
             continue
@@ -184,15 +187,18 @@ def state_dict_from_hf(tensors: Dict[str, torch.Tensor], config: GPTConfig) -> D
         raise HFFormatError("config.json says tie_word_embeddings is true but lm_head.weight differs from "
                             "wte.weight; set \"tie_word_embeddings\": false to load the separate head")
 
-    sd = {"token_emb.weight": body["wte.weight"], "pos_emb.weight": body["wpe.weight"],
-          "ln_f.weight": body["ln_f.weight"], "ln_f.bias": body["ln_f.bias"]}
+    def take(key: str, conv: bool = False) -> torch.Tensor:
+        t = body.pop(key)  # the source copy is freed as soon as it is converted
+        return (t.t() if conv else t).to(torch.float32).contiguous()
+
+    sd = {"token_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
+          "ln_f.weight": take("ln_f.weight"), "ln_f.bias": take("ln_f.bias")}
     for i in range(config.n_layer):
         for src, dst, conv in _BLOCK_KEYS:
-            t = body[f"h.{i}.{src}"]
-            sd[f"layers.{i}.{dst}"] = t.t() if conv else t
+            sd[f"layers.{i}.{dst}"] = take(f"h.{i}.{src}", conv)
     if not config.tie_embeddings:
-        sd["head.weight"] = head
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        sd["head.weight"] = head.to(torch.float32).contiguous()
+    return sd
 
 
 def state_dict_to_hf(model) -> Dict[str, torch.Tensor]:
@@ -402,8 +408,17 @@ def load_hf(path: str, device="cpu", backend: Optional[str] = None, dropout: flo
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise HFFormatError(f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
                             f"{config.vocab_size}")
-    model = BarkGPT(config, backend=backend)
-    model.load_weights(sd)
+    # Built on the meta device and handed the loaded tensors (assign): no random initialization
+    # and no second copy of the weights.
+    with torch.device("meta"):
+        model = BarkGPT(config, backend=backend)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.head.weight = model.token_emb.weight
+        missing = [k for k in missing if k != "head.weight"]
+    if missing or unexpected or any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise HFFormatError(f"internal error: the converted weights do not fill the model "
+                            f"(missing {missing[:6]}, unexpected {unexpected[:6]})")
     model.tokenizer = tokenizer
     return model.to(device)
 

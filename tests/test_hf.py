@@ -389,3 +389,14 @@ def test_every_tokenizer_kind_is_exported_and_comes_back(tmp_path, kind):
         assert auto.encode(text) == ids, text
     cfg = transformers.GPT2Config.from_pretrained(out)
     assert cfg.eos_token_id == tok.eos_id and getattr(cfg, "pad_token_id", None) == tok.pad_id
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    ref = hf_model().half()
+    ref.save_pretrained(tmp_path)
+    m = load_hf(str(tmp_path), backend="torch")
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in m.parameters())
+    assert m.head.weight is m.token_emb.weight  # still tied after loading
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), hf_logits(ref.float(), idx), atol=1e-5, rtol=1e-5)
