@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "corpus, then a held-out loss beside the corpus optimum and a sample.")
     t.add_argument("--preset", default="bark", choices=sorted(PRESETS), help="model preset (default: bark)")
     t.add_argument("--config", metavar="JSON", help="GPTConfig JSON file; overrides --preset")
+    t.add_argument("--init-from", metavar="DIR", default=None,
+                   help="fine-tune a Hugging Face GPT-2 directory (config.json + model.safetensors): its config, "
+                        "weights and tokenizer; --data must be tokenized with it (tokenize --tokenizer DIR)")
     t.add_argument("--data", default="bark", help="'bark' (built in), a UTF-8 text file (byte tokens), or a "
                                                   ".bin token file with a .json sidecar, e.g. from "
                                                   "`barkgpt tokenize` (default: bark)")
@@ -203,7 +206,7 @@ def _train_config_from_args(a):
         grad_clip=a.grad_clip, seed=a.seed, device=a.device, backend=None if a.backend == "auto" else a.backend,
         dtype=a.dtype, out=a.out, eval_every=a.eval_every, save_every=a.save_every, keep_last=a.keep_last,
         compile=a.compile, deterministic=a.deterministic, on_nonfinite="skip" if a.skip_nonfinite else "stop",
-        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size)
+        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size, init_from=a.init_from)
     if a.config:
         cfg.model = GPTConfig.from_json(a.config).to_dict()
     return cfg

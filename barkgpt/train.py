@@ -48,6 +48,8 @@ class TrainConfig:
     preset: str = "bark"
     model: Optional[Dict[str, Any]] = None  # GPTConfig fields; overrides the preset when given
     vocab_size: Optional[int] = None  # overrides the model's vocab_size (a tokenized corpus's)
+    # A Hugging Face GPT-2 directory to fine-tune: its config, weights and tokenizer (barkgpt.load_hf)
+    init_from: Optional[str] = None
     data: str = "bark"
     steps: int = 600
     batch_size: int = 64
@@ -109,6 +111,12 @@ class TrainConfig:
             raise TrainingError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise TrainingError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.init_from is not None:
+            if not isinstance(self.init_from, str) or not self.init_from:
+                raise TrainingError(f"init_from must be a directory path, got {self.init_from!r}")
+            if self.model is not None or self.vocab_size is not None:
+                raise TrainingError("init_from takes the model's config from that directory: drop --config and "
+                                    "--vocab-size (model=, vocab_size=)")
 
     def model_config(self) -> GPTConfig:
         cfg = GPTConfig.from_dict(dict(self.model)) if self.model is not None else GPTConfig.preset(self.preset)
@@ -278,14 +286,17 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     amp_dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
-    model_cfg = resumed["config"] if resumed else cfg.model_config()
+    init = _init_model(cfg) if cfg.init_from is not None and not resumed else None
+    model_cfg = resumed["config"] if resumed else init.config if init is not None else cfg.model_config()
     dataset = load_dataset(cfg.data, model_cfg.block_size)
+    if init is not None:
+        _check_init_data(init, dataset, cfg)
     if dataset.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but the model's "
                             f"vocab_size is {model_cfg.vocab_size}; pass --vocab-size {dataset.vocab_size} "
                             f"(vocab_size={dataset.vocab_size}) or pick a preset or config with a vocabulary "
                             f"that large")
-    model = BarkGPT(model_cfg, backend=cfg.backend)
+    model = BarkGPT(model_cfg, backend=cfg.backend) if init is None else init.set_backend(cfg.backend)
     model.tokenizer = dataset.tokenizer
     if resumed:
         model.load_weights(resumed["model"])
@@ -317,7 +328,8 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     # by a run that failed to start, and two runs started together never share one).
     if cfg.out is None:
         cfg.out = world.run_on_main(lambda: _reserve_out_dir(
-            os.path.join("runs", cfg.preset if cfg.model is None else "custom")))
+            os.path.join("runs", os.path.basename(os.path.normpath(cfg.init_from)) if cfg.init_from
+                         else cfg.preset if cfg.model is None else "custom")))
     else:
         world.run_on_main(lambda: _make_run_dir(cfg.out))
     run.out_dir = os.path.abspath(cfg.out)
@@ -674,6 +686,26 @@ def _open_run(cfg: TrainConfig, config: Optional[TrainConfig], overrides: Dict[s
         if world_size == 1:
             cfg.data = _data_path(cfg.data)
     return cfg, resumed
+
+
+def _init_model(cfg: TrainConfig) -> BarkGPT:
+    """The model to fine-tune, from the Hugging Face GPT-2 directory ``cfg.init_from``."""
+    from .hf import load_hf
+
+    return load_hf(cfg.init_from)
+
+
+def _check_init_data(init: BarkGPT, dataset, cfg: TrainConfig) -> None:
+    """Fine-tuning data must be tokenized with the model's own tokenizer."""
+    from .hf import same_tokenizer
+
+    if init.tokenizer is not None and not same_tokenizer(init.tokenizer, dataset.tokenizer):
+        raise TrainingError(f"--data {cfg.data!r} is not tokenized with the tokenizer of {cfg.init_from!r}; "
+                            f"make a token file with it: barkgpt tokenize TEXT_FILE --tokenizer {cfg.init_from}, "
+                            f"then --data TEXT_FILE.bin")
+    if dataset.vocab_size > init.config.vocab_size:
+        raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but {cfg.init_from!r} "
+                            f"has {init.config.vocab_size}")
 
 
 def _data_path(data: str) -> str:
