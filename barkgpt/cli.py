@@ -230,6 +230,9 @@ def _cmd_train(a, parser=None, argv=None) -> int:
     from .train import train
 
     cfg = _train_config_from_args(a)
+    if a.init_from is not None and parser is not None and "preset" in _explicit_flags(parser, argv):
+        raise ValueError("--preset does not apply with --init-from: the model is the one in "
+                         f"{a.init_from}; drop --preset")
     if not a.resume:
         train(cfg)
         return 0

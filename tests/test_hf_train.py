@@ -106,3 +106,10 @@ def test_cli_init_from_and_resume(gpt2, tmp_path, capsys):
     idx = torch.randint(0, 320, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(ref(idx).logits, m.eval()(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_init_from_refuses_a_preset(gpt2, tmp_path, capsys):
+    d, data, _ = gpt2
+    assert main(["train", "--init-from", d, "--preset", "small", "--data", data, "--out", str(tmp_path / "r")]) == 2
+    assert "--preset does not apply with --init-from" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
