@@ -8,14 +8,14 @@ import pickle
 import pytest
 import torch
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the Hub: every model here is built locally
-transformers = pytest.importorskip("transformers")
+from hf_helpers import import_transformers, repo_kernels_imported_twice  # noqa: E402
+
+transformers = import_transformers()
 
 import barkgpt  # noqa: E402
 from barkgpt import BarkGPT, GPTConfig, HFFormatError, load_hf, save_hf, ops  # noqa: E402
 from barkgpt.data import BPETokenizer  # noqa: E402
 
-transformers.logging.set_verbosity_error()
 
 TEXTS = ["Hello world! The quick brown fox jumps over the lazy dog.",
          "  spaces   and\ttabs\nnew lines\r\n", "naïve café — 日本語 😀 <|endoftext|> end", ""]
@@ -400,3 +400,8 @@ def test_half_precision_weights_load_as_float32(tmp_path):
     idx = torch.randint(0, 61, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(m(idx), hf_logits(ref.float(), idx), atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_did_not_import_the_kernels_folder_again():
+    transformers.GPT2LMHeadModel  # noqa: B018 - the lazy import that probes for a `kernels` package
+    assert not repo_kernels_imported_twice()

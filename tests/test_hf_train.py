@@ -6,15 +6,15 @@ import os
 import pytest
 import torch
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-transformers = pytest.importorskip("transformers")
+from hf_helpers import import_transformers  # noqa: E402
+
+transformers = import_transformers()
 
 import barkgpt  # noqa: E402
 from barkgpt.cli import main  # noqa: E402
 from barkgpt.data import BPETokenizer  # noqa: E402
 from barkgpt.hf import same_tokenizer  # noqa: E402
 
-transformers.logging.set_verbosity_error()
 TEXT = "the quick brown fox jumps over the lazy dog. a dog barks at the fox; the fox runs away.\n"
 
 

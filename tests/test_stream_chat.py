@@ -16,8 +16,7 @@ from barkgpt import BarkGPT, GPTConfig
 from barkgpt.cli import main
 from barkgpt.data import BarkTokenizer, ByteTokenizer
 from barkgpt.stream import TextStream
-
-os.environ["HF_HUB_OFFLINE"] = "1"
+from hf_helpers import import_transformers
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +150,7 @@ def test_chat_ends_cleanly_on_ctrl_c_at_the_prompt(bark_run):
 
 
 def test_chat_with_a_gpt2_directory(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_transformers()
     from barkgpt.data import BPETokenizer
 
     torch.manual_seed(0)
@@ -181,7 +180,7 @@ def test_chat_with_a_gpt2_directory(tmp_path, monkeypatch):
 # ---- export ------------------------------------------------------------------------------------
 
 def test_export_command_writes_what_transformers_loads(bark_run, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_transformers()
     out = str(tmp_path / "hf")
     r = run_cli("export", bark_run, "--format", "hf", out)
     assert r.returncode == 0, r.stderr
