@@ -58,6 +58,8 @@ class TrainConfig:
     preset: str = "bark"
     model: Optional[Dict[str, Any]] = None  # GPTConfig fields; overrides the preset when given
     vocab_size: Optional[int] = None  # overrides the model's vocab_size (a tokenized corpus's)
+    # A Hugging Face GPT-2 directory to fine-tune: its config, weights and tokenizer (barkgpt.load_hf)
+    init_from: Optional[str] = None
     data: str = "bark"
     val_data: Optional[str] = None  # a validation file like `data` (then all of `data` trains)
     val_fraction: Optional[float] = None  # held-out share of `data`; None: 0.1 (0 with val_data)
@@ -138,16 +140,28 @@ class TrainConfig:
             raise TrainingError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise TrainingError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.init_from is not None:
+            if not isinstance(self.init_from, str) or not self.init_from:
+                raise TrainingError(f"init_from must be a directory path, got {self.init_from!r}")
+            if self.model is not None or self.vocab_size is not None:
+                raise TrainingError("init_from takes the model's config from that directory: drop --config and "
+                                    "--vocab-size (model=, vocab_size=)")
 
     def model_config(self) -> GPTConfig:
+        if self.init_from is not None:  # the fine-tuned directory's (its weights load in setup)
+            from .hf import read_hf_config
+
+            return read_hf_config(self.init_from)
         cfg = GPTConfig.from_dict(dict(self.model)) if self.model is not None else GPTConfig.preset(self.preset)
         if self.vocab_size is not None:
             cfg = dataclasses.replace(cfg, vocab_size=self.vocab_size)
         return cfg
 
     def defaults(self) -> Dict[str, Any]:
-        """The preset's training defaults (config.train_defaults), by size for a model of your own."""
-        return train_defaults(None if self.model is not None else self.preset, self.model_config())
+        """The preset's training defaults (config.train_defaults), by size for a model of your own
+        (--config or --init-from)."""
+        own = self.model is not None or self.init_from is not None
+        return train_defaults(None if own else self.preset, self.model_config())
 
     def fill_defaults(self) -> None:
         """Fill lr, batch_size and warmup_steps left to the preset with its values (a new run
@@ -352,8 +366,11 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     torch.manual_seed(cfg.seed)
     cfg.fill_defaults()  # lr, batch size, warmup: the preset's unless given
 
-    model_cfg = resumed["config"] if resumed else cfg.model_config()
+    init = _init_model(cfg) if cfg.init_from is not None and not resumed else None
+    model_cfg = resumed["config"] if resumed else init.config if init is not None else cfg.model_config()
     dataset = load_dataset(cfg.data, model_cfg.block_size, val_data=cfg.val_data, val_fraction=cfg.val_fraction)
+    if init is not None:
+        _check_init_data(init, dataset, cfg)
     if dataset.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but the model's "
                             f"vocab_size is {model_cfg.vocab_size}; pass --vocab-size {dataset.vocab_size} "
@@ -362,7 +379,7 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     data_info = world.run_on_main(lambda: describe_data(dataset))
     if resumed:
         world.run_on_main(lambda: check_same_data(resumed["state"].get("dataset"), data_info, allow_data_change, say))
-    model = BarkGPT(model_cfg, backend=cfg.backend)
+    model = BarkGPT(model_cfg, backend=cfg.backend) if init is None else init.set_backend(cfg.backend)
     model.tokenizer = dataset.tokenizer
     if resumed:
         model.load_weights(resumed["model"])
@@ -396,7 +413,8 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     # by a run that failed to start, and two runs started together never share one).
     if cfg.out is None:
         cfg.out = world.run_on_main(lambda: _reserve_out_dir(
-            os.path.join("runs", cfg.preset if cfg.model is None else "custom"), lock))
+            os.path.join("runs", os.path.basename(os.path.normpath(cfg.init_from)) if cfg.init_from
+                         else cfg.preset if cfg.model is None else "custom"), lock))
     else:
         world.run_on_main(lambda: _make_run_dir(cfg.out, lock))
     run.out_dir = os.path.abspath(cfg.out)
@@ -973,6 +991,26 @@ def _replan_decay(before: TrainConfig, cfg: TrainConfig, step: int, say) -> None
     cfg.decay_from = [step, lr_at(step, before)]
     say(f"steps {before.steps} -> {cfg.steps}: the learning rate decays from {cfg.decay_from[1]:.3g} at step "
         f"{step} to {cfg.lr * cfg.min_lr_ratio:.3g} at step {cfg.steps}")
+
+
+def _init_model(cfg: TrainConfig) -> BarkGPT:
+    """The model to fine-tune, from the Hugging Face GPT-2 directory ``cfg.init_from``."""
+    from .hf import load_hf
+
+    return load_hf(cfg.init_from)
+
+
+def _check_init_data(init: BarkGPT, dataset, cfg: TrainConfig) -> None:
+    """Fine-tuning data must be tokenized with the model's own tokenizer."""
+    from .hf import same_tokenizer
+
+    if init.tokenizer is not None and not same_tokenizer(init.tokenizer, dataset.tokenizer):
+        raise TrainingError(f"--data {cfg.data!r} is not tokenized with the tokenizer of {cfg.init_from!r}; "
+                            f"make a token file with it: barkgpt tokenize TEXT_FILE --tokenizer {cfg.init_from}, "
+                            f"then --data TEXT_FILE.bin")
+    if dataset.vocab_size > init.config.vocab_size:
+        raise TrainingError(f"the data has a vocabulary of {dataset.vocab_size} tokens but {cfg.init_from!r} "
+                            f"has {init.config.vocab_size}")
 
 
 def _data_path(data: str) -> str:
