@@ -53,7 +53,7 @@ def linear_cross_entropy_ref(x: torch.Tensor, weight: torch.Tensor, targets: tor
     logits = x.reshape(-1, x.shape[-1]).to(acc) @ weight.to(acc).t()
     if bias is not None:
         logits = logits + bias.to(acc)
-    t = targets.reshape(-1)
+    t = targets.reshape(-1).long()
     loss = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
     if reduction == "sum":
         return loss
