@@ -337,6 +337,47 @@ def test_reference_matches_f_cross_entropy_and_oracle():
            TOL["fp32"])
 
 
+# ---- GPU only: bf16, the GPT-2 head, compiled, memory ---------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N", [1000, 4099])
+def test_triton_gpu_gpt2_head(dtype, N):
+    x, w, b, t = _inputs(N, 768, 50304, dtype=dtype, bias=False, device="cuda", ignore=0.05)
+    g = torch.randn((), device="cuda")
+    got = _run(_ops_call("triton"), x, w, None, t, g)
+    want = _oracle(x, w, None, t, g)
+    tol = TOL["fp32"] * 50 if dtype == torch.float32 else 3e-2  # TF32-free cuBLAS fp32; half logits
+    _check(got, want, tol)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_memory_is_a_fraction_of_eager():
+    N, C, V = 8192, 768, 50304
+    x, w, _, t = _inputs(N, C, V, dtype=torch.bfloat16, bias=False, device="cuda")
+    x.requires_grad_(), w.requires_grad_()
+
+    def extra(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        gx, gw = torch.autograd.grad(fn(), (x, w))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base - gw.numel() * gw.element_size()
+
+    fused = extra(lambda: ops.linear_cross_entropy(x, w, t, backend="triton"))
+    eager = extra(lambda: F.cross_entropy((x @ w.t()).float(), t))
+    assert fused <= eager / 4, (fused, eager)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_compiled_inductor():
+    x, w, b, t = _inputs(300, 64, 1000, device="cuda", ignore=0.1)
+    g = torch.randn((), device="cuda")
+    fn = torch.compile(lambda x, w, t, b: ops.linear_cross_entropy(x, w, t, b, backend="triton"), fullgraph=True)
+    _check(_run(fn, x, w, b, t, g), _oracle(x, w, b, t, g), TOL["fp32"] * 50)
+
+
 # ---- the model ---------------------------------------------------------------------------------
 
 def _model_grads(model, idx, tgt, **kw):
