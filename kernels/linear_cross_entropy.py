@@ -198,6 +198,11 @@ def _backward(ctx, gloss, _gdx, _gdw, _gdb):
     if not ctx.computed:
         raise RuntimeError("linear_cross_entropy: the forward ran without gradients (compute_grad=False)")
     dx, dw, db = ctx.saved_tensors
+    # An upstream gradient of exactly 1 needs no scaling: hand the saved gradients on (no
+    # weight-sized copy). Checked only where reading it costs no device sync (CPU tensors, the
+    # interpreter) and never while torch.compile traces (gloss is then not a plain tensor).
+    if type(gloss) is torch.Tensor and gloss.device.type == "cpu" and float(gloss) == 1.0:
+        return dx, dw, None, db if ctx.has_bias else None, None, None, None, None
     return dx * gloss, dw * gloss, None, (db * gloss) if ctx.has_bias else None, None, None, None, None
 
 

@@ -292,6 +292,29 @@ def test_no_grad_skips_gradient_work_and_gives_the_same_loss(backend, monkeypatc
     assert torch.equal(l0, l1.detach())
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_unit_upstream_gradient_and_retain_graph(backend):
+    # loss.backward() (upstream 1) hands the saved gradients on without a copy: accumulating
+    # twice with retain_graph must still give exactly twice the gradient, and the first
+    # backward's result must not change when the second runs.
+    if backend == "cpp":
+        _cpp()
+    dev = "cpu" if backend == "cpp" else DEVICE
+    x, w, b, t = _inputs(30, 8, 257, device=dev, ignore=0.1)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    loss = ops.linear_cross_entropy(x, w, t, b, backend=backend)
+    gx1, gw1, gb1 = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    keep = [g.clone() for g in (gx1, gw1, gb1)]
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for leaf, g in zip((x, w, b), keep):
+        assert torch.equal(leaf.grad, 2 * g)
+    for g, k in zip((gx1, gw1, gb1), keep):
+        assert torch.equal(g, k)
+    want = _oracle(x, w, b, t, torch.tensor(1.0))
+    _check((loss, gx1, gw1, gb1), want, TOL["fp32"])
+
+
 def _opcheck_samples(device):
     out = []
     for N, C, V, bias, red in [(5, 8, 9, True, "mean"), (13, 16, 257, False, "sum"), (4, 8, 1, True, "mean")]:
