@@ -175,10 +175,11 @@ class BarkGPT(nn.Module):
         return ops.resolve_backend(self.rt.backend, self.token_emb.weight.device)
 
     # ---- forward -------------------------------------------------------------------------
-    # Vocabularies below this size take the plain head + F.cross_entropy path with targets: their
-    # logits are tiny and the fused kernel's chunking buys nothing there (see
-    # benchmarks/test_bench_linear_cross_entropy.py). Per instance: model.fused_loss_min_vocab = 0.
-    fused_loss_min_vocab: int = 64
+    # Vocabularies below this size take the plain head + F.cross_entropy path with targets. 0: the
+    # fused path measured at least as fast as eager down to the bark presets' V = 9 (cpp, 2 threads,
+    # busy machine: 1.30x at V = 9, 1.03x at 16 and 32); redo with the "vocab sweep" cases of
+    # benchmarks/test_bench_linear_cross_entropy.py on a quiet machine and raise it if that loses.
+    fused_loss_min_vocab: int = 0
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100,
                 return_logits: bool = False):

@@ -488,18 +488,23 @@ def test_model_fused_loss_equals_unfused_fp32(backend):
         assert (grads[n] - ref_grads[n]).abs().max().item() <= 2e-5 * scale, n
 
 
-def test_model_tiny_vocab_takes_the_plain_path_with_the_same_result():
+def test_model_below_fused_loss_min_vocab_takes_the_plain_path_with_the_same_result(monkeypatch):
     cfg = GPTConfig(vocab_size=9, n_embd=16, n_head=2, n_layer=1, block_size=8, dropout=0.0)
     model = BarkGPT(cfg, backend="torch").double()
-    assert cfg.vocab_size < model.fused_loss_min_vocab
     idx = torch.randint(0, 9, (2, 8))
-    none, plain, grads = _model_grads(model, idx, idx)
-    assert none is None
-    model.fused_loss_min_vocab = 0
     _, fused, fused_grads = _model_grads(model, idx, idx)
+    calls = []
+    real = ops.linear_cross_entropy
+    monkeypatch.setattr(ops, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.fused_loss_min_vocab = 10
+    none, plain, grads = _model_grads(model, idx, idx)
+    assert none is None and calls == []  # the plain path: the fused op was not called
     torch.testing.assert_close(plain, fused, rtol=1e-12, atol=1e-12)
     for n in grads:
         torch.testing.assert_close(grads[n], fused_grads[n], rtol=1e-10, atol=1e-12)
+    model.fused_loss_min_vocab = 9
+    _model_grads(model, idx, idx)
+    assert calls == [1]
 
 
 def test_model_inference_returns_logits_and_eval_loss_builds_none():
