@@ -54,38 +54,6 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
                          f"(valid ids are 0..{vocab_size - 1}); check the tokenizer and vocab_size")
 
 
-LCE_REDUCTIONS = ("mean", "sum")
-
-
-def check_linear_cross_entropy_args(x, weight, targets, bias, ignore_index, reduction) -> None:
-    op = "linear_cross_entropy"
-    _tensor("x", x), _tensor("weight", weight), _tensor("targets", targets)
-    if bias is not None:
-        _tensor("bias", bias)
-    _same_device(op, x=x, weight=weight, targets=targets, bias=bias)
-    _float(op, "x", x), _float(op, "weight", weight)
-    if bias is not None:
-        _float(op, "bias", bias)
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{op}: targets must hold integer class ids (int64 or int32), got {targets.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape (..., C), got a scalar")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{op}: weight must have shape (V, {x.shape[-1]}) to match x's last dim, "
-                         f"got {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{op}: weight has no rows (a vocabulary of 0 classes)")
-    if tuple(targets.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"{op}: targets must have shape {tuple(x.shape[:-1])} (x's shape without "
-                         f"its last dim), got {tuple(targets.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in LCE_REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
-
-
 def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise if a target other than ``ignore_index`` is outside [0, num_classes). One reduction (a
     sync on GPU); skipped while torch.compile traces (the op body runs it at execution time) and

@@ -19,6 +19,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 
 #include <optional>
@@ -86,7 +87,7 @@ void softmax_xent_rows(acc_t* z, int64_t V, const int64_t* tgt, int64_t ignore_i
 // (loss, dx, dweight, dbias): loss is 0-d in the math type; the gradients are those of loss
 // (already reduced) in x's, weight's and bias's dtypes, or empty (0,) tensors when !compute_grad
 // (dbias also when bias is None).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_ex_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction,
     bool compute_grad, int64_t chunk_rows) {
@@ -196,6 +197,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   at::Tensor dweight = dW.to(weight.scalar_type());
   at::Tensor dbias = has_bias ? dB.to(bias->scalar_type()) : at::empty({0}, weight.options());
   return {loss, dx.view(x_in.sizes()), dweight, dbias};
+}
+
+// The declared kernel (barkgpt/opdecls.py): gradients always, chunk size from V.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction) {
+  return linear_cross_entropy_fwd_ex_cpu(x, weight, targets, bias, ignore_index, reduction, true, 0);
+}
+
+// The backward: the forward's gradients (of the reduced loss) times the upstream gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& dx, const at::Tensor& dweight,
+    const at::Tensor& dbias) {
+  TORCH_CHECK(grad_loss.numel() == 1, "linear_cross_entropy backward: the loss gradient must be a scalar");
+  return {at::mul(dx, grad_loss), at::mul(dweight, grad_loss), at::mul(dbias, grad_loss)};
 }
 
 }  // namespace barkgpt

@@ -14,12 +14,12 @@ Three layers (Liger style):
    accumulation; ``db += sum(G)``). The gradients are complete after the forward; the backward
    only scales them by the upstream gradient. Chunks have about as many logits as x has
    elements, so the extra memory stays near the size of x instead of N x V.
-3. ``torch.library`` op ``barkgpt_triton::linear_cross_entropy_fwd`` with a fake kernel and
-   ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees one op.
+3. barkgpt/_triton.py registers ``linear_cross_entropy_fwd`` / ``_bwd`` against the op's
+   declaration (barkgpt/opdecls.py): torch.library ops with fake kernels and autograd.
 
 Targets other than ignore_index outside [0, V) raise IndexError on the host before any launch
-(one reduction, a sync); while a CUDA graph is captured that check cannot run and the kernel
-treats such targets as ignored instead of reading outside the row.
+(the declaration's kernel_check: one reduction, a sync); while a CUDA graph is captured that
+check cannot run and the kernel treats such targets as ignored instead of reading outside the row.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-
-from barkgpt._checks import check_targets
 
 from ._utils import device_ctx, warps_for
 
@@ -106,16 +104,16 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
-def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             bias: Optional[torch.Tensor], ignore_index: int, reduction: str,
-                             compute_grad: bool, chunk_rows: int = 0
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_cross_entropy_fwd_ex(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                bias: Optional[torch.Tensor], ignore_index: int, reduction: str,
+                                compute_grad: bool, chunk_rows: int = 0
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dx, dweight, dbias): the 0-d fp32 loss and its gradients (x's, weight's and bias's
-    dtypes), or empty (0,) gradients when not ``compute_grad`` (dbias also without a bias)."""
+    dtypes), or empty (0,) gradients when not ``compute_grad`` (dbias also without a bias).
+    The caller has checked the targets' range (the declaration's kernel_check)."""
     V, C = weight.shape
     N = targets.numel()
     dev = x.device
-    check_targets(targets, V, ignore_index)
     cdt = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
     cdt = torch.promote_types(cdt, weight.dtype)
     x2 = x.reshape(N, C)
@@ -166,67 +164,14 @@ def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: tor
     return loss, dx.view(x.shape), dw.to(weight.dtype), dbias
 
 
-# ---- 3. torch.library registration ---------------------------------------------------------
-
-@torch.library.custom_op("barkgpt_triton::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 bias: Optional[torch.Tensor], ignore_index: int, reduction: str,
-                                 compute_grad: bool, chunk_rows: int
-                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_cross_entropy_fwd(x, weight, targets, bias, ignore_index, reduction, compute_grad,
-                                    chunk_rows)
+def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             bias: Optional[torch.Tensor], ignore_index: int, reduction: str
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The declared forward kernel: the loss and all its gradients, chunk size chosen from V."""
+    return linear_cross_entropy_fwd_ex(x, weight, targets, bias, ignore_index, reduction, True, 0)
 
 
-@_linear_cross_entropy_fwd_op.register_fake
-def _(x, weight, targets, bias, ignore_index, reduction, compute_grad, chunk_rows):
-    loss = x.new_empty((), dtype=torch.float32)
-    db_like = bias if bias is not None else weight
-    if not compute_grad:
-        return loss, x.new_empty((0,)), weight.new_empty((0,)), db_like.new_empty((0,))
-    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
-    return loss, torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight), db
-
-
-def _setup_context(ctx, inputs, output):
-    bias, compute_grad = inputs[3], inputs[6]
-    _loss, dx, dw, db = output
-    ctx.has_bias, ctx.computed = bias is not None, compute_grad
-    ctx.save_for_backward(dx, dw, db)
-    ctx.mark_non_differentiable(dx, dw, db)
-    # Otherwise autograd hands the backward zero tensors for the unused gradient outputs: a
-    # weight-sized zeros tensor (154 MB at GPT-2's head) allocated in every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, gloss, _gdx, _gdw, _gdb):
-    # The forward computed the gradients of the reduced loss: scale them by the upstream one.
-    if gloss is None:
-        return None, None, None, None, None, None, None, None
-    if not ctx.computed:
-        raise RuntimeError("linear_cross_entropy: the forward ran without gradients (compute_grad=False)")
-    dx, dw, db = ctx.saved_tensors
-    # An upstream gradient of exactly 1 needs no scaling: hand the saved gradients on (no
-    # weight-sized copy). Checked only where reading it costs no device sync (CPU tensors, the
-    # interpreter) and never while torch.compile traces (gloss is then not a plain tensor).
-    if type(gloss) is torch.Tensor and gloss.device.type == "cpu" and float(gloss) == 1.0:
-        return dx, dw, None, db if ctx.has_bias else None, None, None, None, None
-    return dx * gloss, dw * gloss, None, (db * gloss) if ctx.has_bias else None, None, None, None, None
-
-
-_linear_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- public entry ----------------------------------------------------------------------------
-
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
-    """Cross-entropy of ``x @ weight.T (+ bias)``; barkgpt.ops has checked shapes and devices."""
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"triton linear_cross_entropy supports float16, bfloat16 and float32, got "
-                            f"{name} in {t.dtype}; use backend='torch' for {t.dtype}")
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    return _linear_cross_entropy_fwd_op(x, weight, targets, bias, int(ignore_index), reduction,
-                                        need_grad, int(chunk_rows))[0]
+def linear_cross_entropy_bwd(grad_loss: torch.Tensor, dx: torch.Tensor, dweight: torch.Tensor,
+                             dbias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The declared backward kernel: the forward's gradients times the upstream gradient."""
+    return dx * grad_loss, dweight * grad_loss, dbias * grad_loss

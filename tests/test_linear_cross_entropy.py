@@ -35,7 +35,7 @@ def _cpp():
 
 
 def _tri():
-    return importlib.import_module("barkgpt.kernels.linear_cross_entropy")
+    return importlib.import_module("barkgpt._triton")
 
 
 def _inputs(N, C, V, dtype=torch.float32, bias=True, device="cpu", ignore=0.0, noncontig=False):
@@ -271,25 +271,22 @@ def test_no_grad_skips_gradient_work_and_gives_the_same_loss(backend, monkeypatc
     mod = _cpp() if backend == "cpp" else _tri()
     dev = "cpu" if backend == "cpp" else DEVICE
     x, w, b, t = _inputs(20, 8, 257, device=dev, ignore=0.2)
-    op = mod._ops.linear_cross_entropy_fwd.default if backend == "cpp" else mod._linear_cross_entropy_fwd_op
+    kernel = mod._lce_kernel
     seen = []
 
     def spy(*args):
-        seen.append(args[6])
-        return op(*args)
+        seen.append(args[6])  # compute_grad
+        out = kernel(*args)
+        assert (out[1].numel() > 0) == args[6]
+        return out
 
-    name = "_ops" if backend == "cpp" else "_linear_cross_entropy_fwd_op"
-    if backend == "cpp":
-        class _Ns:
-            linear_cross_entropy_fwd = type("H", (), {"default": staticmethod(spy)})
-        monkeypatch.setattr(mod, name, _Ns)
-    else:
-        monkeypatch.setattr(mod, name, spy)
+    monkeypatch.setattr(mod, "_lce_kernel", spy)
     with torch.no_grad():
         l0 = ops.linear_cross_entropy(x.requires_grad_(), w, t, b, backend=backend)
     l1 = ops.linear_cross_entropy(x, w, t, b, backend=backend)
-    assert seen == [False, True]
-    assert torch.equal(l0, l1.detach())
+    l2 = ops.linear_cross_entropy(x.detach(), w, t, b, backend=backend)  # nothing requires grad
+    assert seen == [False, True, False]
+    assert torch.equal(l0, l1.detach()) and torch.equal(l0, l2)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -355,20 +352,28 @@ def _opcheck_samples(device):
     for N, C, V, bias, red in [(5, 8, 9, True, "mean"), (13, 16, 257, False, "sum"), (4, 8, 1, True, "mean")]:
         x, w, b, t = _inputs(N, C, V, bias=bias, device=device, ignore=0.2)
         out.append((x.requires_grad_(), w.requires_grad_(), t,
-                    b.requires_grad_() if b is not None else None, -100, red, True, 3))
+                    b.requires_grad_() if b is not None else None, -100, red))
     return out
 
 
-def test_opcheck_cpp():
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_opcheck_declared_kernels(backend):
+    from barkgpt import registry
+
+    if backend == "cpp":
+        _cpp()
+    impl = registry.implementation("linear_cross_entropy", backend)
+    for args in _opcheck_samples("cpu" if backend == "cpp" else DEVICE):
+        torch.library.opcheck(impl.forward, args)
+        _, dx, dw, db = impl.forward(*args)
+        torch.library.opcheck(impl.backward, (torch.randn(()), dx.detach(), dw.detach(), db.detach()))
+
+
+def test_opcheck_cpp_options_kernel():
     cpp = _cpp()
     for args in _opcheck_samples("cpu"):
-        torch.library.opcheck(cpp._ops.linear_cross_entropy_fwd.default, args)
-
-
-def test_opcheck_triton():
-    tri = _tri()
-    for args in _opcheck_samples(DEVICE):
-        torch.library.opcheck(tri._linear_cross_entropy_fwd_op, args)
+        for grad, rows in ((True, 3), (False, 0)):
+            torch.library.opcheck(cpp._ops.linear_cross_entropy_fwd_ex.default, args + (grad, rows))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
