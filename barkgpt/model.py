@@ -119,8 +119,8 @@ class Block(nn.Module):
 class BarkGPT(nn.Module):
     """GPT language model.
 
-    ``backend`` picks the kernels for attention, LayerNorm and the embedding add
-    ("triton", "cpp", "torch" or None for auto by device; see barkgpt.ops).
+    ``backend`` picks the kernels for attention, LayerNorm, the embedding add and the fused
+    head + loss ("triton", "cpp", "torch" or None for auto by device; see barkgpt.ops).
     Attention-probability dropout is not applied (the fused kernels have none); dropout
     acts on the embeddings, the feed-forward hidden layer and both residual branches.
     """
