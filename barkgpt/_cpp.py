@@ -21,6 +21,7 @@ sees each op as one node and ``torch.library.opcheck`` passes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -35,9 +36,10 @@ import torch
 
 from . import _build, _cache_dir, opdecls
 from ._build import source_files, sources_hash
-from .registry import implementation, register_kernels
+from .registry import implementation, register_impl, register_kernels
 
-__all__ = ["layer_norm", "attention", "embedding_add", "unavailable_reason", "LIBRARY", "BUILD"]
+__all__ = ["layer_norm", "attention", "embedding_add", "linear_cross_entropy", "unavailable_reason",
+           "LIBRARY", "BUILD"]
 
 _NS = "barkgpt_cpp"
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -289,6 +291,39 @@ def _register() -> None:
 
 
 _register()
+
+
+# linear_cross_entropy: the declared kernels (linear_cross_entropy_fwd/_bwd) under torch.compile;
+# eager calls go through opdecls.linear_cross_entropy_eager on linear_cross_entropy_fwd_ex, which
+# skips the gradient work under no_grad and the scaling copy for an upstream gradient of 1. The
+# C++ kernel checks the targets itself (IndexError), compiled or not.
+def _lce_ex_fake(x, weight, targets, bias, ignore_index, reduction, compute_grad, chunk_rows):
+    loss, dx, dw, db = opdecls.LINEAR_CROSS_ENTROPY.fake(x, weight, targets, bias, ignore_index, reduction)
+    if not compute_grad:
+        return loss, x.new_empty((0,)), weight.new_empty((0,)), db.new_empty((0,))
+    return loss, dx, dw, db
+
+
+if not getattr(_ops, "_barkgpt_lce_fake", False):  # registrations live as long as the process
+    torch.library.register_fake(f"{_NS}::linear_cross_entropy_fwd_ex", _lce_ex_fake)
+    _ops._barkgpt_lce_fake = True
+_lce_kernel = _ops.linear_cross_entropy_fwd_ex.default
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
+    """The cpp backend's linear_cross_entropy; ``chunk_rows`` > 0 sets the rows per chunk (tests)."""
+    if torch.compiler.is_compiling():
+        return _lce_declared(x, weight, targets, bias, ignore_index, reduction)
+    return opdecls.linear_cross_entropy_eager(_lce_kernel, x, weight, targets, bias, ignore_index,
+                                              reduction, chunk_rows)
+
+
+_lce_impl = register_kernels(opdecls.LINEAR_CROSS_ENTROPY, "cpp", _NS, f"{_NS}::linear_cross_entropy_fwd",
+                             f"{_NS}::linear_cross_entropy_bwd", dtypes=_DTYPES)
+_lce_declared = _lce_impl.call
+register_impl(dataclasses.replace(_lce_impl, call=linear_cross_entropy))
 
 # The backend's ops as plain functions (ops.py has validated shapes, devices and dtypes).
 layer_norm = implementation("layer_norm", "cpp").call

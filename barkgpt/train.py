@@ -800,9 +800,8 @@ def evaluate_stats(model, dataset, batch_size: int, device: torch.device, amp_ct
                 if token_bytes is not None:
                     n_bytes += token_bytes[y[mask]].sum()
                 x, y = x.to(device), y.to(device)
-                with amp_ctx():
-                    logits = model(x)
-                loss = BarkGPT.loss_from_logits(logits, y, dataset.ignore_index)
+                with amp_ctx():  # the fused head + loss: the (B, T, V) logits are never built
+                    _, loss = model(x, y, dataset.ignore_index)
                 total += loss.double() * n
                 count += n
             if on_batch is not None:

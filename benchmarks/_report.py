@@ -17,8 +17,10 @@ BYTE_MODELS = {
                      "the position grad",
     "attention": "FLOPs 4*B*H*T*T*D forward, halved when causal, backward 2.5x forward",
     "copy": "bytes read + bytes written",
+    "linear_cross_entropy": "FLOPs 6*N*C*V for fwd+bwd (the logits and the two gradient matmuls)",
 }
-OP_GROUPS = ("layer_norm", "embedding_add", "attention")
+OP_GROUPS = ("layer_norm", "embedding_add", "attention", "linear_cross_entropy")
+FLOP_GROUPS = ("attention", "linear_cross_entropy")  # reported in TFLOP/s, not GB/s
 # Where a run writes unless BARKGPT_BENCH_OUT says otherwise: ignored by git, so benchmarking leaves
 # the checkout clean; benchmarks/results/ holds curated results committed on purpose.
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -231,7 +233,7 @@ def _op_table(records, idx, group, mode, device_type) -> List[str]:
     provs = _providers(records, group)
     base = "sdpa" if group == "attention" else "eager"
     ours = [p for p in provs if p.startswith("barkgpt-") and p != "barkgpt-torch"]
-    unit = "TFLOP/s" if group == "attention" else "GB/s"
+    unit = "TFLOP/s" if group in FLOP_GROUPS else "GB/s"
     head = ["case"] + provs + [f"{p.split('-', 1)[1]}/{base}" for p in ours]
     if group == "attention":
         head += [f"{p.split('-', 1)[1]}/best PyTorch" for p in ours]
@@ -246,8 +248,8 @@ def _op_table(records, idx, group, mode, device_type) -> List[str]:
                 row.append("unsupported" if str(st).startswith("unsupported") else
                            "skipped" if str(st).startswith("skipped") else "-")
                 continue
-            rate = r.get("tflops") if group == "attention" else r.get("gbps")
-            cell = f"{fmt_time(r['median_s'])} ({_num(rate, 2 if group == 'attention' else 1)} {unit})"
+            rate = r.get("tflops") if group in FLOP_GROUPS else r.get("gbps")
+            cell = f"{fmt_time(r['median_s'])} ({_num(rate, 2 if group in FLOP_GROUPS else 1)} {unit})"
             if device_type == "cuda" and r.get("peak_mem_mb") is not None:
                 cell += f", {r['peak_mem_mb']:.0f} MB"
             if (r.get("faults_per_call") or 0) >= 1:
@@ -262,6 +264,29 @@ def _op_table(records, idx, group, mode, device_type) -> List[str]:
                 row.append(fmt_ratio(min(pt) / t["median_s"] if pt and t else None))
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _memory_table(records, group) -> List[str]:
+    """Extra memory per provider (records with mode "memory"), and each as a fraction of eager's."""
+    mem = [r for r in records if r["group"] == group and r.get("mode") == "memory" and "extra_mb" in r]
+    if not mem:
+        return []
+    provs = list(OrderedDict.fromkeys(r["provider"] for r in mem))
+    by = {(r["case"], r["provider"]): r for r in mem}
+    lines = ["### extra memory (MB; fraction of eager's)", "", f"Measured as: {mem[0]['how']}.", "",
+             "| case | " + " | ".join(provs) + " |", "|" + "---|" * (len(provs) + 1)]
+    for c in OrderedDict.fromkeys(r["case"] for r in mem):
+        eager = by.get((c, "eager"), {}).get("extra_mb")
+        cells = []
+        for p in provs:
+            r = by.get((c, p))
+            if r is None:
+                cells.append("-")
+                continue
+            frac = f" ({r['extra_mb'] / eager:.3f})" if eager and eager > 0 else ""
+            cells.append(f"{r['extra_mb']:.1f}{frac}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _training_table(records, idx, meta) -> List[str]:
@@ -312,18 +337,19 @@ def markdown(records, meta, targets) -> str:
         L += [f"Device copy bandwidth ({BYTE_MODELS['copy']}): " +
               ", ".join(f"{r['gbps']:.1f} GB/s ({r['case']})" for r in copy), ""]
     titles = {"layer_norm": "LayerNorm", "embedding_add": "Embedding-add (token + position)",
-              "attention": "Attention"}
+              "attention": "Attention", "linear_cross_entropy": "Linear + cross-entropy (LM head + loss)"}
     for group in OP_GROUPS:
         if not any(r["group"] == group for r in records):
             continue
         L += [f"## {titles[group]}", "", f"Model: {BYTE_MODELS[group]}. Cells: median time per call "
-              f"({'TFLOP/s' if group == 'attention' else 'GB/s'}" +
+              f"({'TFLOP/s' if group in FLOP_GROUPS else 'GB/s'}" +
               (", peak extra memory" if meta["device_type"] == "cuda" else
                ", minor page faults per call where there were any (fwd and fwd+bwd)") +
               "); ratio columns: speed-up (> 1 is faster).", ""]
         for mode in MODES:
             if any(r["group"] == group and r["mode"] == mode for r in records):
                 L += [f"### {mode}", ""] + _op_table(records, idx, group, mode, meta["device_type"]) + [""]
+        L += _memory_table(records, group)
     if any(r["group"] == "training" for r in records):
         has_mfu = any(r.get("mfu") is not None for r in _ok(records) if r["group"] == "training")
         L += ["## Training step (forward + backward + AdamW)", "",
