@@ -293,7 +293,7 @@ def _to_hf_tokenizer(tok):
     """(tokenizers.Tokenizer, special tokens for tokenizer_config.json) encoding exactly as the
     barkgpt tokenizer ``tok`` does: a BPE one as it is, the byte tokenizer as byte-level BPE with
     no merges (id = byte), the bark tokenizer as a word-level one."""
-    from .data import _hf_tokenizers
+    from .tokenizer import _hf_tokenizers
 
     hf = _hf_tokenizers()
     if tok.kind == "bpe":
@@ -332,7 +332,8 @@ def _from_hf_tokenizer(tk):
 def load_hf_tokenizer(path: str):
     """The tokenizer of a transformers GPT-2 directory (``tokenizer.json``, else ``vocab.json`` +
     ``merges.txt``) as a barkgpt BPETokenizer, or None when the directory has neither."""
-    from .data import BPETokenizer, DataError, _hf_tokenizers
+    from .data import DataError
+    from .tokenizer import BPETokenizer, _hf_tokenizers
 
     tj = os.path.join(path, TOKENIZER_FILE)
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")

@@ -709,10 +709,11 @@ def show_progress(run: Run, state: TrainState, result: StepResult) -> None:
                 post["val"] = f"{state.val_history[-1]['val_loss']:.4f}"
             run.bar.set_postfix(post, refresh=False)
         return
-    # plain lines: at the log boundaries (where the step's numbers are read), and after a
-    # compiling first step
-    first_compiled = result.step == 1 + (run.resumed_from or 0) and run.cfg.compile
-    if not run.plain or not ((result.read and run.due(result.step, run.cfg.log_every)) or first_compiled):
+    # plain lines: at the log boundaries (where the step's numbers are read), and after the
+    # first step, to show the run is under way (without its loss: nothing is read for it)
+    first = result.step == 1 + (run.resumed_from or 0)
+    first_compiled = first and run.cfg.compile
+    if not run.plain or not ((result.read and run.due(result.step, run.cfg.log_every)) or first):
         return
     parts = [f"step {result.step}/{run.cfg.steps}"]
     if result.read:
