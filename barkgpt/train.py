@@ -23,6 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import perf
+from . import plot
 from . import distributed
 from .config import PRESETS, GPTConfig
 from .data import BarkCorpus, load_dataset
@@ -472,9 +473,11 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
                  "world_size": world.size}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
-        return ckpt.save_training_checkpoint(out_dir, step, model, optimizer, state,
+        path = ckpt.save_training_checkpoint(out_dir, step, model, optimizer, state,
                                              rng, cfg.keep_last,
                                              keep_steps=(best[1],) if best[1] >= 0 else ())
+        plot.write_loss_png(out_dir)  # loss.png at each checkpoint (skipped quietly without matplotlib)
+        return path
 
     bar = None
     if cfg.progress and world.is_main:
@@ -614,6 +617,8 @@ def _train(world: distributed.World, config, resume, log, on_step, overrides) ->
     if resumed and start_step >= cfg.steps:
         say(f"{out_dir} already trained for {start_step} steps (>= --steps {cfg.steps}); nothing to do")
     world.run_on_main(lambda: ckpt.save_model(model, out_dir, step=len(losses)))
+    if world.is_main:
+        plot.write_loss_png(out_dir)  # the run's final loss.png (skipped quietly without matplotlib)
     elapsed = time.perf_counter() - t0
     tps = tok_done / elapsed if elapsed > 0 and tok_done else 0.0
     final_val = val_history[-1]["val_loss"] if val_history else None
