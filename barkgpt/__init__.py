@@ -12,9 +12,10 @@ from .data import DataError
 from .model import BarkGPT
 from .ops import BackendUnavailable
 from .train import TrainConfig, TrainingError, TrainResult, train
+from .sweep import SweepError, SweepResult, sweep
 
 __version__ = "0.1.0"
 
 __all__ = ["GPTConfig", "ConfigError", "PRESETS", "BarkGPT", "ops", "BackendUnavailable", "train",
            "TrainConfig", "TrainResult", "TrainingError", "load", "CheckpointError", "DataError",
-           "__version__"]
+           "sweep", "SweepResult", "SweepError", "__version__"]
