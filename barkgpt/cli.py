@@ -211,18 +211,23 @@ def _add_sweep_parsers(sub) -> None:
 def _cmd_sweep(a) -> int:
     from .sweep import SweepError, load_spec, parse_grid, sweep, sweep_list
 
-    if a.list:
-        if any(v is not None for v in (a.grid, a.spec, a.steps, a.tokens, a.flops)):
-            raise SweepError("--list shows the sweep already in --out; give it only --out")
-        for run, status in sweep_list(a.out):
-            settings = ", ".join(f"{k}={v}" for k, v in run.settings.items())
-            print(f"{run.index:4d}  {status:8s} {run.name}  ({settings}; {run.params:,} params, {run.steps:,} steps, "
-                  f"{run.train_flops:.3g} FLOPs)")
-        return 0
     train_settings = {k: v for k, v in (("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed),
                                         ("eval_every", a.eval_every)) if v is not None}
     new = a.grid is not None or any(v is not None for v in (a.data, a.preset, a.steps, a.tokens, a.flops)) \
         or train_settings
+    if a.list:  # the sweep in --out, or the plan of the one the flags describe (nothing is written)
+        spec = None
+        if a.spec is not None:
+            spec = load_spec(a.spec)
+        elif new:
+            budgets = {k: v for k, v in (("steps", a.steps), ("tokens", a.tokens), ("flops", a.flops)) if v is not None}
+            spec = {"data": a.data or "bark", "preset": a.preset or "bark", "grid": parse_grid(a.grid or []),
+                    "budget": budgets, "train": train_settings}
+        for run, status in sweep_list(a.out, spec, skip_invalid=a.skip_invalid):
+            settings = ", ".join(f"{k}={v}" for k, v in run.settings.items())
+            print(f"{run.index:4d}  {status:8s} {run.name}  ({settings}; {run.params:,} params, {run.steps:,} steps, "
+                  f"{run.train_flops:.3g} FLOPs)")
+        return 0
     kw = dict(only=a.only, skip_invalid=a.skip_invalid, device=a.device,
               backend=None if a.backend == "auto" else a.backend, compile=a.compile, progress=not a.no_progress)
     if a.spec is not None:

@@ -400,11 +400,12 @@ class RunLock:
     """An exclusive, non-blocking lock on ``out/locks/<run>.lock``, held while the run trains. The
     kernel drops it when the process ends, however it ends: a killed sweep never leaves a run claimed."""
 
-    def __init__(self, out: str, run: Run):
-        self.path = os.path.join(out, LOCKS_DIR, run.name + ".lock")
+    def __init__(self, out: str, run: Optional[Run], name: Optional[str] = None):
+        self.path = os.path.join(out, LOCKS_DIR, (name or run.name) + ".lock")
         self.f = None
 
-    def acquire(self) -> bool:
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock (``wait``: block until it is free); False if another process holds it."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         f = open(self.path, "a+b")
         try:
@@ -412,11 +413,11 @@ class RunLock:
                 import msvcrt
 
                 f.seek(0)
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
             else:
                 import fcntl
 
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             f.close()
             return False
@@ -433,6 +434,8 @@ def run_status(out: str, run: Run) -> str:
     """"done", "running" (another process holds its lock), "partial" (has a checkpoint) or "pending"."""
     if _read_result(out, run) is not None:
         return "done"
+    if not os.path.isdir(os.path.join(out, LOCKS_DIR)):  # no process ever claimed a run here
+        return "partial" if ckpt.latest_checkpoint(run_dir(out, run)) else "pending"
     lock = RunLock(out, run)
     if not lock.acquire():
         return "running"
@@ -761,10 +764,18 @@ def _budget_text(spec: Dict[str, Any]) -> str:
     return f"{v:.3g} FLOPs" if kind == "flops" else f"{v:,} {kind}"
 
 
-def sweep_list(out: str) -> List[Tuple[Run, str]]:
-    """The runs of the sweep in ``out`` with their status (done, running, partial, pending)."""
-    spec = _open_sweep(os.path.abspath(out), None)
-    runs = plan(spec, skip_invalid=True, say=None)
+def sweep_list(out: str, spec: Optional[Dict[str, Any]] = None, skip_invalid: bool = False) -> List[Tuple[Run, str]]:
+    """The runs of the sweep in ``out`` with their status (done, running, partial, pending). With
+    ``spec`` (a new sweep's), its plan is shown without writing anything, checked against the
+    sweep already in ``out`` if there is one."""
+    out = os.path.abspath(out)
+    if spec is not None:
+        spec = normalize_spec(spec)
+        runs = plan(spec, skip_invalid=skip_invalid)
+        if os.path.exists(os.path.join(out, SWEEP_FILE)):
+            _open_sweep(out, spec)  # raises if it is another sweep
+    else:
+        runs = plan(_open_sweep(out, None), skip_invalid=True)
     return [(r, run_status(out, r)) for r in runs]
 
 
@@ -797,8 +808,18 @@ def _cell(key: str, v) -> str:
 
 
 def write_results(out: str, spec: Dict[str, Any], all_runs: List[Run], say=None) -> SweepResult:
-    """results.md / .csv / .json and the charts from the runs finished so far (atomic writes: with
-    several processes, whichever finishes last writes the complete set)."""
+    """results.md / .csv / .json and the charts from the runs finished so far. Processes sharing
+    the sweep take turns (a lock): the last one in has seen every run finished before it, so a
+    slower writer never leaves an older table over a newer one."""
+    lock = RunLock(out, None, name="results")
+    lock.acquire(wait=True)
+    try:
+        return _write_results(out, spec, all_runs, say)
+    finally:
+        lock.release()
+
+
+def _write_results(out: str, spec: Dict[str, Any], all_runs: List[Run], say=None) -> SweepResult:
     records = [r for r in (_read_result(out, run) for run in all_runs) if r is not None]
     pending = [run.name for run in all_runs if _read_result(out, run) is None]
     fit_n = fit_c = None
