@@ -320,12 +320,14 @@ def markdown(records, meta, targets) -> str:
                 L += [f"### {mode}", ""] + _op_table(records, idx, group, mode, meta["device_type"]) + [""]
     if any(r["group"] == "training" for r in records):
         has_mfu = any(r.get("mfu") is not None for r in _ok(records) if r["group"] == "training")
+        measured = any(r.get("peak_source") == "measured" for r in _ok(records) if r["group"] == "training")
         L += ["## Training step (forward + backward + AdamW)", "",
               f"auto = the `{meta.get('auto_backend')}` backend on this device. MFU = flops_per_token x "
-              "tokens/s / peak from the barkgpt.perf table" +
+              "tokens/s / " + ("the fp32 matmul peak measured on this CPU (barkgpt.perf.measured_cpu_peak)"
+                               if measured else "peak from the barkgpt.perf table") +
               ("" if has_mfu else " (n/a here: no peak is known for this device)") +
               (". Cells: tokens/s (time per step, MFU, peak memory)" if meta["device_type"] == "cuda"
-               else ". Cells: tokens/s (time per step)") + "; ratio columns: tokens/s speed-up.", ""]
+               else ". Cells: tokens/s (time per step, MFU)") + "; ratio columns: tokens/s speed-up.", ""]
         L += _training_table(records, idx, meta) + [""]
     return "\n".join(L)
 
