@@ -383,3 +383,19 @@ def test_wall_time_sums_every_attempt(tmp_path):
              {"step": 30, "elapsed_sec": 0.5}, {"step": 40, "elapsed_sec": 1.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4')
     assert sw._wall_seconds(str(tmp_path)) == pytest.approx(3.5)
+
+
+def test_readme_spec_example_plans(tmp_path):
+    import re
+    import tomllib
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = re.search(r"A spec file, e.g. `sweep.toml`:\n\n```toml\n(.*?)```", readme, re.S).group(1)
+    spec = tomllib.loads(block)
+    assert spec["data"] == "corpus.txt"
+    (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 400)
+    spec["data"] = str(tmp_path / "corpus.txt")
+    runs = sw.plan(sw.normalize_spec(spec))
+    assert [r.name for r in runs] == ["000-n_layer=2", "001-n_layer=4", "002-wide"]
+    assert all(r.train_flops <= 1e13 and r.train["batch_size"] == 32 for r in runs)
+    assert runs[2].train["model"]["n_embd"] == 256 and runs[2].train["model"]["vocab_size"] == 256
