@@ -431,9 +431,10 @@ class RunLock:
 
 
 def run_status(out: str, run: Run) -> str:
-    """"done", "running" (another process holds its lock), "partial" (has a checkpoint) or "pending"."""
-    if _read_result(out, run) is not None:
-        return "done"
+    """"done", "failed", "running" (another process holds its lock), "partial" (has a checkpoint) or "pending"."""
+    rec = _read_result(out, run)
+    if rec is not None:
+        return "failed" if rec.get("status") == "failed" else "done"
     if not os.path.isdir(os.path.join(out, LOCKS_DIR)):  # no process ever claimed a run here
         return "partial" if ckpt.latest_checkpoint(run_dir(out, run)) else "pending"
     lock = RunLock(out, run)
@@ -684,6 +685,18 @@ def _record(out: str, run: Run, res, machine: Dict[str, Any]) -> Dict[str, Any]:
             "val_history": res.val_history}
 
 
+def _failure_record(out: str, run: Run, error: BaseException) -> Dict[str, Any]:
+    rec = {"index": run.index, "name": run.name, "settings": run.settings, "dir": os.path.relpath(run_dir(out, run), out),
+           "status": "failed", "error": " ".join(str(error).split()) or type(error).__name__,
+           "params": run.params, "non_embedding_params": run.non_embedding_params,
+           "flops_per_token": run.flops_per_token, "steps": run.steps, "tokens": run.tokens,
+           "train_flops": run.train_flops, "wall_sec": _wall_seconds(run_dir(out, run)), "val_history": []}
+    for k in ("tokens_per_sec", "mfu", "peak_flops", "peak_source", "final_val_loss", "best_val_loss",
+              "optimal_loss", "gap_to_optimum", "device", "backend"):
+        rec[k] = None
+    return rec
+
+
 def sweep(out: str, grid: Optional[Dict[str, List[Any]]] = None, *, runs: Optional[List[Dict[str, Any]]] = None,
           data: Optional[str] = None, preset: Optional[str] = None, steps: Optional[int] = None,
           tokens: Optional[int] = None, flops: Optional[float] = None, train_settings: Optional[Dict[str, Any]] = None,
@@ -751,7 +764,15 @@ def sweep(out: str, grid: Optional[Dict[str, List[Any]]] = None, *, runs: Option
                 if _read_result(out, run) is not None:  # finished by another process meanwhile
                     prog.skip(run, "done")
                     continue
-                _train_run(out, run, machine, prog, run.index + 1, on_step, log if log is not None else say)
+                try:
+                    _train_run(out, run, machine, prog, run.index + 1, on_step, log if log is not None else say)
+                except (TrainingError, torch.cuda.OutOfMemoryError) as e:
+                    # this run's own failure (a diverging loss, too big for the device): recorded,
+                    # and the sweep goes on; the run's directory keeps its last checkpoint
+                    os.makedirs(run_dir(out, run), exist_ok=True)
+                    _atomic_json(os.path.join(run_dir(out, run), RESULT_FILE), _failure_record(out, run, e))
+                    say(f"sweep: run {run.name} failed: {' '.join(str(e).split())}")
+                    prog.skip(run, "failed")
             finally:
                 lock.release()
     finally:
@@ -851,11 +872,12 @@ def _write_results(out: str, spec: Dict[str, Any], all_runs: List[Run], say=None
     files["json"] = os.path.join(out, "results.json")
     _atomic_json(files["json"], result_json)
     files["csv"] = os.path.join(out, "results.csv")
-    keys = ["index", "name"] + list(records[0]["settings"]) if records else ["index", "name"]
+    keys = ["index", "name"] + [k for r in records for k in r["settings"]]
     keys += [k for _, k in COLUMNS[1:]] + ["peak_flops", "peak_source", "device", "backend"]
     keys = list(dict.fromkeys(keys))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    keys.append("error")
     w.writerow(keys)
     for r in records:
         w.writerow([r["settings"].get(k, r.get(k)) if k in r["settings"] else r.get(k) for k in keys])
@@ -887,9 +909,10 @@ def _markdown(spec, records, pending, fit_n, fit_c, notes, charts, out) -> str:
                  f"grid {json.dumps(spec['grid'])}" + (f"; {len(spec['runs'])} explicit runs" if spec["runs"] else "")
                  + (f"; training {json.dumps(spec['train'])}" if spec["train"] else "") + ".")
     lines.append("")
-    if records:
-        dev = sorted({r["device"] for r in records})
-        src = sorted({r.get("peak_source") or "n/a" for r in records})
+    ok = [r for r in records if r.get("status") != "failed"]
+    if ok:
+        dev = sorted({r["device"] for r in ok})
+        src = sorted({r.get("peak_source") or "n/a" for r in ok})
         lines.append(f"Device: {', '.join(dev)}. MFU is against the "
                      + ("peak measured on this machine (a matmul probe, see barkgpt.perf.measured_cpu_peak)"
                         if src == ["measured"] else f"peak ({', '.join(src)})") + ".")
@@ -900,6 +923,10 @@ def _markdown(spec, records, pending, fit_n, fit_c, notes, charts, out) -> str:
     lines.append("|" + "|".join("---" if k == "name" else "---:" for _, k in cols) + "|")
     for r in records:
         lines.append("| " + " | ".join(_cell(k, r.get(k)) for _, k in cols) + " |")
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        lines.append("")
+        lines.append(f"Failed ({len(failed)}): " + "; ".join(f"`{r['name']}`: {r['error']}" for r in failed))
     if pending:
         lines.append("")
         lines.append(f"Not finished ({len(pending)}): " + ", ".join(f"`{p}`" for p in pending))

@@ -399,3 +399,34 @@ def test_readme_spec_example_plans(tmp_path):
     assert [r.name for r in runs] == ["000-n_layer=2", "001-n_layer=4", "002-wide"]
     assert all(r.train_flops <= 1e13 and r.train["batch_size"] == 32 for r in runs)
     assert runs[2].train["model"]["n_embd"] == 256 and runs[2].train["model"]["vocab_size"] == 256
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    real_train = sw.train
+
+    def train(config=None, **kw):
+        out = config.out if config is not None else kw["out"]
+        if os.path.basename(out).startswith("001-"):
+            raise barkgpt.TrainingError("non-finite loss at step 3 (nan); stopping")
+        return real_train(config, **kw)
+
+    monkeypatch.setattr(sw, "train", train)
+    out = str(tmp_path / "s")
+    log = []
+    res = barkgpt.sweep(out, grid={"n_embd": [8, 16, 24]}, steps=3, train_settings={"batch_size": 4},
+                        log=log.append, **QUIET)
+    assert "sweep: run 001-n_embd=16 failed: non-finite loss at step 3 (nan); stopping" in log
+    assert any(m.startswith("sweep: finished 002-n_embd=24") for m in log)  # went on after it
+    assert [r.get("status", "ok") for r in res.runs] == ["ok", "failed", "ok"] and res.pending == []
+    assert res.runs[1]["final_val_loss"] is None
+    md = open(res.files["md"]).read()
+    assert "Failed (1): `001-n_embd=16`: non-finite loss at step 3 (nan); stopping" in md
+    assert "| 001-n_embd=16 | " in md and "n/a" in md
+    rows = list(csv.DictReader(open(res.files["csv"])))
+    assert rows[1]["error"].startswith("non-finite") and rows[0]["error"] == ""
+    # a restart does not retry it (the sweep's settings are fixed): it shows as failed
+    log.clear()
+    barkgpt.sweep(out, log=log.append, **QUIET)
+    assert not any(m.startswith("sweep: run ") for m in log)
+    assert cli.main(["sweep", "--out", out, "--list"]) == 0
+    assert [ln.split()[1] for ln in capsys.readouterr().out.splitlines()] == ["done", "failed", "done"]
