@@ -430,3 +430,19 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, 
     assert not any(m.startswith("sweep: run ") for m in log)
     assert cli.main(["sweep", "--out", out, "--list"]) == 0
     assert [ln.split()[1] for ln in capsys.readouterr().out.splitlines()] == ["done", "failed", "done"]
+
+
+def test_readme_sweep_and_plot_commands_use_real_flags():
+    import re
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    parser = cli.build_parser()
+    seen = 0
+    for m in re.finditer(r"barkgpt (sweep|plot)\b([^\n`#]*)", readme):
+        cmd, rest = m.groups()
+        sub = parser._subparsers._group_actions[0].choices[cmd]  # noqa: SLF001
+        options = {o for act in sub._actions for o in act.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--[a-z0-9-]+)", rest):
+            assert flag in options, f"README: `barkgpt {cmd} ... {flag}`"
+            seen += 1
+    assert seen >= 10
