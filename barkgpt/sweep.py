@@ -551,8 +551,13 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], alpha_range: Tuple[flo
 
 def compute_frontier(curves: Sequence[Tuple[Sequence[float], Sequence[float]]]) -> Tuple[List[float], List[float]]:
     """The lowest loss reached at each compute by any run: the points of all (compute, loss) curves
-    that no point at less or equal compute beats."""
-    pts = sorted((c, l) for cs, ls in curves for c, l in zip(cs, ls))
+    that no point at less or equal compute beats, over the compute range every curve covers (below
+    it, whichever run happens to log first would be "the frontier", however bad)."""
+    curves = [(cs, ls) for cs, ls in curves if len(cs)]
+    if not curves:
+        return [], []
+    lo = max(min(cs) for cs, _ in curves)
+    pts = sorted((c, l) for cs, ls in curves for c, l in zip(cs, ls) if c >= lo)
     xs, ys, best = [], [], math.inf
     for c, l in pts:
         if l < best:
@@ -853,7 +858,7 @@ def _write_results(out: str, spec: Dict[str, Any], all_runs: List[Run], say=None
             notes.append(f"no fit against parameters: {e}")
     else:
         notes.append(f"no fit against parameters: {len({p for p, _ in pts})} distinct sizes (at least 3 needed)")
-    curves = [_compute_curve(r) for r in records]
+    curves = [_compute_curve(r, skip_fraction=FRONTIER_SKIP) for r in records]
     fx, fy = compute_frontier(curves)
     if len(fx) >= 3:
         try:
@@ -896,10 +901,32 @@ def _write_results(out: str, spec: Dict[str, Any], all_runs: List[Run], say=None
     return SweepResult(out_dir=out, runs=records, pending=pending, fit_params=fit_n, fit_compute=fit_c, files=files)
 
 
-def _compute_curve(r: Dict[str, Any]) -> Tuple[List[float], List[float]]:
+# The frontier fit leaves out each run's first fifth: warmup and the first fast drop are not the
+# regime a power law in compute describes (they make the fit's exponent run to its bound).
+FRONTIER_SKIP = 0.2
+
+
+def _compute_curve(r: Dict[str, Any], skip_fraction: float = 0.0) -> Tuple[List[float], List[float]]:
+    """A run's validation curve as (training FLOPs so far, loss), without its first ``skip_fraction``."""
     per_step = float(r["flops_per_token"]) * r["tokens"] / max(r["steps"], 1)
-    hist = r.get("val_history") or []
+    hist = [h for h in (r.get("val_history") or []) if h["step"] >= skip_fraction * r["steps"]]
     return [h["step"] * per_step for h in hist], [h["val_loss"] for h in hist]
+
+
+def _drawable(fit: Optional[PowerLawFit]) -> bool:
+    """A fit worth drawing: it explains the points (R^2 >= 0.9) and the loss falls (A > 0)."""
+    return fit is not None and fit.r2 >= 0.9 and fit.A > 0
+
+
+def _log_axes(ax) -> None:
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlapping 2x10^11 ...
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # losses of 2.0, 3.0, not 2x10^0
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _markdown(spec, records, pending, fit_n, fit_c, notes, charts, out) -> str:
@@ -934,7 +961,8 @@ def _markdown(spec, records, pending, fit_n, fit_c, notes, charts, out) -> str:
     lines.append("## Power-law fits")
     lines.append("")
     for title, fit, var in (("Final validation loss vs non-embedding parameters N", fit_n, "N"),
-                            ("Compute frontier (lowest validation loss at each training compute C, all runs)",
+                            ("Compute frontier (lowest validation loss at each training compute C over all "
+                             "runs, each run's first fifth left out)",
                              fit_c, "C")):
         if fit is None:
             continue
@@ -967,13 +995,14 @@ def _charts(out, records, fit_n, fit_c, frontier) -> Dict[str, str]:
     for r in done:
         ax.annotate(r["name"].split("-", 1)[0], (r["non_embedding_params"], r["final_val_loss"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
-    if fit_n is not None:
+    if _drawable(fit_n):
         xs = np.logspace(np.log10(n.min()) - 0.1, np.log10(n.max()) + 0.1, 200)
         ax.plot(xs, fit_n(xs), "C1-", label=fit_n.formula("N") + f"  (R² {fit_n.r2:.3f})")
+    elif fit_n is not None:
+        ax.plot([], [], " ", label=f"no power law: best fit R² {fit_n.r2:.2f}" + (", A = 0" if fit_n.A == 0 else ""))
     if optimal:
         ax.axhline(optimal, color="k", ls="--", lw=0.8, label="corpus optimum")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axes(ax)
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("loss vs parameters", fontsize=10)
@@ -987,16 +1016,19 @@ def _charts(out, records, fit_n, fit_c, frontier) -> Dict[str, str]:
         if cs:
             ax.plot(cs, ls, "o-", ms=2.5, lw=1, color=f"C{i % 10}", alpha=0.8, label=r["name"])
     fx, fy = frontier
-    if fit_c is not None:
-        xs = np.logspace(np.log10(min(fx)) - 0.1, np.log10(max(fx)) + 0.1, 200)
-        ax.plot(xs, fit_c(xs), "k-", lw=1.5, label=fit_c.formula("C") + f"  (R² {fit_c.r2:.3f})")
+    if _drawable(fit_c):
+        xs = np.logspace(np.log10(min(fx)) - 0.05, np.log10(max(fx)) + 0.05, 200)
+        ax.plot(xs, fit_c(xs), "k-", lw=1.5, label="frontier fit " + fit_c.formula("C") + f"  (R² {fit_c.r2:.3f})")
+    elif fit_c is not None:
+        ax.plot([], [], " ", label=f"frontier: no power law (R² {fit_c.r2:.2f})")
+    if fx:
+        ax.plot(fx, fy, "k+", ms=7, label="frontier points (after each run's first fifth)")
     if optimal:
         ax.axhline(optimal, color="k", ls="--", lw=0.8, label="corpus optimum")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axes(ax)
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("loss vs training compute (fit: the frontier over all runs)", fontsize=10)
+    ax.set_title("loss vs training compute", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
     charts["loss_vs_compute"] = plots.save_figure(fig, os.path.join(out, "loss_vs_compute.png"))
