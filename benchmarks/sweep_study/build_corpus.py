@@ -40,6 +40,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                   help="shuffle the kept docstrings with this seed, so that the held-out last 10%% is drawn "
+                        "from the same mix of modules as the rest (default: path order)")
     a = p.parse_args()
     root = sysconfig.get_paths()["stdlib"]
     seen, parts, size = set(), [], 0
@@ -52,6 +55,10 @@ def main():
             break
         parts.append(data)
         size += len(data) + 2
+    if a.shuffle is not None:
+        import random
+
+        random.Random(a.shuffle).shuffle(parts)
     text = b"\n\n".join(parts) + b"\n"
     with open(a.out, "wb") as f:
         f.write(text)
