@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from . import perf
 from . import plot as plots
 from .config import PRESETS, ConfigError, GPTConfig
-from .data import BarkCorpus, DataError, load_dataset
+from .data import DataError, load_dataset
 from .model import BarkGPT
 from .train import TrainConfig, TrainingError, resolve_dtype, train
 
