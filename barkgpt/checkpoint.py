@@ -324,7 +324,11 @@ def save_training_checkpoint(out_dir: str, step: int, model, optimizer, state: D
     keep = {p for _, p in ck[-max(keep_last, 1):]} | {p for s, p in ck if s in keep_steps}
     for _, p in ck:
         if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            # renamed out of the checkpoint namespace first: a kill during the delete leaves a
+            # .tmp- leftover (ignored, removed by the next save), never a listed, half-deleted one
+            doomed = tempfile.mkdtemp(prefix=f".tmp-prune-{os.path.basename(p)}-", dir=root)
+            os.replace(p, os.path.join(doomed, "old"))
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
