@@ -1,4 +1,4 @@
-"""The ``barkgpt`` command line: train, generate, chat, export, tokenize, presets, info."""
+"""The ``barkgpt`` command line: train, generate, chat, export, tokenize, sweep, plot, presets, info."""
 
 from __future__ import annotations
 
@@ -230,10 +230,102 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="overwrite an existing token file and sidecar")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    _add_sweep_parsers(sub)
     sub.add_parser("presets", help="list the model presets")
     sub.add_parser("info", help="versions and which backends can run on this machine")
     p.commands = dict(sub.choices)
     return p
+
+
+def _add_sweep_parsers(sub) -> None:
+    """`barkgpt sweep` and `barkgpt plot` (barkgpt/sweep.py, barkgpt/plot.py)."""
+    from .config import PRESETS
+
+    s = sub.add_parser("sweep", help="train a grid of model configs with one budget and compare them",
+                       description="Train every config of a grid on the same data with the same budget per run "
+                                   "(steps, tokens or FLOPs), each an ordinary run directory under OUT/runs/, "
+                                   "then write OUT/results.md/.csv/.json and charts with a fitted power law. "
+                                   "Run it again to continue a stopped sweep; several processes may share OUT.",
+                       epilog="example: barkgpt sweep --out sweeps/s1 --data corpus.txt --preset small "
+                              "--grid n_layer=1,2,4 n_embd=32,64,128 --flops 1e12")
+    s.add_argument("--out", required=True, help="the sweep directory")
+    s.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", default=None,
+                   help="values to cross: GPTConfig fields (n_layer, n_embd, n_head, block_size ...), preset, "
+                        "or training settings (lr, batch_size, weight_decay, seed ...)")
+    s.add_argument("--spec", metavar="FILE", default=None,
+                   help="JSON or TOML spec file instead of the flags: data, preset, grid, runs (explicit "
+                        "configs), budget {steps|tokens|flops: N}, train {...}")
+    s.add_argument("--data", default=None, help="'bark' (default) or a text / .bin token file, as for train")
+    s.add_argument("--preset", default=None, choices=sorted(PRESETS), help="base config the grid changes (default: bark)")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=_positive_int, default=None, help="budget: optimizer steps per run")
+    b.add_argument("--tokens", type=_positive_int, default=None, help="budget: training tokens per run")
+    b.add_argument("--flops", type=_positive_float, default=None,
+                   help="budget: training FLOPs per run (6N + attention per token, see flops_per_token): "
+                        "equal compute for every size")
+    s.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per micro-step (default: 64)")
+    s.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: 1e-2)")
+    s.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX - 1), default=None, help="random seed (default: 1337)")
+    s.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: a tenth of each run)")
+    s.add_argument("--list", action="store_true", help="print the runs (index, name, status) and exit")
+    s.add_argument("--only", type=_nonneg_int, nargs="+", metavar="N", default=None,
+                   help="train only these runs (indices from --list), e.g. one per job of a Slurm array")
+    s.add_argument("--skip-invalid", action="store_true", help="leave invalid grid combinations out instead of failing")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    s.add_argument("--backend", default="auto", choices=backend_choices(), help="kernel backend (default: auto)")
+    s.add_argument("--compile", action="store_true", help="torch.compile each model")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plot", help="chart the training and validation loss of runs",
+                        description="Training and validation loss of one or more run directories against step "
+                                    "and against tokens, on one PNG chart; prints its path.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (barkgpt train --out ...)")
+    pl.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png for one run, "
+                                                "loss-compare.png for several)")
+    pl.add_argument("--title", default=None, help="chart title")
+    pl.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+
+
+def _cmd_sweep(a) -> int:
+    from .sweep import SweepError, load_spec, parse_grid, sweep, sweep_list
+
+    train_settings = {k: v for k, v in (("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed),
+                                        ("eval_every", a.eval_every)) if v is not None}
+    new = a.grid is not None or any(v is not None for v in (a.data, a.preset, a.steps, a.tokens, a.flops)) \
+        or train_settings
+    if a.list:  # the sweep in --out, or the plan of the one the flags describe (nothing is written)
+        spec = None
+        if a.spec is not None:
+            spec = load_spec(a.spec)
+        elif new:
+            budgets = {k: v for k, v in (("steps", a.steps), ("tokens", a.tokens), ("flops", a.flops)) if v is not None}
+            spec = {"data": a.data or "bark", "preset": a.preset or "bark", "grid": parse_grid(a.grid or []),
+                    "budget": budgets, "train": train_settings}
+        for run, status in sweep_list(a.out, spec, skip_invalid=a.skip_invalid):
+            settings = ", ".join(f"{k}={v}" for k, v in run.settings.items())
+            print(f"{run.index:4d}  {status:8s} {run.name}  ({settings}; {run.params:,} params, {run.steps:,} steps, "
+                  f"{run.train_flops:.3g} FLOPs)")
+        return 0
+    kw = dict(only=a.only, skip_invalid=a.skip_invalid, device=a.device,
+              backend=None if a.backend == "auto" else a.backend, compile=a.compile, progress=not a.no_progress)
+    if a.spec is not None:
+        if new:
+            raise SweepError("give either --spec or the grid/data/preset/budget flags, not both")
+        res = sweep(a.out, spec=load_spec(a.spec), **kw)
+    elif new:
+        res = sweep(a.out, grid=parse_grid(a.grid) if a.grid else None, data=a.data, preset=a.preset,
+                    steps=a.steps, tokens=a.tokens, flops=a.flops, train_settings=train_settings or None, **kw)
+    else:
+        res = sweep(a.out, **kw)  # continue the sweep in --out
+    print(res.files["md"])
+    return 0
+
+
+def _cmd_plot(a) -> int:
+    from .plot import plot_runs
+
+    print(plot_runs(a.runs, out=a.out, title=a.title, log_y=a.log_y))
+    return 0
 
 
 def _train_config_from_args(a):
@@ -588,7 +680,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     handlers = {"train": lambda a: _cmd_train(a, argv), "generate": _cmd_generate,
                 "chat": _cmd_chat, "export": _cmd_export,
-                "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
+                "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info,
+                "sweep": _cmd_sweep, "plot": _cmd_plot}
     debug = os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0")
     try:
         return handlers[a.command](a)

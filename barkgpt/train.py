@@ -28,6 +28,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import perf
+from . import plot
 from . import distributed
 from .config import PRESETS, GPTConfig, default_eval_tokens, default_warmup, train_defaults
 from .data import BarkCorpus, load_dataset
@@ -329,6 +330,7 @@ class Run:
     tokens_per_step: int = 0
     flops_per_token: float = 0.0
     peak: Optional[float] = None
+    peak_source: Optional[str] = None  # "measured" (a CPU), "datasheet", "env" (perf.peak_source)
     optimal: Optional[float] = None  # the corpus's best achievable loss (bark)
     eval_windows: int = 0  # windows (block_size tokens each) per evaluation
     token_bytes: Optional[torch.Tensor] = None  # bytes of text per token id (text corpora), for bits per byte
@@ -408,6 +410,7 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
     # where the peak is unknown, e.g. CPUs, unless BARKGPT_PEAK_TFLOPS says).
     run.flops_per_token = model.flops_per_token()
     run.peak = perf.peak_flops(dtype=amp_dtype, device=device)
+    run.peak_source = perf.peak_source(device) if run.peak is not None else None
 
     # The run starts: now its directory is made (a default one reserved, so none is left empty
     # by a run that failed to start, and two runs started together never share one).
@@ -507,6 +510,8 @@ def _finish(run: Run, state: TrainState) -> TrainResult:
     if run.resumed_from is not None and run.resumed_from >= cfg.steps:
         say(f"{run.out_dir} already trained for {run.resumed_from} steps (>= --steps {cfg.steps}); nothing to do")
     run.world.run_on_main(lambda: ckpt.save_model(state.model, run.out_dir, step=len(state.losses)))
+    if run.world.is_main:
+        plot.write_loss_png(run.out_dir)  # the run's final loss.png (skipped quietly without matplotlib)
     elapsed = time.perf_counter() - run.t0
     tps = run.tok_done / elapsed if elapsed > 0 and run.tok_done else 0.0
     final_val = state.val_history[-1]["val_loss"] if state.val_history else None
@@ -679,7 +684,8 @@ def log_step(run: Run, state: TrainState, result: StepResult) -> None:
     if result.read and not result.skipped and run.due(result.step, run.cfg.log_every):
         util = perf.mfu(run.flops_per_token, tps / run.world.size, run.peak)
         run.metrics.write(step=result.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                          tokens_per_sec=tps, elapsed_sec=elapsed, **({"mfu": util} if util is not None else {}))
+                          tokens_per_sec=tps, elapsed_sec=elapsed,
+                          **({"mfu": util, "mfu_peak": run.peak_source} if util is not None else {}))
     run.tokens_per_sec = tps
 
 
@@ -825,9 +831,11 @@ def save_checkpoint(state: TrainState, out_dir: str) -> str:
     """Write ``state`` as checkpoints/step_<step>/ (atomically), keeping the last ``keep_last``
     and the best by validation loss. Rank 0's state: weights and optimizer are the same on
     every rank, and the data stream is shared."""
-    return ckpt.save_training_checkpoint(out_dir, state.step, state.model, state.optimizer,
+    path = ckpt.save_training_checkpoint(out_dir, state.step, state.model, state.optimizer,
                                          state.checkpoint_state(), state.rng, state.cfg.keep_last,
                                          keep_steps=(state.best_step,) if state.best_step >= 0 else ())
+    plot.write_loss_png(out_dir)  # loss.png at each checkpoint (skipped quietly without matplotlib)
+    return path
 
 
 def save_on_all_ranks(run: Run, state: TrainState, interrupts: Interrupts) -> None:
@@ -1031,7 +1039,7 @@ def _make_run_dir(out: str, lock: Optional[RunLock] = None) -> None:
 # What a run that has saved nothing yet leaves in its directory (with temp files named .tmp-*):
 # any other file in an --out that holds no run makes it someone else's directory.
 LOCK_FILE = ".barkgpt.lock"
-RUN_LEFTOVERS = {ckpt.CKPT_DIR, "metrics.jsonl", "train_config.json", LOCK_FILE}
+RUN_LEFTOVERS = {ckpt.CKPT_DIR, "metrics.jsonl", "train_config.json", LOCK_FILE, plot.LOSS_PNG}
 
 
 class RunLock:

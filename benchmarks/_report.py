@@ -352,16 +352,18 @@ def markdown(records, meta, targets) -> str:
         L += _memory_table(records, group)
     if any(r["group"] == "training" for r in records):
         has_mfu = any(r.get("mfu") is not None for r in _ok(records) if r["group"] == "training")
+        measured = any(r.get("peak_source") == "measured" for r in _ok(records) if r["group"] == "training")
         L += ["## Training step (forward + backward + AdamW)", "",
               f"Providers: auto = barkgpt's model on the `{meta.get('auto_backend')}` backend (what `barkgpt "
               "train` runs here by default); torch = barkgpt's model on its pure-PyTorch backend; plain = a "
               "plain PyTorch GPT with the same weights (nn.LayerNorm, F.scaled_dot_product_attention, "
               "nn.Embedding; benchmarks/_plain_gpt.py); compile-X = torch.compile of X. compile-plain is "
               "what a user would otherwise run. MFU = flops_per_token x "
-              "tokens/s / peak from the barkgpt.perf table" +
+              "tokens/s / " + ("the fp32 matmul peak measured on this CPU (barkgpt.perf.measured_cpu_peak)"
+                               if measured else "peak from the barkgpt.perf table") +
               ("" if has_mfu else " (n/a here: no peak is known for this device)") +
               (". Cells: tokens/s (time per step, MFU, peak memory)" if meta["device_type"] == "cuda"
-               else ". Cells: tokens/s (time per step)") + "; ratio columns: tokens/s speed-up.", ""]
+               else ". Cells: tokens/s (time per step, MFU)") + "; ratio columns: tokens/s speed-up.", ""]
         L += _training_table(records, idx, meta) + [""]
         L += [f"- {line}" for line in _versus_plain(idx, records)] + [""]
     return "\n".join(L)

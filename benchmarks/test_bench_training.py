@@ -165,7 +165,7 @@ def test_training_step(benchmark, free_memory, name, provider):
     tokens = bsz * T
     peak = perf.peak_flops(device=B.DEVICE, dtype=B.DTYPE if B.IS_CUDA else torch.float32)
     rec.update(timing, status="ok", first_call_s=first_call_s, peak_mem_mb=mem, tokens=tokens,
-               flops_per_token=fpt, peak_flops=peak, initial_loss=got)
+               flops_per_token=fpt, peak_flops=peak, peak_source=perf.peak_source(B.DEVICE), initial_loss=got)
     if med:
         rec["tokens_per_s"] = tokens / med
         rec["mfu"] = perf.mfu(fpt, rec["tokens_per_s"], peak)
