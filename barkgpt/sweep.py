@@ -277,6 +277,8 @@ def plan(spec: Dict[str, Any], skip_invalid: bool = False, say=None) -> List[Run
             with torch.device("meta"):
                 m = BarkGPT(cfg, backend="torch")
             fpt = m.flops_per_token()
+            if tc.batch_size is None:  # the batch a training run would take (lr and warmup are its to fill)
+                tc.batch_size = tc.defaults()["batch_size"]
             tokens_per_step = tc.batch_size * tc.grad_accum * cfg.block_size
             if budget_kind == "steps":
                 steps = budget

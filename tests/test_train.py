@@ -126,7 +126,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     from barkgpt import ops
 
     # The training forward's loss is the fused head + loss (ops.linear_cross_entropy; evaluation
-    # does not call it here).
+    # calls it too, but here only at the last step, after that step's training forward).
     real = ops.linear_cross_entropy
     calls = {"n": 0}
 

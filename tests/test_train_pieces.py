@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import barkgpt
+from barkgpt import ops
 from barkgpt import checkpoint as ckpt
 from barkgpt.distributed import World
 from barkgpt.model import BarkGPT
@@ -126,9 +127,9 @@ def test_train_step_is_reproducible(tmp_path):
 
 
 def _poison(monkeypatch):
-    real = BarkGPT.loss_from_logits
-    monkeypatch.setattr(BarkGPT, "loss_from_logits",
-                        staticmethod(lambda logits, y, ignore=-100: real(logits, y, ignore) * float("nan")))
+    # the training forward's loss is the fused head + loss (ops.linear_cross_entropy)
+    real = ops.linear_cross_entropy
+    monkeypatch.setattr(ops, "linear_cross_entropy", lambda *a, **kw: real(*a, **kw) * float("nan"))
 
 
 def test_train_step_skips_a_nonfinite_step(tmp_path, monkeypatch):
@@ -276,14 +277,14 @@ def test_no_host_reads_between_log_boundaries(tmp_path, monkeypatch):
 def test_deferred_nonfinite_stop_and_skip_keep_their_behaviour(tmp_path, monkeypatch):
     # A non-finite step between boundaries: with "stop" the run ends at the next boundary
     # naming that step, nothing after the last good checkpoint saved; with "skip" it is dropped.
-    real = BarkGPT.loss_from_logits
+    real = ops.linear_cross_entropy  # the fused head + loss: training forward number = step number
     calls = {"n": 0}
 
-    def poisoned(logits, y, ignore=-100):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss = real(logits, y, ignore)
+        loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 7 else loss
-    monkeypatch.setattr(BarkGPT, "loss_from_logits", staticmethod(poisoned))
+    monkeypatch.setattr(ops, "linear_cross_entropy", poisoned)
     kw = dict(TINY, steps=12, log_every=5, eval_every=100, save_every=5, log=lambda m: None)
     with pytest.raises(TrainingError, match="non-finite loss at step 7.*step_00000005"):
         barkgpt.train(out=str(tmp_path / "stop"), **kw)

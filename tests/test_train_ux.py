@@ -85,7 +85,8 @@ def test_plain_log_lines_every_log_every_steps(tmp_path):
     steps = [x for x in lines if x.startswith("step ") and "/25 |" in x]
     assert [x.split(" |")[0] for x in steps] == ["step 1/25", "step 10/25", "step 20/25", "step 25/25"]
     for x in steps[1:]:
-        assert " | loss " in x and " | lr " in x and " tok/s | ETA " in x, x
+        # (an MFU field may stand between the rate and the ETA: CPUs have a measured peak)
+        assert " | loss " in x and " | lr " in x and " tok/s | " in x and " | ETA " in x, x
     assert "| val " in steps[2]  # the evaluation at step 20
     assert not any("\r" in x for x in lines)
 
