@@ -112,7 +112,8 @@ setup(
     ],
     extras_require={
         "bpe": ["tokenizers>=0.15"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib", "tokenizers>=0.15"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib", "tokenizers>=0.15",
+                 "transformers>=4.35"],
     },
     entry_points={"console_scripts": ["barkgpt=barkgpt.cli:main"]},
     ext_modules=ext_modules,

@@ -324,7 +324,10 @@ def save_training_checkpoint(out_dir: str, step: int, model, optimizer, state: D
     keep = {p for _, p in ck[-max(keep_last, 1):]} | {p for s, p in ck if s in keep_steps}
     for _, p in ck:
         if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            # renamed out of sight first: a kill while deleting never leaves a visible, partial checkpoint
+            gone = os.path.join(root, ".tmp-pruned-" + os.path.basename(p))
+            os.replace(p, gone)
+            shutil.rmtree(gone, ignore_errors=True)
     return final
 
 

@@ -1,4 +1,4 @@
-"""The ``barkgpt`` command line: train, generate, tokenize, presets, info."""
+"""The ``barkgpt`` command line: train, generate, chat, export, tokenize, presets, info."""
 
 from __future__ import annotations
 
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "corpus, then a held-out loss beside the corpus optimum and a sample.")
     t.add_argument("--preset", default="bark", choices=sorted(PRESETS), help="model preset (default: bark)")
     t.add_argument("--config", metavar="JSON", help="GPTConfig JSON file; overrides --preset")
+    t.add_argument("--init-from", metavar="DIR", default=None,
+                   help="fine-tune a Hugging Face GPT-2 directory (config.json + model.safetensors): its config, "
+                        "weights and tokenizer; --data must be tokenized with it (tokenize --tokenizer DIR)")
     t.add_argument("--data", default="bark", help="'bark' (built in), a UTF-8 text file (byte tokens), or a "
                                                   ".bin token file with a .json sidecar, e.g. from "
                                                   "`barkgpt tokenize` (default: bark)")
@@ -123,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
 
     g = sub.add_parser("generate", help="sample text from a trained model",
-                       description="Sample from a model saved by `barkgpt train` (its --out directory) or model.save().")
-    g.add_argument("model", help="run directory or saved model directory")
+                       description="Sample from a model saved by `barkgpt train` (its --out directory), "
+                                   "model.save() or a Hugging Face GPT-2 directory. One sample is printed "
+                                   "token by token as it is generated; several are printed when done.")
+    g.add_argument("model", help="run directory, saved model directory or Hugging Face GPT-2 directory")
     g.add_argument("--prompt", default=None, help="prompt text (default: 'User: speak Assistant:' for bark models, a newline otherwise)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default: 64)")
     g.add_argument("--temperature", type=_nonneg_float, default=0.8,
@@ -140,6 +145,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
 
+    c = sub.add_parser("chat", help="talk to a model: type a prompt, read the answer as it is generated",
+                       description="Reads a prompt per line from the terminal (or stdin), streams the model's "
+                                   "answer, and repeats until end of input (Ctrl-D) or Ctrl-C at the prompt; "
+                                   "Ctrl-C during an answer cuts that answer short. Each line is answered on its "
+                                   "own. A bark-corpus model gets the line as the corpus asks, "
+                                   "'User: LINE Assistant:' (type: speak).")
+    c.add_argument("model", help="run directory, saved model directory or Hugging Face GPT-2 directory")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                   help="most tokens per answer; an end-of-text token ends it sooner (default: 64)")
+    c.add_argument("--temperature", type=_nonneg_float, default=0.8, help="sampling temperature >= 0, 0 = greedy "
+                   "(default: 0.8)")
+    c.add_argument("--top-k", type=_nonneg_int, default=40, help="sample from the k most likely tokens, 0 = all "
+                   "(default: 40)")
+    c.add_argument("--top-p", type=_unit_float, default=None, help="nucleus sampling mass in (0, 1]")
+    c.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    c.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX), default=None,
+                   help=f"random seed for sampling, an integer in [{SEED_MIN}, {SEED_MAX}] (default: random)")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    c.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
+
+    x = sub.add_parser("export", help="write a model in another format (hf: Hugging Face transformers GPT-2)",
+                       description="Write a barkgpt model (run or saved model directory) as a directory that "
+                                   "transformers.GPT2LMHeadModel.from_pretrained loads: config.json, "
+                                   "model.safetensors and the tokenizer (tokenizer.json). Models GPT-2 "
+                                   "cannot express (post-LN, no biases, no causal mask) are refused with the reason.")
+    x.add_argument("model", help="run directory or saved model directory")
+    x.add_argument("out", help="directory to write (must not exist or be empty, unless --force)")
+    x.add_argument("--format", default="hf", choices=("hf",), help="output format (default: hf)")
+    x.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
     k = sub.add_parser("tokenize", help="train a BPE tokenizer on a text file and write it as tokens",
                        description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on a UTF-8 "
                                    "text file and encode the file with it into a .bin token file plus a .json "
@@ -150,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--min-frequency", type=_positive_int, default=2,
                    help="merge only pairs seen at least this often (default: 2)")
     k.add_argument("--out", default=None, help="token file to write (default: INPUT with .bin)")
+    k.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="encode with the tokenizer of DIR (a Hugging Face GPT-2 directory, or a barkgpt model "
+                        "or run) instead of training one, e.g. to fine-tune with train --init-from DIR")
     k.add_argument("--force", action="store_true", help="overwrite an existing token file and sidecar")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -168,7 +206,7 @@ def _train_config_from_args(a):
         grad_clip=a.grad_clip, seed=a.seed, device=a.device, backend=None if a.backend == "auto" else a.backend,
         dtype=a.dtype, out=a.out, eval_every=a.eval_every, save_every=a.save_every, keep_last=a.keep_last,
         compile=a.compile, deterministic=a.deterministic, on_nonfinite="skip" if a.skip_nonfinite else "stop",
-        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size)
+        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size, init_from=a.init_from)
     if a.config:
         cfg.model = GPTConfig.from_json(a.config).to_dict()
     return cfg
@@ -192,6 +230,9 @@ def _cmd_train(a, parser=None, argv=None) -> int:
     from .train import train
 
     cfg = _train_config_from_args(a)
+    if a.init_from is not None and parser is not None and "preset" in _explicit_flags(parser, argv):
+        raise ValueError("--preset does not apply with --init-from: the model is the one in "
+                         f"{a.init_from}; drop --preset")
     if not a.resume:
         train(cfg)
         return 0
@@ -208,14 +249,36 @@ def _cmd_train(a, parser=None, argv=None) -> int:
     return 0
 
 
+def _load_model(path: str, device, backend: str):
+    """A barkgpt run / saved model, or a Hugging Face GPT-2 directory."""
+    from .checkpoint import load
+    from .hf import is_hf_dir, load_hf
+
+    backend = None if backend == "auto" else backend
+    if os.path.isdir(path) and is_hf_dir(path):
+        return load_hf(path, device=device, backend=backend)
+    return load(path, device=device, backend=backend)
+
+
+def _sampler(a, device):
+    import torch
+
+    gen = torch.Generator(device=device)
+    if a.seed is not None:
+        gen.manual_seed(a.seed)
+    else:
+        gen.seed()
+    return gen
+
+
 def _cmd_generate(a) -> int:
     import torch
 
-    from .checkpoint import load
+    from .stream import TextStream
     from .train import resolve_device
 
     device = resolve_device(a.device)
-    model = load(a.model, device=device, backend=None if a.backend == "auto" else a.backend)
+    model = _load_model(a.model, device, a.backend)
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer.json; cannot turn text into tokens")
@@ -225,18 +288,101 @@ def _cmd_generate(a) -> int:
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenization; give --prompt some text")
-    gen = torch.Generator(device=device)
-    if a.seed is not None:
-        gen.manual_seed(a.seed)
-    else:
-        gen.seed()
+    gen = _sampler(a, device)
     idx = torch.tensor([ids] * a.num_samples, device=device)
-    out = model.generate(idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k or None,
-                         top_p=a.top_p, greedy=a.greedy, eos_token_id=tok.eos_id, generator=gen)
+    sample = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy,
+                  eos_token_id=tok.eos_id, generator=gen)
+    if a.num_samples == 1:  # stream: each token printed as soon as it is drawn
+        stream = TextStream(tok)
+        _write(stream.push(ids))
+        try:
+            model.generate(idx, a.max_new_tokens, on_token=lambda nxt: _write(stream.push(nxt.tolist())), **sample)
+        finally:  # Ctrl-C mid-sample: end the line before the interruption is reported
+            _write(stream.flush() + "\n")
+        return 0
+    out = model.generate(idx, a.max_new_tokens, **sample)
     for row in out.tolist():
         if tok.eos_id is not None and tok.eos_id in row[len(ids):]:
             row = row[:len(ids) + row[len(ids):].index(tok.eos_id) + 1]
         print(tok.decode(row))
+    return 0
+
+
+def _write(text: str) -> None:
+    """Print streamed text now (stdout may be a pipe, which Python buffers)."""
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _read_prompt(interactive: bool) -> Optional[str]:
+    """One line of input, None at the end of input or on Ctrl-C at the prompt."""
+    try:
+        if interactive:
+            return input("> ")
+        line = sys.stdin.readline()
+        return line if line else None
+    except (EOFError, KeyboardInterrupt):
+        return None
+
+
+def _cmd_chat(a) -> int:
+    import torch
+
+    from .data import DataError
+    from .stream import TextStream
+    from .train import resolve_device
+
+    device = resolve_device(a.device)
+    model = _load_model(a.model, device, a.backend)
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer.json; cannot turn text into tokens")
+    gen = _sampler(a, device)
+    interactive = sys.stdin.isatty()
+    while True:
+        line = _read_prompt(interactive)
+        if line is None:
+            if interactive:
+                _write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if tok.kind == "bark" and not text.startswith("User:"):
+            text = f"User: {text} Assistant:"  # the corpus's one exchange per sequence
+        try:
+            ids = tok.encode(text)
+        except DataError as e:  # a word outside the vocabulary: say so, keep chatting
+            print(f"barkgpt chat: {e}", file=sys.stderr, flush=True)
+            continue
+        stream = TextStream(tok)
+
+        def on_token(nxt):
+            t = int(nxt[0])
+            if t == tok.eos_id:
+                return True  # the answer is complete
+            _write(stream.push([t]))
+            return False
+
+        try:
+            model.generate(torch.tensor([ids], device=device), a.max_new_tokens, temperature=a.temperature,
+                           top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy, eos_token_id=tok.eos_id,
+                           generator=gen, on_token=on_token)
+        except KeyboardInterrupt:  # Ctrl-C during an answer cuts it short; the chat goes on
+            pass
+        _write(stream.flush() + "\n")
+
+
+def _cmd_export(a) -> int:
+    from .checkpoint import load
+    from .hf import save_hf
+
+    model = load(a.model)
+    out = save_hf(model, a.out, overwrite=a.force)
+    extra = " and tokenizer" if os.path.exists(os.path.join(out, "tokenizer.json")) else ""
+    print(f"wrote {out}: GPT-2 config and weights{extra}; load it with "
+          f"transformers.GPT2LMHeadModel.from_pretrained({out!r})")
     return 0
 
 
@@ -245,8 +391,13 @@ def _cmd_tokenize(a) -> int:
 
     from .data import tokenize_file
 
+    tokenizer = None
+    if a.tokenizer is not None:
+        from .hf import tokenizer_from_path
+
+        tokenizer = tokenizer_from_path(a.tokenizer)
     out = tokenize_file(a.input, out=a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency,
-                        overwrite=a.force, progress=not a.no_progress)
+                        overwrite=a.force, progress=not a.no_progress, tokenizer=tokenizer)
     with open(os.path.splitext(out)[0] + ".json", encoding="utf-8") as f:
         meta = json.load(f)
     print(f"wrote {out}: {meta['tokens']:,} tokens ({meta['source_bytes'] / meta['tokens']:.2f} bytes per "
@@ -318,6 +469,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .train import TrainingError
 
     handlers = {"train": lambda a: _cmd_train(a, parser, argv), "generate": _cmd_generate,
+                "chat": _cmd_chat, "export": _cmd_export,
                 "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
     debug = os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0")
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -225,9 +225,13 @@ class BarkGPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                  top_k: Optional[int] = 40, top_p: Optional[float] = None, greedy: bool = False,
-                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None):
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 on_token: Optional[Callable[[torch.Tensor], Optional[bool]]] = None):
         """Sample ``max_new_tokens`` continuations of ``idx`` (B, T). Stops early once every
         row has produced ``eos_token_id`` (finished rows are padded with it).
+
+        ``on_token(tokens)`` is called with each step's new tokens (B,) as soon as they are
+        drawn (streaming); returning True stops generation there.
 
         Each token is drawn from softmax(logits / ``temperature``) restricted to the ``top_k``
         most likely tokens and to the smallest set holding ``top_p`` of the mass (None: no
@@ -254,6 +258,8 @@ class BarkGPT(nn.Module):
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
+                if on_token is not None and on_token(nxt):
+                    break
                 if eos_token_id is not None and bool(done.all()):
                     break
         finally:

@@ -287,3 +287,30 @@ def test_fuzz_config_json_text(text):
         GPTConfig.from_json("{" + text)
     except ConfigError as e:
         assert str(e)
+
+
+def test_a_kill_while_pruning_never_leaves_a_partial_checkpoint(tmp_path, monkeypatch):
+    # Pruning deletes old checkpoints file by file: a kill in the middle must not leave a
+    # checkpoint that is still listed but has lost files (seen as "model.safetensors is missing").
+    import shutil
+
+    m = barkgpt.BarkGPT(GPTConfig.preset("bark-tiny"), backend="torch")
+    opt = m.configure_optimizers()
+    out = str(tmp_path)
+    for step in (1, 2):
+        save_training_checkpoint(out, step, m, opt, {"x": 1}, {"t": torch.zeros(1)}, keep_last=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *a, **kw):  # deletes one file, then the process "dies"
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.safetensors")):
+            os.unlink(os.path.join(path, "model.safetensors"))
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(barkgpt.checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_checkpoint(out, 3, m, opt, {"x": 1}, {"t": torch.zeros(1)}, keep_last=2)
+    monkeypatch.undo()
+    for _, path in list_checkpoints(out):  # every checkpoint still listed is complete
+        barkgpt.checkpoint.load_training_checkpoint(path)
+    assert [s for s, _ in list_checkpoints(out)] == [2, 3]
