@@ -75,13 +75,10 @@ def _cpp_extension():
                 with open(os.path.join(d, "_C.build.json"), "w", encoding="utf-8") as f:
                     json.dump(record, f)
 
-    if os.name == "nt":
-        cflags, ldflags = ["/O2", "/openmp", "/DBARKGPT_PYTHON_MODULE"], []
-    else:
-        cflags, ldflags = ["-O3", "-fno-math-errno", "-DBARKGPT_PYTHON_MODULE"], []
-        if "OpenMP" in torch.__config__.parallel_info():  # ATen's parallel_for is inline OpenMP
-            cflags.append("-fopenmp")
-            ldflags.append("-fopenmp")
+    # the same flags as barkgpt/_cpp.py's JIT build (barkgpt/_build.py); -march=native is added
+    # per build above
+    cflags, ldflags = _build.compiler_flags(_build.uses_openmp(torch.__config__.parallel_info()),
+                                            python_module=True)
     ext = CppExtension("barkgpt._C", sources, extra_compile_args={"cxx": cflags}, extra_link_args=ldflags)
     return [ext], {"build_ext": BuildExtensionWithRecord.with_options(use_ninja=True)}
 

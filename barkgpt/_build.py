@@ -1,4 +1,5 @@
-"""What identifies a build of the C++ kernels, shared by setup.py and barkgpt/_cpp.py.
+"""What identifies a build of the C++ kernels and the flags it is compiled with, shared by setup.py
+and barkgpt/_cpp.py.
 
 Standard library only: setup.py loads this file by path before torch (or barkgpt) can be
 imported, and the build record it writes must match what barkgpt/_cpp.py computes at run time.
@@ -8,7 +9,7 @@ import glob
 import hashlib
 import os
 import platform
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 def source_files(src: str) -> List[str]:
@@ -47,3 +48,23 @@ def native_flag() -> Optional[str]:
     machine = platform.machine().lower()
     return {"x86_64": "-march=native", "amd64": "-march=native", "aarch64": "-mcpu=native",
             "arm64": "-mcpu=native"}.get(machine)
+
+
+def uses_openmp(parallel_info: str) -> bool:
+    """Whether torch (``torch.__config__.parallel_info()``) runs ATen's parallel_for on OpenMP:
+    it is header-inline, so the kernels then need -fopenmp."""
+    return "parallel backend: OpenMP" in parallel_info
+
+
+def compiler_flags(openmp: bool, native: Optional[str] = None,
+                   python_module: bool = False) -> Tuple[List[str], List[str]]:
+    """(compile flags, link flags) for csrc/. ``native``: the CPU-tuning flag (native_flag()) or
+    None for a portable build; ``python_module``: setup.py's barkgpt._C (a module init symbol)."""
+    if os.name == "nt":
+        return ["/O2", "/openmp"] + (["/DBARKGPT_PYTHON_MODULE"] if python_module else []), []
+    cflags = ["-O3", "-fno-math-errno"] + (["-DBARKGPT_PYTHON_MODULE"] if python_module else [])
+    if native:
+        cflags.append(native)
+    if openmp:
+        return cflags + ["-fopenmp"], ["-fopenmp"]
+    return cflags, []

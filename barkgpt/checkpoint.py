@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .config import ConfigError, GPTConfig
+from .model import register_saver, strip_prefixes  # noqa: F401  (strip_prefixes: re-exported)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -28,25 +29,10 @@ TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
-_PREFIXES = ("_orig_mod.", "module.")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or saved model cannot be loaded; the message says why."""
-
-
-def strip_prefixes(sd: Dict[str, Any]) -> Dict[str, Any]:
-    """Drop torch.compile (``_orig_mod.``) and DDP (``module.``) key prefixes."""
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
 
 
 # ---- atomic file primitives ------------------------------------------------------------------
@@ -207,7 +193,7 @@ def read_config(directory: str) -> GPTConfig:
 
 
 def _model_from_dir(directory: str, device="cpu", backend=None):
-    from .data import tokenizer_from_dict
+    from .tokenizer import tokenizer_from_dict
     from .model import BarkGPT
 
     _verify_dir(directory)
@@ -344,3 +330,7 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
         "extra": _load_tensors(os.path.join(path, "extra.safetensors")),
         "state": state,
     }
+
+
+# BarkGPT.save() writes the model through save_model (model.py cannot import this module).
+register_saver(save_model)

@@ -72,12 +72,19 @@ def _unit_float(s: str) -> float:
     return v
 
 
-BACKEND_CHOICES = ("auto", "triton", "cpp", "torch")
+def backend_choices() -> tuple:
+    """``--backend`` values: auto, then the backends of the op registry in preference order."""
+    from .ops import BACKENDS
+
+    return ("auto",) + tuple(BACKENDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; ``.commands`` maps each command to its subparser."""
     from . import __version__
     from .config import PRESETS
+
+    BACKEND_CHOICES = backend_choices()
 
     p = argparse.ArgumentParser(prog="barkgpt", description="Train small GPT language models fast.")
     p.add_argument("--version", action="version", version=f"barkgpt {__version__}")
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the model presets")
     sub.add_parser("info", help="versions and which backends can run on this machine")
+    p.commands = dict(sub.choices)
     return p
 
 
@@ -212,32 +220,34 @@ def _train_config_from_args(a):
     return cfg
 
 
-def _explicit_flags(parser, argv) -> set:
-    """Dest names of the train flags given on the command line (defaults suppressed)."""
-    train_parser = parser._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
-    saved = {act.dest: act.default for act in train_parser._actions}
-    try:
-        for act in train_parser._actions:
-            act.default = argparse.SUPPRESS
-        given = vars(parser.parse_args(argv))
-    finally:
-        for act in train_parser._actions:
-            act.default = saved[act.dest]
-    return set(given) - {"command"}
+class _Unset:
+    """The value of a train flag not given on the command line."""
 
 
-def _cmd_train(a, parser=None, argv=None) -> int:
+def _explicit_flags(argv=None) -> set:
+    """Dest names of the train flags given on the command line ``argv`` (None: sys.argv[1:])."""
+    train = build_parser().commands["train"]
+    # argparse fills in a default only where the namespace has no value yet: start from one that
+    # has a marker for every flag, and what the command line sets replaces it.
+    unset = _Unset()
+    ns = argparse.Namespace(**dict.fromkeys(vars(train.parse_args([])), unset))
+    args = list(sys.argv[1:] if argv is None else argv)
+    given = vars(train.parse_args(args[args.index("train") + 1:], namespace=ns))
+    return {dest for dest, value in given.items() if value is not unset}
+
+
+def _cmd_train(a, argv=None) -> int:
     from .train import train
 
     cfg = _train_config_from_args(a)
-    if a.init_from is not None and parser is not None and "preset" in _explicit_flags(parser, argv):
+    if a.init_from is not None and "preset" in _explicit_flags(argv):
         raise ValueError("--preset does not apply with --init-from: the model is the one in "
                          f"{a.init_from}; drop --preset")
     if not a.resume:
         train(cfg)
         return 0
     # On --resume only the flags actually given are passed on: the rest come from the checkpoint.
-    given = _explicit_flags(parser, argv) - {"resume"}
+    given = _explicit_flags(argv) - {"resume"}
     full = dataclasses.asdict(cfg)
     rename = {"skip_nonfinite": "on_nonfinite", "no_progress": "progress", "no_sample": "sample", "config": "model"}
     overrides = {}
@@ -434,12 +444,20 @@ def _cmd_info(_a) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
+    from . import registry
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         for b in ops.BACKENDS:
             reason = ops.unavailable_reason(b, dev)
-            print(f"{dev:5s} {b:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+            if reason is not None:
+                print(f"{dev:5s} {b:7s} unavailable: {reason}")
+                continue
+            missing = [op for op in registry.OPS if registry.implementation(op, b) is None]
+            print(f"{dev:5s} {b:7s} available" + (f" (lacks {', '.join(missing)})" if missing else ""))
         print(f"{dev:5s} auto -> {ops.resolve_backend(None, dev)}")
+    print("ops: " + ", ".join(f"{op} [{', '.join(b for b in ops.BACKENDS if registry.implementation(op, b))}]"
+                              for op in registry.OPS))
     return 0
 
 
@@ -468,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .ops import BackendUnavailable
     from .train import TrainingError
 
-    handlers = {"train": lambda a: _cmd_train(a, parser, argv), "generate": _cmd_generate,
+    handlers = {"train": lambda a: _cmd_train(a, argv), "generate": _cmd_generate,
                 "chat": _cmd_chat, "export": _cmd_export,
                 "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
     debug = os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,30 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ConfigError, GPTConfig
+
+_PREFIXES = ("_orig_mod.", "module.")
+# How BarkGPT.save writes a model: barkgpt.checkpoint registers its save_model on import (the
+# checkpoint layer builds on the model, never the other way round).
+_saver: Optional[Callable[["BarkGPT", str], str]] = None
+
+
+def register_saver(fn: Callable[["BarkGPT", str], str]) -> None:
+    global _saver
+    _saver = fn
+
+
+def strip_prefixes(sd: Dict[str, Any]) -> Dict[str, Any]:
+    """Drop torch.compile (``_orig_mod.``) and DDP (``module.``) key prefixes."""
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
 
 
 class _Runtime:
@@ -268,10 +292,11 @@ class BarkGPT(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, directory: str) -> str:
-        """Write config.json + model.safetensors (+ tokenizer.json) atomically into ``directory``."""
-        from .checkpoint import save_model
-
-        return save_model(self, directory)
+        """Write config.json + model.safetensors (+ tokenizer.json) atomically into ``directory``
+        (barkgpt.checkpoint.save_model)."""
+        if _saver is None:  # pragma: no cover - importing barkgpt imports barkgpt.checkpoint
+            raise RuntimeError("import barkgpt.checkpoint to save models")
+        return _saver(self, directory)
 
     def export_state_dict(self) -> Dict[str, torch.Tensor]:
         """State dict with tied weights once and any torch.compile/DDP prefixes stripped."""
@@ -281,8 +306,6 @@ class BarkGPT(nn.Module):
         return sd
 
     def load_weights(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> None:
-        from .checkpoint import strip_prefixes
-
         sd = strip_prefixes(state_dict)
         if self.config.tie_embeddings:
             sd = {k: v for k, v in sd.items() if k != "head.weight"}
