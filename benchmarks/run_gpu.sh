@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, for a lent GPU machine (no network there: installs nothing from it).
 #
-#   benchmarks/run_gpu.sh [all|tests|bench|tune]      (default: all)
+#   benchmarks/run_gpu.sh [all|tests|bench|tune|generate]      (default: all)
 #
 # 1. makes barkgpt importable: `pip install --no-deps --no-build-isolation --no-index -e .`,
 #    else a throw-away package tree on PYTHONPATH (kernels/ mapped to barkgpt.kernels);
@@ -11,6 +11,9 @@
 # tune (only when asked): times the attention tile candidates on this GPU
 #    (`python -m barkgpt.kernels._attention_config`) and leaves the table lines to paste into
 #    kernels/_attention_config.py in gpu-attention-tune.log.
+# generate (only when asked): generation with the KV cache against transformers and the uncached
+#    path at GPT-2 small's shape (benchmarks/bench_generate.py --size full, fp32), results in
+#    generate-cuda-full.{json,md} plus gpu-generate.log (about 2 minutes on an H100-class GPU).
 # Everything lands in $OUT when set (the device tool brings that folder back), else in
 # benchmarks/results/. The whole run fits RUN_GPU_BUDGET_S seconds (default 540, for a
 # 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
@@ -19,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-all}
-case "$MODE" in all|tests|bench|tune) ;; *) echo "usage: $0 [all|tests|bench|tune]" >&2; exit 2 ;; esac
+case "$MODE" in all|tests|bench|tune|generate) ;; *) echo "usage: $0 [all|tests|bench|tune|generate]" >&2; exit 2 ;; esac
 START=$(date +%s)
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 TESTS_S=${RUN_GPU_TESTS_S:-180}
@@ -66,6 +69,13 @@ if [ "$MODE" = tune ]; then
     echo "== attention tile tuning (at most $(( BUDGET - $(elapsed) ))s)"
     (cd /tmp && timeout -s INT -k 15 $(( BUDGET - $(elapsed) )) $PY -m barkgpt.kernels._attention_config) 2>&1 \
         | tee "$DEST/gpu-attention-tune.log"
+    exit "${PIPESTATUS[0]}"
+fi
+
+if [ "$MODE" = generate ]; then
+    echo "== generation benchmark (at most $(( BUDGET - $(elapsed) ))s)"
+    timeout -s INT -k 15 $(( BUDGET - $(elapsed) )) $PY benchmarks/bench_generate.py --size full --device cuda \
+        --out "$DEST" 2>&1 | tee "$DEST/gpu-generate.log"
     exit "${PIPESTATUS[0]}"
 fi
 
