@@ -208,10 +208,17 @@ class BarkGPT(nn.Module):
         return ops.resolve_backend(self.rt.backend, self.token_emb.weight.device)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100):
-        """Logits (B, T, vocab_size); with ``targets`` returns (logits, loss)."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                cache: Optional[KVCache] = None):
+        """Logits (B, T, vocab_size); with ``targets`` returns (logits, loss). With ``cache``
+        (generation): ``idx`` continues the cached positions, its keys and values are appended,
+        and only the last position's logits are returned, (B, 1, vocab_size)."""
         if idx.dim() != 2:
             raise ValueError(f"BarkGPT expects token ids of shape (B, T), got {tuple(idx.shape)}")
+        if cache is not None:
+            if targets is not None:
+                raise ValueError("a forward pass with a KV cache is for generation: it takes no targets")
+            return self.forward_cached(idx, cache)[:, None]
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
@@ -402,12 +409,12 @@ class BarkGPT(nn.Module):
             P = int(ctx.max())
             start = P - ctx
             cache.reset(start.to(w.device) if bool(start.any()) else None)
-            return self.forward_cached(idx[:, -P:], cache)
+            return self(idx[:, -P:], cache=cache)[:, 0]
 
         def next_logits(idx, nxt):
             if nxt is None or cache.length >= bs:  # first step, or the window slides: rebuild
                 return prefill(idx)
-            return self.forward_cached(nxt[:, None], cache)
+            return self(nxt[:, None], cache=cache)[:, 0]
 
         return next_logits
 

@@ -138,7 +138,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one token"):
         m.generate(torch.zeros(2, 0, dtype=torch.long), 2)
     cache = KVCache(m.config, 2, torch.float32, "cpu")
-    m.forward_cached(torch.zeros(2, 16, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="no targets"):
+        m(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    logits = m(torch.zeros(2, 16, dtype=torch.long), cache=cache)
+    assert logits.shape == (2, 1, 61) and cache.length == 16
     with pytest.raises(ValueError, match="holds 16 positions"):
         m.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache)
 
