@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from ._checks import check_token_ids
 from .config import ConfigError, GPTConfig
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -301,6 +302,7 @@ class BarkGPT(nn.Module):
             pos = torch.arange(off, off + T, device=idx.device).expand(B, T)
             if cache.start is not None:  # padding positions get id 0; nothing attends to them
                 pos = (pos - cache.start[:, None]).clamp(min=0)
+            check_token_ids(idx, self.config.vocab_size)
             x = F.embedding(idx, self.token_emb.weight) + F.embedding(pos, self.pos_emb.weight)
         x = self.drop(x)  # (B, T, C)
         for i, layer in enumerate(self.layers):
@@ -408,8 +410,16 @@ class BarkGPT(nn.Module):
             ctx = lengths.clamp(max=bs)  # each row's last block_size tokens at most
             P = int(ctx.max())
             start = P - ctx
-            cache.reset(start.to(w.device) if bool(start.any()) else None)
-            return self(idx[:, -P:], cache=cache)[:, 0]
+            window = idx[:, -P:]
+            if bool(start.any()):
+                start = start.to(w.device)
+                # padding ids are never attended to: any value may stand there (-1, a pad id)
+                pad = torch.arange(P, device=w.device)[None, :] < start[:, None]
+                window = window.masked_fill(pad, 0)
+                cache.reset(start)
+            else:
+                cache.reset(None)
+            return self(window, cache=cache)[:, 0]
 
         def next_logits(idx, nxt):
             if nxt is None or cache.length >= bs:  # first step, or the window slides: rebuild

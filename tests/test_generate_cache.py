@@ -146,6 +146,17 @@ def test_bad_arguments():
         m.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache)
 
 
+def test_padding_ids_are_ignored_and_bad_ids_raise():
+    m = _model("torch")
+    idx = torch.tensor([[5, 6, 7], [-1, -1, 9]])
+    for use_cache in (True, False):
+        out = m.generate(idx, 4, greedy=True, prompt_lengths=[3, 1], use_cache=use_cache)
+        assert torch.equal(out[1, 2:], m.generate(idx[1:, 2:], 4, greedy=True)[0])
+        assert out[1, :2].tolist() == [-1, -1]
+    with pytest.raises(IndexError, match="out of range"):
+        m.generate(torch.tensor([[5, 61, 7], [1, 2, 3]]), 2, prompt_lengths=[3, 2])
+
+
 def test_training_mode_is_restored():
     m = _model("torch").train()
     m.generate(torch.zeros(1, 2, dtype=torch.long), 2)
