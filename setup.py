@@ -106,6 +106,7 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "tqdm",
+        "matplotlib>=3.5",  # loss.png of every run, sweep charts (skipped quietly if missing)
     ],
     extras_require={
         "bpe": ["tokenizers>=0.15"],

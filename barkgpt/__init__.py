@@ -14,9 +14,10 @@ from .hf import HFFormatError, load_hf, save_hf
 from .model import BarkGPT
 from .ops import BackendUnavailable
 from .train import TrainConfig, TrainingError, TrainResult, train
+from .sweep import SweepError, SweepResult, sweep
 
 __version__ = "0.1.0"
 
 __all__ = ["GPTConfig", "ConfigError", "PRESETS", "BarkGPT", "ops", "BackendUnavailable", "train",
            "TrainConfig", "TrainResult", "TrainingError", "load", "CheckpointError", "DataError",
-           "load_hf", "save_hf", "HFFormatError", "__version__"]
+           "load_hf", "save_hf", "HFFormatError", "sweep", "SweepResult", "SweepError", "__version__"]

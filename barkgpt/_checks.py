@@ -52,3 +52,19 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
         bad = lo if lo < 0 else hi
         raise IndexError(f"token id {bad} is out of range for a vocabulary of {vocab_size} "
                          f"(valid ids are 0..{vocab_size - 1}); check the tokenizer and vocab_size")
+
+
+def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise if a target other than ``ignore_index`` is outside [0, num_classes). One reduction (a
+    sync on GPU); skipped while torch.compile traces (the op body runs it at execution time) and
+    while a CUDA graph is captured (no sync allowed; the kernels then treat such targets as ignored)."""
+    if _is_compiling() or targets.numel() == 0:
+        return
+    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
+    if bool(bad.any()):
+        value = int(targets[bad].flatten()[0])
+        raise IndexError(f"target {value} is out of range for {num_classes} classes (valid targets are "
+                         f"0..{num_classes - 1}, or ignore_index={ignore_index}); check the labels "
+                         f"and vocab_size")

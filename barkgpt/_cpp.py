@@ -10,7 +10,9 @@ once and uses the torch backend). Where the compiled library comes from, first m
    another torch is never loaded. It is compiled once, under a file lock so parallel
    processes do not race, with a one-line message on stderr.
 
-``BARKGPT_NO_CPP=1`` disables the backend; ``BARKGPT_CACHE_DIR`` moves the build cache.
+``BARKGPT_NO_CPP=1`` disables the backend; ``BARKGPT_CACHE_DIR`` moves the build cache. A library
+is loaded only from a directory no other user can write (barkgpt/_cache_dir.py): anything else is
+refused with the reason, and barkgpt runs on the torch backend.
 C++ registers only schemas and CPU kernels; this module registers them against the op
 declarations (barkgpt/opdecls.py) with ``registry.register_kernels``, which adds the fake (meta)
 kernels and the autograd formulas with ``torch.library``, so ``torch.compile(fullgraph=True)``
@@ -19,22 +21,25 @@ sees each op as one node and ``torch.library.opcheck`` passes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
+import stat
 import sys
 from typing import List, Optional, Tuple
 
 import torch
 
-from . import _build, opdecls
+from . import _build, _cache_dir, opdecls
 from ._build import source_files, sources_hash
-from .registry import implementation, register_kernels
+from .registry import implementation, register_impl, register_kernels
 
-__all__ = ["layer_norm", "attention", "embedding_add", "cached_attention", "unavailable_reason", "LIBRARY", "BUILD"]
+__all__ = ["layer_norm", "attention", "embedding_add", "linear_cross_entropy", "cached_attention",
+           "unavailable_reason", "LIBRARY", "BUILD"]
 
 _NS = "barkgpt_cpp"
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,24 +74,38 @@ def _jit_flags() -> Tuple[List[str], List[str]]:
 
 
 def _cache_root() -> str:
-    root = os.environ.get("BARKGPT_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "barkgpt")
-    root = os.path.join(root, "cpp")
+    # Created 0700 and checked private (owner, modes, parents); raises UnsafeCacheDir if not.
+    return _cache_dir.cache_root()
+
+
+class _NoCudaHomeNotice:
+    """Drops torch's import-time "No CUDA runtime is found, using CUDA_HOME=..." warning: on a
+    CPU machine with a CUDA build of torch it says nothing about building CPU kernels."""
+
+    def filter(self, record) -> bool:
+        return "No CUDA runtime is found" not in str(record.msg)
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported only when a build is needed (its import probes for
+    CUDA and logs about it), without that notice."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    notice = _NoCudaHomeNotice()
+    logger.addFilter(notice)
     try:
-        os.makedirs(root, exist_ok=True)
-    except OSError:  # read-only home: build under the temp dir instead
-        import tempfile
-        root = os.path.join(tempfile.gettempdir(), f"barkgpt-{getattr(os, 'getuid', lambda: 0)()}", "cpp")
-    return root
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(notice)
+    return cpp_extension
 
 
 def _compiler_problem() -> Optional[str]:
     cxx = os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
     if shutil.which(cxx.split()[0]) is None:
         return f"no C++ compiler found (looked for {cxx!r}; install one, or set CXX)"
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
@@ -127,8 +146,6 @@ def _short_build_error(text: str, log_path: str) -> str:
 
 def _jit_build(src: str) -> str:
     """Path of the JIT-built library for this torch/Python/CPU/sources, compiling it if needed."""
-    from torch.utils import cpp_extension
-
     cflags, ldflags = _jit_flags()
     key_parts = [torch.__version__, sys.version.split()[0], sys.platform, platform.machine(),
                  " ".join(cflags + ldflags), sources_hash(src)]
@@ -138,23 +155,24 @@ def _jit_build(src: str) -> str:
     name = f"barkgpt_cpp_{key}"
     root = _cache_root()
     build_dir = os.path.join(root, f"torch-{torch.__version__}-{key}")
-    ext = getattr(cpp_extension, "LIB_EXT", ".pyd" if os.name == "nt" else ".so")
+    ext = ".pyd" if os.name == "nt" else ".so"  # cpp_extension.LIB_EXT, without importing it
     lib = os.path.join(build_dir, name + ext)
     # The linker writes the library in place, so its mere existence does not mean it is whole:
     # a marker written after a finished build (under the lock) is what says it may be loaded.
     done = lib + ".done"
     if os.path.isfile(done) and os.path.isfile(lib):
-        return lib
+        return _cache_dir.check_library(lib)
     problem = _compiler_problem()
     if problem is not None:
         raise ImportError(problem)
-    os.makedirs(build_dir, exist_ok=True)
+    _cache_dir.private_dir(build_dir)
     with _FileLock(os.path.join(root, name + ".lock")):
         if os.path.isfile(done) and os.path.isfile(lib):  # another process built it meanwhile
-            return lib
+            return _cache_dir.check_library(lib)
         stale = os.path.join(build_dir, "lock")  # torch's own build marker, left by a killed build
         if os.path.exists(stale):
             os.remove(stale)
+        cpp_extension = _cpp_extension()
         sys.stderr.write(f"barkgpt: compiling the C++ CPU kernels for torch {torch.__version__} "
                          f"(once, about a minute) in {build_dir}\n")
         sys.stderr.flush()
@@ -169,9 +187,10 @@ def _jit_build(src: str) -> str:
             raise ImportError(_short_build_error(str(e), log)) from None
         if not os.path.isfile(lib):
             raise ImportError(f"the C++ build finished but {lib} is missing")
+        os.chmod(lib, stat.S_IMODE(os.stat(lib).st_mode) & ~0o022)  # a umask of 002 made it group-writable
         with open(done, "w", encoding="utf-8") as f:
             f.write(torch.__version__ + "\n")
-    return lib
+    return _cache_dir.check_library(lib)
 
 
 def _prebuilt(src: Optional[str]) -> Optional[str]:
@@ -194,7 +213,13 @@ def _prebuilt(src: Optional[str]) -> Optional[str]:
     cpu = record.get("cpu")
     if cpu is not None and cpu != _build.cpu_hash():
         return None  # tuned (-march=native) for another CPU
-    return spec.origin
+    # Installed beside barkgpt's Python code: trusted as far as that code is (its owner, root),
+    # provided no one else can write it. Otherwise build our own instead.
+    try:
+        return _cache_dir.check_library(spec.origin, owners=(0, os.stat(_HERE).st_uid))
+    except _cache_dir.UnsafeCacheDir as e:
+        sys.stderr.write(f"barkgpt: not loading the prebuilt barkgpt._C: {e}\n")
+        return None
 
 
 def _op_registered(name: str) -> bool:
@@ -267,6 +292,39 @@ def _register() -> None:
 
 
 _register()
+
+
+# linear_cross_entropy: the declared kernels (linear_cross_entropy_fwd/_bwd) under torch.compile;
+# eager calls go through opdecls.linear_cross_entropy_eager on linear_cross_entropy_fwd_ex, which
+# skips the gradient work under no_grad and the scaling copy for an upstream gradient of 1. The
+# C++ kernel checks the targets itself (IndexError), compiled or not.
+def _lce_ex_fake(x, weight, targets, bias, ignore_index, reduction, compute_grad, chunk_rows):
+    loss, dx, dw, db = opdecls.LINEAR_CROSS_ENTROPY.fake(x, weight, targets, bias, ignore_index, reduction)
+    if not compute_grad:
+        return loss, x.new_empty((0,)), weight.new_empty((0,)), db.new_empty((0,))
+    return loss, dx, dw, db
+
+
+if not getattr(_ops, "_barkgpt_lce_fake", False):  # registrations live as long as the process
+    torch.library.register_fake(f"{_NS}::linear_cross_entropy_fwd_ex", _lce_ex_fake)
+    _ops._barkgpt_lce_fake = True
+_lce_kernel = _ops.linear_cross_entropy_fwd_ex.default
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
+    """The cpp backend's linear_cross_entropy; ``chunk_rows`` > 0 sets the rows per chunk (tests)."""
+    if torch.compiler.is_compiling():
+        return _lce_declared(x, weight, targets, bias, ignore_index, reduction)
+    return opdecls.linear_cross_entropy_eager(_lce_kernel, x, weight, targets, bias, ignore_index,
+                                              reduction, chunk_rows)
+
+
+_lce_impl = register_kernels(opdecls.LINEAR_CROSS_ENTROPY, "cpp", _NS, f"{_NS}::linear_cross_entropy_fwd",
+                             f"{_NS}::linear_cross_entropy_bwd", dtypes=_DTYPES)
+_lce_declared = _lce_impl.call
+register_impl(dataclasses.replace(_lce_impl, call=linear_cross_entropy))
 
 # The backend's ops as plain functions (ops.py has validated shapes, devices and dtypes).
 layer_norm = implementation("layer_norm", "cpp").call

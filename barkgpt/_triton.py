@@ -9,6 +9,7 @@ and on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -18,7 +19,8 @@ from .kernels import attention as _attention
 from .kernels import cached_attention as _cached_attention
 from .kernels import embedding as _embedding
 from .kernels import layer_norm as _layer_norm
-from .registry import register_kernels
+from .kernels import linear_cross_entropy as _lce
+from .registry import register_impl, register_kernels
 
 _NS = "barkgpt_triton"
 
@@ -48,3 +50,27 @@ register_kernels(opdecls.EMBEDDING_ADD, "triton", _NS, _embedding.embedding_add_
                  prepare=opdecls.promote_tables)
 register_kernels(opdecls.CACHED_ATTENTION, "triton", _NS, _cached_attention.cached_attention_fwd, None,
                  dtypes=_cached_attention.SUPPORTED_DTYPES, precheck=_cached_attention.check_inputs)
+
+
+# linear_cross_entropy: the declared kernels under torch.compile; eager calls go through
+# opdecls.linear_cross_entropy_eager (no gradient work under no_grad), after the target check.
+def _lce_kernel(x, weight, targets, bias, ignore_index, reduction, compute_grad, chunk_rows):
+    opdecls.LINEAR_CROSS_ENTROPY.kernel_check(x, weight, targets, bias, ignore_index, reduction)
+    return _lce.linear_cross_entropy_fwd_ex(x, weight, targets, bias, ignore_index, reduction, compute_grad,
+                                            chunk_rows)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
+    """The triton backend's linear_cross_entropy; ``chunk_rows`` > 0 sets the rows per chunk (tests)."""
+    if torch.compiler.is_compiling():
+        return _lce_declared(x, weight, targets, bias, ignore_index, reduction)
+    return opdecls.linear_cross_entropy_eager(_lce_kernel, x, weight, targets, bias, ignore_index, reduction,
+                                              chunk_rows)
+
+
+_lce_impl = register_kernels(opdecls.LINEAR_CROSS_ENTROPY, "triton", _NS, _lce.linear_cross_entropy_fwd,
+                             _lce.linear_cross_entropy_bwd, dtypes=_lce.SUPPORTED_DTYPES)
+_lce_declared = _lce_impl.call
+register_impl(dataclasses.replace(_lce_impl, call=linear_cross_entropy))

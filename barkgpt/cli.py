@@ -1,4 +1,4 @@
-"""The ``barkgpt`` command line: train, generate, chat, export, tokenize, presets, info."""
+"""The ``barkgpt`` command line: train, generate, chat, export, tokenize, sweep, plot, presets, info."""
 
 from __future__ import annotations
 
@@ -65,6 +65,13 @@ def _seed_type(lo: int, hi: int):
     return seed
 
 
+def _fraction(s: str) -> float:
+    v = _nonneg_float(s)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s}")
+    return v
+
+
 def _unit_float(s: str) -> float:
     v = _positive_float(s)
     if v > 1:
@@ -105,12 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="the model's vocabulary instead of the preset's (at least the data's; "
                         "`barkgpt tokenize` prints it)")
-    t.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default: 600)")
-    t.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per micro-step (default: 64)")
+    t.add_argument("--val-data", default=None, metavar="FILE",
+                   help="validation file of the same kind as --data (then all of --data trains)")
+    t.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="share of --data held out for validation, in [0, 1); 0 validates on the training "
+                        "data (default: 0.1)")
+    t.add_argument("--steps", type=_positive_int, default=600,
+                   help="optimizer steps; on --resume, a new total (the rest of the lr decay is re-planned "
+                        "from the current lr) (default: 600)")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="sequences per micro-step (default: the preset's, see `barkgpt presets`)")
     t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step (default: 1)")
-    t.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (default: 1e-2)")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default: the preset's, see `barkgpt presets`)")
     t.add_argument("--min-lr-ratio", type=_nonneg_float, default=0.1, help="final lr / peak lr (default: 0.1)")
-    t.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps (default: 5%% of steps, at most 100)")
+    t.add_argument("--warmup-steps", type=_nonneg_int, default=None,
+                   help="linear warmup steps (default: 5%% of steps, at most the preset's cap)")
     t.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="AdamW weight decay on matmul weights (default: 0.1)")
     t.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm, 0 disables (default: 1.0)")
     # Training also seeds its data stream with seed + 1, hence one less at the top.
@@ -123,13 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (default: bfloat16 on GPUs that support it, else float32)")
     t.add_argument("--out", default=None, help="run directory (default: runs/<preset>, numbered if taken)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on even though the data file changed since the checkpoint")
     t.add_argument("--eval-every", type=_positive_int, default=100, help="validate every N steps (default: 100)")
+    ev = t.add_mutually_exclusive_group()
+    ev.add_argument("--eval-tokens", type=_positive_int, default=None,
+                    help="validation tokens per evaluation, rounded up to whole windows of block_size "
+                         "(default: the preset's, or sized to about a tenth of the training time)")
+    ev.add_argument("--eval-batches", type=_positive_int, default=None,
+                    help="validation batches of --batch-size windows per evaluation (instead of --eval-tokens)")
+    t.add_argument("--log-every", type=_positive_int, default=10,
+                   help="a log line (and metrics.jsonl entry) every N steps (default: 10)")
     t.add_argument("--save-every", type=_nonneg_int, default=200, help="checkpoint every N steps, 0: only at the end (default: 200)")
     t.add_argument("--keep-last", type=_positive_int, default=3, help="checkpoints kept besides the best (default: 3)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--deterministic", action="store_true", help="deterministic algorithms: identical weights run to run")
     t.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss/gradient instead of stopping")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="plain log lines every --log-every steps instead of a progress bar (the default "
+                        "when stderr is not a terminal)")
+    t.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine (what torchrun --standalone "
+                        "--nproc_per_node N does, with one clean message on Ctrl-C)")
     t.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
 
     g = sub.add_parser("generate", help="sample text from a trained model",
@@ -198,10 +230,102 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="overwrite an existing token file and sidecar")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    _add_sweep_parsers(sub)
     sub.add_parser("presets", help="list the model presets")
     sub.add_parser("info", help="versions and which backends can run on this machine")
     p.commands = dict(sub.choices)
     return p
+
+
+def _add_sweep_parsers(sub) -> None:
+    """`barkgpt sweep` and `barkgpt plot` (barkgpt/sweep.py, barkgpt/plot.py)."""
+    from .config import PRESETS
+
+    s = sub.add_parser("sweep", help="train a grid of model configs with one budget and compare them",
+                       description="Train every config of a grid on the same data with the same budget per run "
+                                   "(steps, tokens or FLOPs), each an ordinary run directory under OUT/runs/, "
+                                   "then write OUT/results.md/.csv/.json and charts with a fitted power law. "
+                                   "Run it again to continue a stopped sweep; several processes may share OUT.",
+                       epilog="example: barkgpt sweep --out sweeps/s1 --data corpus.txt --preset small "
+                              "--grid n_layer=1,2,4 n_embd=32,64,128 --flops 1e12")
+    s.add_argument("--out", required=True, help="the sweep directory")
+    s.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", default=None,
+                   help="values to cross: GPTConfig fields (n_layer, n_embd, n_head, block_size ...), preset, "
+                        "or training settings (lr, batch_size, weight_decay, seed ...)")
+    s.add_argument("--spec", metavar="FILE", default=None,
+                   help="JSON or TOML spec file instead of the flags: data, preset, grid, runs (explicit "
+                        "configs), budget {steps|tokens|flops: N}, train {...}")
+    s.add_argument("--data", default=None, help="'bark' (default) or a text / .bin token file, as for train")
+    s.add_argument("--preset", default=None, choices=sorted(PRESETS), help="base config the grid changes (default: bark)")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=_positive_int, default=None, help="budget: optimizer steps per run")
+    b.add_argument("--tokens", type=_positive_int, default=None, help="budget: training tokens per run")
+    b.add_argument("--flops", type=_positive_float, default=None,
+                   help="budget: training FLOPs per run (6N + attention per token, see flops_per_token): "
+                        "equal compute for every size")
+    s.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per micro-step (default: 64)")
+    s.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: 1e-2)")
+    s.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX - 1), default=None, help="random seed (default: 1337)")
+    s.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: a tenth of each run)")
+    s.add_argument("--list", action="store_true", help="print the runs (index, name, status) and exit")
+    s.add_argument("--only", type=_nonneg_int, nargs="+", metavar="N", default=None,
+                   help="train only these runs (indices from --list), e.g. one per job of a Slurm array")
+    s.add_argument("--skip-invalid", action="store_true", help="leave invalid grid combinations out instead of failing")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    s.add_argument("--backend", default="auto", choices=backend_choices(), help="kernel backend (default: auto)")
+    s.add_argument("--compile", action="store_true", help="torch.compile each model")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plot", help="chart the training and validation loss of runs",
+                        description="Training and validation loss of one or more run directories against step "
+                                    "and against tokens, on one PNG chart; prints its path.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (barkgpt train --out ...)")
+    pl.add_argument("--out", default=None, help="PNG to write (default: RUN/loss.png for one run, "
+                                                "loss-compare.png for several)")
+    pl.add_argument("--title", default=None, help="chart title")
+    pl.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+
+
+def _cmd_sweep(a) -> int:
+    from .sweep import SweepError, load_spec, parse_grid, sweep, sweep_list
+
+    train_settings = {k: v for k, v in (("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed),
+                                        ("eval_every", a.eval_every)) if v is not None}
+    new = a.grid is not None or any(v is not None for v in (a.data, a.preset, a.steps, a.tokens, a.flops)) \
+        or train_settings
+    if a.list:  # the sweep in --out, or the plan of the one the flags describe (nothing is written)
+        spec = None
+        if a.spec is not None:
+            spec = load_spec(a.spec)
+        elif new:
+            budgets = {k: v for k, v in (("steps", a.steps), ("tokens", a.tokens), ("flops", a.flops)) if v is not None}
+            spec = {"data": a.data or "bark", "preset": a.preset or "bark", "grid": parse_grid(a.grid or []),
+                    "budget": budgets, "train": train_settings}
+        for run, status in sweep_list(a.out, spec, skip_invalid=a.skip_invalid):
+            settings = ", ".join(f"{k}={v}" for k, v in run.settings.items())
+            print(f"{run.index:4d}  {status:8s} {run.name}  ({settings}; {run.params:,} params, {run.steps:,} steps, "
+                  f"{run.train_flops:.3g} FLOPs)")
+        return 0
+    kw = dict(only=a.only, skip_invalid=a.skip_invalid, device=a.device,
+              backend=None if a.backend == "auto" else a.backend, compile=a.compile, progress=not a.no_progress)
+    if a.spec is not None:
+        if new:
+            raise SweepError("give either --spec or the grid/data/preset/budget flags, not both")
+        res = sweep(a.out, spec=load_spec(a.spec), **kw)
+    elif new:
+        res = sweep(a.out, grid=parse_grid(a.grid) if a.grid else None, data=a.data, preset=a.preset,
+                    steps=a.steps, tokens=a.tokens, flops=a.flops, train_settings=train_settings or None, **kw)
+    else:
+        res = sweep(a.out, **kw)  # continue the sweep in --out
+    print(res.files["md"])
+    return 0
+
+
+def _cmd_plot(a) -> int:
+    from .plot import plot_runs
+
+    print(plot_runs(a.runs, out=a.out, title=a.title, log_y=a.log_y))
+    return 0
 
 
 def _train_config_from_args(a):
@@ -214,7 +338,9 @@ def _train_config_from_args(a):
         grad_clip=a.grad_clip, seed=a.seed, device=a.device, backend=None if a.backend == "auto" else a.backend,
         dtype=a.dtype, out=a.out, eval_every=a.eval_every, save_every=a.save_every, keep_last=a.keep_last,
         compile=a.compile, deterministic=a.deterministic, on_nonfinite="skip" if a.skip_nonfinite else "stop",
-        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size, init_from=a.init_from)
+        progress=not a.no_progress, sample=not a.no_sample, vocab_size=a.vocab_size, val_data=a.val_data,
+        val_fraction=a.val_fraction, eval_tokens=a.eval_tokens, eval_batches=a.eval_batches,
+        log_every=a.log_every, init_from=a.init_from)
     if a.config:
         cfg.model = GPTConfig.from_json(a.config).to_dict()
     return cfg
@@ -222,6 +348,51 @@ def _train_config_from_args(a):
 
 class _Unset:
     """The value of a train flag not given on the command line."""
+
+
+def _without_nproc(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc-per-node":
+            skip = True
+        elif not x.startswith("--nproc-per-node="):
+            out.append(x)
+    return out
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """`barkgpt train --nproc-per-node N`: what `torchrun --standalone --nproc_per_node N -m barkgpt
+    train` does, in this process, so that Ctrl-C ends in the training processes' one message
+    (rank 0's) instead of torchrun's SignalException traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as torchrun would set
+    # torch's launcher logs each signal it forwards and each worker that stops or fails: the
+    # workers say it themselves (and a failure is summed up below)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "--module",
+                                         "barkgpt", "train", *argv])
+    try:
+        run(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = next((c for c in codes if c not in (0, None)), 1)
+        if code == 2:  # a user error, already reported by the failing process in one line
+            return 2
+        print(f"barkgpt train: a training process failed with exit code {code} (its error is above)",
+              file=sys.stderr)
+        return code if 0 < code < 256 else 1
+    return 0
 
 
 def _explicit_flags(argv=None) -> set:
@@ -239,6 +410,9 @@ def _explicit_flags(argv=None) -> set:
 def _cmd_train(a, argv=None) -> int:
     from .train import train
 
+    if a.nproc_per_node and a.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(a.nproc_per_node, _without_nproc(list(sys.argv[2:] if argv is None else argv[1:])))
+
     cfg = _train_config_from_args(a)
     if a.init_from is not None and "preset" in _explicit_flags(argv):
         raise ValueError("--preset does not apply with --init-from: the model is the one in "
@@ -247,7 +421,7 @@ def _cmd_train(a, argv=None) -> int:
         train(cfg)
         return 0
     # On --resume only the flags actually given are passed on: the rest come from the checkpoint.
-    given = _explicit_flags(argv) - {"resume"}
+    given = _explicit_flags(argv) - {"resume", "allow_data_change"}
     full = dataclasses.asdict(cfg)
     rename = {"skip_nonfinite": "on_nonfinite", "no_progress": "progress", "no_sample": "sample", "config": "model"}
     overrides = {}
@@ -255,7 +429,7 @@ def _cmd_train(a, argv=None) -> int:
         key = rename.get(dest, dest)
         if key in full:
             overrides[key] = full[key]
-    train(resume=True, **overrides)
+    train(resume=True, allow_data_change=a.allow_data_change, **overrides)
     return 0
 
 
@@ -416,17 +590,35 @@ def _cmd_tokenize(a) -> int:
     return 0
 
 
+def _eval_size(d) -> str:
+    if d.get("eval_tokens") is not None:
+        return f"{d['eval_tokens']:,}"
+    return f"sized, <= {d['eval_tokens_max']:,}"
+
+
 def _cmd_presets(_a) -> int:
-    from .config import GPTConfig
+    from .config import EVAL_SHARE, GPTConfig, train_defaults
     from .model import BarkGPT
 
     import torch
 
+    rows = []
     for name, about in GPTConfig.presets().items():
         c = GPTConfig.preset(name)
         with torch.device("meta"):
             n = BarkGPT(c, backend="torch").num_params()
-        print(f"{name:13s} {n / 1e6:9.3f}M  {about}")
+        d = train_defaults(name, c)
+        rows.append((name, f"{n / 1e6:.3f}M", f"{d['lr']:g}", str(d["batch_size"]),
+                     f"5%, <= {d['warmup_max']}", _eval_size(d), about))
+    head = ("preset", "params", "lr", "batch", "warmup", "eval tokens", "")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(6)]
+    for r in [head] + rows:
+        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r[:6], widths)))
+              + ("  " + r[6] if r[6] else ""))
+    print(f"\nlr, batch (sequences per micro-step), warmup (of the steps) and eval tokens are what `barkgpt train "
+          f"--preset NAME` uses unless --lr, --batch-size, --warmup-steps, --eval-tokens say otherwise; a sized "
+          f"evaluation reads about {EVAL_SHARE} x --eval-every x tokens per step (a tenth of the training "
+          f"between evaluations).")
     return 0
 
 
@@ -484,11 +676,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .ops import BackendUnavailable
-    from .train import TrainingError
+    from .train import Terminated, TrainingError
 
     handlers = {"train": lambda a: _cmd_train(a, argv), "generate": _cmd_generate,
                 "chat": _cmd_chat, "export": _cmd_export,
-                "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info}
+                "tokenize": _cmd_tokenize, "presets": _cmd_presets, "info": _cmd_info,
+                "sweep": _cmd_sweep, "plot": _cmd_plot}
     debug = os.environ.get("BARKGPT_DEBUG", "0") not in ("", "0")
     try:
         return handlers[a.command](a)
@@ -510,8 +703,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not getattr(e, "reported_by_main", False):
             print(f"barkgpt {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("barkgpt: interrupted", file=sys.stderr)
+    except Terminated:
+        return 143  # SIGTERM: training already said what it saved, in one line
+    except KeyboardInterrupt as e:
+        # Training says itself what it saved; under torchrun, rank 0 speaks for the run.
+        if not getattr(e, "reported_by_train", False) and os.environ.get("RANK", "0") == "0":
+            print("barkgpt: interrupted", file=sys.stderr)
         return 130
 
 

@@ -115,27 +115,46 @@ class GPTConfig:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, path_or_text: str) -> "GPTConfig":
-        """Load from a JSON file path or a JSON string."""
-        text = path_or_text
-        if not path_or_text.lstrip().startswith("{"):
-            if os.path.isdir(path_or_text):
-                raise ConfigError(f"config file {path_or_text!r} is a directory; give a GPTConfig JSON file")
-            if not os.path.exists(path_or_text):
-                raise ConfigError(f"config file {path_or_text!r} does not exist")
-            try:
-                with open(path_or_text, "r", encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {path_or_text!r}: {e.strerror or e}") from None
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"config file {path_or_text!r} is not UTF-8 text (bad byte at offset "
-                                  f"{e.start}); give a GPTConfig JSON file") from None
+    def from_json_file(cls, path: str) -> "GPTConfig":
+        """Load from a JSON file (any path, even one that starts with ``{``)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory; give a GPTConfig JSON file")
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text (bad byte at offset "
+                              f"{e.start}); give a GPTConfig JSON file") from None
+        return cls.from_json_text(text)
+
+    @classmethod
+    def from_json_text(cls, text: str) -> "GPTConfig":
+        """Load from JSON text (never read as a path)."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config is not valid JSON ({e})") from None
         return cls.from_dict(d)
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> "GPTConfig":
+        """Load from a JSON file path or a JSON string: a file that exists is always read as a
+        file (so a directory named ``{runs}`` works); otherwise text starting with ``{`` is JSON.
+        ``from_json_file`` / ``from_json_text`` say which explicitly."""
+        path_or_text = os.fspath(path_or_text)
+        if os.path.exists(path_or_text) or not path_or_text.lstrip().startswith("{"):
+            return cls.from_json_file(path_or_text)
+        try:
+            return cls.from_json_text(path_or_text)
+        except ConfigError as e:
+            if "\n" not in path_or_text and os.sep in path_or_text:
+                raise ConfigError(f"{e}; if {path_or_text!r} is meant as a file path, it does not exist") from None
+            raise
 
 
 BARK_VOCAB_SIZE = 9
@@ -169,3 +188,45 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                        activation="gelu_tanh", tie_embeddings=True),
     },
 }
+
+
+# ---- training defaults ----------------------------------------------------------------------------
+# What `barkgpt train` / barkgpt.train() use for each preset unless told otherwise, and
+# `barkgpt presets` shows. Each was tried on this preset: a short run does not diverge
+# (tests/test_presets_train.py). Warmup: 5% of the steps, at most warmup_max. eval_tokens:
+# validation tokens per evaluation; None sizes it to the run (about 0.3 x eval_every x tokens per
+# step, so forward-only evaluation costs about a tenth of the training between two evaluations),
+# between one window and eval_tokens_max.
+TRAIN_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    # the bark corpus's whole held-out set (2048 sequences): cheap for these models
+    "bark": dict(lr=1e-2, batch_size=64, warmup_max=100, eval_tokens=2048 * 32),
+    "bark-tiny": dict(lr=1e-2, batch_size=64, warmup_max=100, eval_tokens=2048 * 32),
+    "bark-article": dict(lr=1e-2, batch_size=64, warmup_max=100, eval_tokens=2048 * 256),
+    "small": dict(lr=3e-3, batch_size=32, warmup_max=100, eval_tokens=None, eval_tokens_max=256 * 128),
+    # GPT-2 small's usual peak lr; batch 8 x 1024 tokens fits a 24 GB GPU (--grad-accum for more)
+    "gpt2": dict(lr=6e-4, batch_size=8, warmup_max=700, eval_tokens=None, eval_tokens_max=128 * 1024),
+}
+EVAL_SHARE = 0.3  # eval tokens per training token between evaluations, for sized evaluations
+
+
+def train_defaults(preset: Optional[str], config: "GPTConfig") -> Dict[str, Any]:
+    """lr, batch_size, warmup_max, eval_tokens and eval_tokens_max for ``preset``; for a model
+    of your own (``preset=None``), by size: the wider the model, the lower the learning rate."""
+    if preset is not None and preset in TRAIN_DEFAULTS:
+        return dict(TRAIN_DEFAULTS[preset], eval_tokens_max=TRAIN_DEFAULTS[preset].get("eval_tokens_max"))
+    lr = 1e-2 if config.n_embd <= 64 else 3e-3 if config.n_embd <= 256 else 1e-3 if config.n_embd <= 512 else 6e-4
+    batch = max(1, min(64, 16384 // config.block_size))
+    return dict(lr=lr, batch_size=batch, warmup_max=100, eval_tokens=None, eval_tokens_max=256 * config.block_size)
+
+
+def default_warmup(steps: int, warmup_max: int) -> int:
+    return min(warmup_max, steps // 20)
+
+
+def default_eval_tokens(defaults: Dict[str, Any], eval_every: int, tokens_per_step: int, block_size: int) -> int:
+    """Validation tokens per evaluation when none are asked for: the preset's, or sized to the run."""
+    if defaults.get("eval_tokens") is not None:
+        return int(defaults["eval_tokens"])
+    want = EVAL_SHARE * min(eval_every, 10**9) * tokens_per_step
+    cap = defaults.get("eval_tokens_max") or 256 * block_size
+    return int(max(block_size, min(cap, want)))

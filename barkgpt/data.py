@@ -270,9 +270,19 @@ class BarkCorpus:
             seq = seq[rows]
         return seq[:, :-1], seq[:, 1:]
 
-    def eval_batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, self.val.shape[0], batch_size):
-            seq = self.val[i:i + batch_size]
+    # Bark tokens are words, not bytes: no bits per byte for this corpus.
+    token_bytes = None
+
+    def eval_windows(self, requested: Optional[int] = None) -> int:
+        """How many held-out sequences an evaluation of ``requested`` (None: all) reads."""
+        n = int(self.val.shape[0])
+        return n if requested is None else max(1, min(int(requested), n))
+
+    def eval_batches(self, batch_size: int, windows: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``windows`` held-out sequences (None: all of them), ``batch_size`` at a time."""
+        n = self.eval_windows(windows)
+        for i in range(0, n, batch_size):
+            seq = self.val[i:min(i + batch_size, n)]
             yield seq[:, :-1], seq[:, 1:]
 
     # The optimal predictor knows the generator: after k barks it predicts <EOS> with
@@ -371,30 +381,91 @@ def _read_sidecar(path: str, meta_path: str):
     return dtype, vocab_size, tokenizer
 
 
+def _check_token_ids_in_file(path: str, data: np.ndarray, vocab_size: int, split_at: int,
+                             chunk: int = 1 << 24) -> None:
+    """Every id of a token file in [0, vocab_size), checked once at load: a bad id would otherwise
+    surface only when a batch happens to sample it (as a cross-entropy error, the file unnamed).
+    Reads a memory-mapped file in chunks of ``chunk`` tokens, min/max per chunk."""
+    unsigned = data.dtype.kind == "u"
+    if unsigned and int(np.iinfo(data.dtype).max) < vocab_size:
+        return  # no value of the dtype is out of range
+    for start in range(0, len(data), chunk):
+        part = np.asarray(data[start:start + chunk])
+        if part.size == 0 or (int(part.max()) < vocab_size and (unsigned or int(part.min()) >= 0)):
+            continue
+        i = int(np.argmax((part >= vocab_size) | (part < 0)))
+        pos = start + i
+        split = "validation" if pos >= split_at else "training"
+        raise DataError(f"token file {path!r} holds token id {int(part[i])} at position {pos} (byte offset "
+                        f"{pos * data.dtype.itemsize}, in the {split} split), outside the vocabulary of "
+                        f"{vocab_size} its sidecar declares (valid ids are 0..{vocab_size - 1}); fix the file "
+                        f"or the sidecar's vocab_size (barkgpt tokenize makes both)")
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> Optional[torch.Tensor]:
+    """UTF-8 bytes of text each token id stands for (float64, ``vocab_size`` long), so that a
+    loss per token converts exactly to bits per byte; None where tokens are not pieces of text
+    (the bark words) or the tokenizer is unknown. Special tokens (end of text) count 0 bytes."""
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "byte":
+        out = torch.zeros(vocab_size, dtype=torch.float64)
+        out[:min(256, vocab_size)] = 1.0
+        return out
+    if kind == "bpe":
+        out = torch.zeros(vocab_size, dtype=torch.float64)
+        hf = getattr(tokenizer, "_tk", None)
+        if hf is not None:
+            # byte-level BPE: each character of a token's string is one byte (GPT-2's byte alphabet)
+            for piece, i in hf.get_vocab(with_added_tokens=False).items():
+                if 0 <= i < vocab_size:
+                    out[i] = len(piece)
+            special = list(getattr(hf, "get_added_tokens_decoder", dict)())
+        else:
+            special = []
+            for i in range(min(vocab_size, tokenizer.vocab_size)):
+                out[i] = len(tokenizer.decode([i]).encode("utf-8"))
+        for i in special + [getattr(tokenizer, "eos_id", None)]:
+            if i is not None and 0 <= i < vocab_size:
+                out[i] = 0.0  # end of text and other special tokens are no text
+        return out
+    return None
+
+
+def _open_tokens(path: str, what: str = "data"):
+    """(token array, vocab_size, tokenizer) of a text file (bytes) or a .bin token file."""
+    size = _check_data_path(path)
+    if path.endswith(".bin"):
+        meta_path = os.path.splitext(path)[0] + ".json"
+        dtype, vocab_size, tokenizer = _read_sidecar(path, meta_path)
+        if size % dtype.itemsize:
+            raise DataError(f"token file {path!r} is {size} bytes, not a whole number of {dtype} tokens")
+        return np.memmap(path, dtype=dtype, mode="r"), vocab_size, tokenizer
+    _check_text(path)
+    return np.memmap(path, dtype=np.uint8, mode="r"), 256, ByteTokenizer()
+
+
 class TextCorpus:
     """A UTF-8 text file tokenized as bytes (memory-mapped: the file is the token array), or a
     pre-tokenized ``.bin`` file of integer token ids (uint16, uint32, ...) with a ``.json``
     sidecar giving ``vocab_size`` and ``dtype``.
-    The last ``val_fraction`` of the tokens is held out; training windows are drawn at random
-    offsets of the rest, validation windows at fixed offsets."""
+    The last ``val_fraction`` of the tokens is held out (or ``val_path``, a file of the same
+    kind and tokenizer, is the validation set and all of ``path`` trains); training windows are
+    drawn at random offsets of the training split, validation windows at fixed offsets."""
 
-    def __init__(self, path: str, block_size: int, val_fraction: float = 0.1, eval_windows: int = 256):
-        size = _check_data_path(path)
+    def __init__(self, path: str, block_size: int, val_fraction: Optional[float] = None, eval_windows: int = 256,
+                 val_path: Optional[str] = None):
+        if val_fraction is None:
+            val_fraction = 0.0 if val_path is not None else 0.1
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or \
+                not 0 <= val_fraction < 1:
+            raise DataError(f"the validation fraction must be a number in [0, 1), got {val_fraction!r}")
+        if val_path is not None and val_fraction > 0:
+            raise DataError("give either a validation file or a validation fraction of the data, not both")
         self.path = path
         self.name = os.path.basename(path)
         self.block_size = block_size
         self.ignore_index = -100
-        if path.endswith(".bin"):
-            meta_path = os.path.splitext(path)[0] + ".json"
-            dtype, self.vocab_size, self.tokenizer = _read_sidecar(path, meta_path)
-            if size % dtype.itemsize:
-                raise DataError(f"token file {path!r} is {size} bytes, not a whole number of {dtype} tokens")
-            self.data = np.memmap(path, dtype=dtype, mode="r")
-        else:
-            _check_text(path)
-            self.data = np.memmap(path, dtype=np.uint8, mode="r")
-            self.tokenizer = ByteTokenizer()
-            self.vocab_size = 256
+        self.data, self.vocab_size, self.tokenizer = _open_tokens(path)
         n = len(self.data)
         n_val = int(n * val_fraction)
         self.split_at = n - n_val
@@ -402,12 +473,32 @@ class TextCorpus:
         if self.split_at < block_size + 1 or (n_val and n_val < block_size + 1):
             raise DataError(f"data file {path!r} has {n} tokens, too few for block_size {block_size} "
                             f"with a {val_fraction:.0%} validation split; use a bigger file or a smaller block")
-        self.has_val = n_val > 0
-        self.eval_windows = eval_windows
+        self.val_path = val_path
+        self.val_data = None
+        if val_path is not None:
+            self.val_data, val_vocab, val_tok = _open_tokens(val_path)
+            same = (val_tok is None and self.tokenizer is None) or (
+                val_tok is not None and self.tokenizer is not None and val_tok.to_dict() == self.tokenizer.to_dict())
+            if not same or path.endswith(".bin") != val_path.endswith(".bin"):
+                raise DataError(f"validation file {val_path!r} is not tokenized like the data {path!r}: give a "
+                                f"text file for a text file, or a token file made with the same tokenizer")
+            self.vocab_size = max(self.vocab_size, val_vocab)
+            if len(self.val_data) < block_size + 1:
+                raise DataError(f"validation file {val_path!r} has {len(self.val_data)} tokens, too few for "
+                                f"block_size {block_size}")
+        self.val_fraction = val_fraction
+        self.has_val = n_val > 0 or self.val_data is not None
+        self.default_eval_windows = eval_windows
+        self.token_bytes = token_byte_lengths(self.tokenizer, self.vocab_size)
+        if path.endswith(".bin"):
+            _check_token_ids_in_file(path, self.data, self.vocab_size, self.split_at)
+        if self.val_data is not None and val_path.endswith(".bin"):
+            _check_token_ids_in_file(val_path, self.val_data, self.vocab_size, 0)
 
-    def _windows(self, starts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, starts: torch.Tensor, data=None) -> Tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        rows = np.stack([np.asarray(self.data[s:s + T + 1], dtype=np.int64) for s in starts.tolist()])
+        data = self.data if data is None else data
+        rows = np.stack([np.asarray(data[s:s + T + 1], dtype=np.int64) for s in starts.tolist()])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
@@ -424,27 +515,54 @@ class TextCorpus:
             starts = starts[rows]
         return self._windows(starts)
 
-    def eval_batches(self, batch_size: int):
-        """Up to ``eval_windows`` windows evenly spread over the validation split (the training
-        split when there is none), the first and the last window included."""
-        lo, hi = (self.split_at, len(self.data)) if self.has_val else (0, self.split_at)
+    def _eval_split(self):
+        """(token array, lo, hi) of the windows evaluation reads."""
+        if self.val_data is not None:
+            return self.val_data, 0, len(self.val_data)
+        if self.has_val:
+            return self.data, self.split_at, len(self.data)
+        return self.data, 0, self.split_at
+
+    def eval_windows(self, requested: Optional[int] = None) -> int:
+        """How many windows an evaluation of ``requested`` windows (None: the default) reads."""
+        _, lo, hi = self._eval_split()
         span = hi - lo - self.block_size  # windows in the split, >= 1 (checked in __init__)
-        n = min(self.eval_windows, span)
+        return max(1, min(self.default_eval_windows if requested is None else int(requested), span))
+
+    def eval_batches(self, batch_size: int, windows: Optional[int] = None):
+        """``windows`` windows (None: the default, 256) evenly spread over the validation split
+        (the validation file, or the training split when there is none), the first and the last
+        window included."""
+        data, lo, hi = self._eval_split()
+        span = hi - lo - self.block_size
+        n = self.eval_windows(windows)
         # integer steps: float linspace rounds past the last window on splits over 2**24 tokens
         starts = lo + torch.arange(n, dtype=torch.long) * (span - 1) // max(n - 1, 1)
         for i in range(0, n, batch_size):
-            yield self._windows(starts[i:i + batch_size])
+            yield self._windows(starts[i:i + batch_size], data)
 
     def optimal_loss(self, sequences=None):
         return None
 
     def describe(self) -> Dict:
-        return {"name": self.name, "path": os.path.abspath(self.path), "tokens": int(len(self.data))}
+        d = {"name": self.name, "path": os.path.abspath(self.path), "tokens": int(len(self.data))}
+        if self.val_data is not None:
+            d.update(val_path=os.path.abspath(self.val_path), val_tokens=int(len(self.val_data)))
+        elif self.val_fraction != 0.1:
+            d["val_fraction"] = self.val_fraction
+        return d
 
 
-def load_dataset(data: str, block_size: int):
-    """``"bark"`` (built in) or a path to a text / .bin token file."""
+def load_dataset(data: str, block_size: int, val_data: Optional[str] = None, val_fraction: Optional[float] = None):
+    """``"bark"`` (built in) or a path to a text / .bin token file; ``val_data``: a validation
+    file of the same kind (then all of ``data`` trains), ``val_fraction``: the held-out share of
+    ``data`` (default 0.1; 0 evaluates on the training data)."""
     if data == "bark":
+        if val_data is not None or val_fraction is not None:
+            raise DataError("the bark corpus has its own held-out set: a validation file or fraction applies "
+                            "to text and token files only")
         return BarkCorpus(block_size=block_size)
     _check_data_path(data, missing_hint=" (use --data bark for the built-in corpus)")
-    return TextCorpus(data, block_size=block_size)
+    if val_data is not None:
+        _check_data_path(val_data, kinds="a .txt file or a .bin token file, like --data")
+    return TextCorpus(data, block_size=block_size, val_fraction=val_fraction, val_path=val_data)

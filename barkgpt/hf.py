@@ -293,7 +293,7 @@ def _to_hf_tokenizer(tok):
     """(tokenizers.Tokenizer, special tokens for tokenizer_config.json) encoding exactly as the
     barkgpt tokenizer ``tok`` does: a BPE one as it is, the byte tokenizer as byte-level BPE with
     no merges (id = byte), the bark tokenizer as a word-level one."""
-    from .data import _hf_tokenizers
+    from .tokenizer import _hf_tokenizers
 
     hf = _hf_tokenizers()
     if tok.kind == "bpe":
@@ -332,7 +332,8 @@ def _from_hf_tokenizer(tk):
 def load_hf_tokenizer(path: str):
     """The tokenizer of a transformers GPT-2 directory (``tokenizer.json``, else ``vocab.json`` +
     ``merges.txt``) as a barkgpt BPETokenizer, or None when the directory has neither."""
-    from .data import BPETokenizer, DataError, _hf_tokenizers
+    from .data import DataError
+    from .tokenizer import BPETokenizer, _hf_tokenizers
 
     tj = os.path.join(path, TOKENIZER_FILE)
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
@@ -390,19 +391,24 @@ def same_tokenizer(a, b) -> bool:
     return all(da.get(k) == db.get(k) for k in keys)
 
 
-def load_hf(path: str, device="cpu", backend: Optional[str] = None, dropout: float = 0.0):
-    """A BarkGPT from a local directory in the Hugging Face GPT-2 layout, with its tokenizer
-    attached (``model.tokenizer``, None when the directory has none). ``dropout`` sets the
-    GPTConfig's (default 0: see config_from_hf)."""
-    from .model import BarkGPT
-
+def read_hf_config(path: str, dropout: float = 0.0) -> GPTConfig:
+    """The GPTConfig of a local Hugging Face GPT-2 directory, from its config.json alone."""
     if not os.path.isdir(path):
         raise HFFormatError(f"{path!r} is not a directory; give a local directory holding config.json and "
                             f"model.safetensors (a Hugging Face GPT-2 checkpoint)")
     cpath = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cpath):
         raise HFFormatError(f"{path} has no {CONFIG_FILE}")
-    config = config_from_hf(_read_json(cpath), dropout=dropout)
+    return config_from_hf(_read_json(cpath), dropout=dropout)
+
+
+def load_hf(path: str, device="cpu", backend: Optional[str] = None, dropout: float = 0.0):
+    """A BarkGPT from a local directory in the Hugging Face GPT-2 layout, with its tokenizer
+    attached (``model.tokenizer``, None when the directory has none). ``dropout`` sets the
+    GPTConfig's (default 0: see config_from_hf)."""
+    from .model import BarkGPT
+
+    config = read_hf_config(path, dropout=dropout)
     sd = state_dict_from_hf(_read_weights(path), config)
     tokenizer = load_hf_tokenizer(path)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:

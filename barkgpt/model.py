@@ -153,8 +153,8 @@ class KVCache:
 class BarkGPT(nn.Module):
     """GPT language model.
 
-    ``backend`` picks the kernels for attention, LayerNorm and the embedding add
-    ("triton", "cpp", "torch" or None for auto by device; see barkgpt.ops).
+    ``backend`` picks the kernels for attention, LayerNorm, the embedding add and the fused
+    head + loss ("triton", "cpp", "torch" or None for auto by device; see barkgpt.ops).
     Attention-probability dropout is not applied (the fused kernels have none); dropout
     acts on the embeddings, the feed-forward hidden layer and both residual branches.
     """
@@ -209,11 +209,24 @@ class BarkGPT(nn.Module):
         return ops.resolve_backend(self.rt.backend, self.token_emb.weight.device)
 
     # ---- forward -------------------------------------------------------------------------
+    # Vocabularies below this size take the plain head + F.cross_entropy path with targets. 0: the
+    # fused path measured at least as fast as eager down to the bark presets' V = 9 (cpp, 2 threads,
+    # busy machine: 1.30x at V = 9, 1.03x at 16 and 32); redo with the "vocab sweep" cases of
+    # benchmarks/test_bench_linear_cross_entropy.py on a quiet machine and raise it if that loses.
+    fused_loss_min_vocab: int = 0
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                cache: Optional[KVCache] = None):
-        """Logits (B, T, vocab_size); with ``targets`` returns (logits, loss). With ``cache``
-        (generation): ``idx`` continues the cached positions, its keys and values are appended,
-        and only the last position's logits are returned, (B, 1, vocab_size)."""
+                return_logits: bool = False, cache: Optional[KVCache] = None):
+        """Inference (no ``targets``): the logits ``(B, T, vocab_size)``.
+
+        With ``targets`` (B, T): ``(None, loss)``, the mean cross-entropy over targets that are not
+        ``ignore_index`` (0 when all are). The head and the loss are fused
+        (``ops.linear_cross_entropy``): the (B, T, vocab_size) logits are never built, in training
+        and in evaluation. ``return_logits=True`` gives ``(logits, loss)`` instead, through the
+        plain head + cross-entropy path.
+
+        With ``cache`` (generation): ``idx`` continues the cached positions, its keys and values
+        are appended, and only the last position's logits are returned, (B, 1, vocab_size)."""
         if idx.dim() != 2:
             raise ValueError(f"BarkGPT expects token ids of shape (B, T), got {tuple(idx.shape)}")
         if cache is not None:
@@ -224,24 +237,39 @@ class BarkGPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                              f"crop the input to the last {self.config.block_size} tokens")
+        if targets is not None and tuple(targets.shape) != (B, T):
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {(B, T)}")
         x = ops.embedding_add(idx, self.token_emb.weight, self.pos_emb.weight, backend=self.rt.backend)
         x = self.drop(x)  # (B, T, C)
         for layer in self.layers:
             x = layer(x)
-        logits = self.head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)
         if targets is None:
-            return logits
-        return logits, self.loss_from_logits(logits, targets, ignore_index)
+            return self.head(x)  # (B, T, V)
+        if return_logits or self.config.vocab_size < self.fused_loss_min_vocab:
+            logits = self.head(x)
+            return (logits if return_logits else None), self.loss_from_logits(logits, targets, ignore_index)
+        w = self.head.weight  # the token table when tied: its gradient reaches the shared tensor
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # the custom op is not autocast-aware: cast as F.linear would
+            dt = torch.get_autocast_dtype(dev)
+            x, w = x.to(dt), w.to(dt)
+        return None, ops.linear_cross_entropy(x, w, targets, None, ignore_index, backend=self.rt.backend)
 
     @staticmethod
     def loss_from_logits(logits, targets, ignore_index: int = -100):
+        """Mean cross-entropy of ``logits`` (..., V) over targets that are not ``ignore_index``
+        (0 when every target is ignored, as the fused path gives)."""
         if targets.shape != logits.shape[:-1]:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(logits.shape[:-1])}")
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index)
+        t = targets.reshape(-1)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 math (fp64 models keep fp64)
+        total = F.cross_entropy(logits.to(acc).reshape(-1, logits.size(-1)), t, ignore_index=ignore_index,
+                                reduction="sum")
+        return total / (t != ignore_index).sum().clamp_min(1)
 
     def loss(self, idx, targets, ignore_index: int = -100):
-        """Mean next-token cross-entropy over targets that are not ``ignore_index``."""
+        """Mean next-token cross-entropy over targets that are not ``ignore_index`` (fused path)."""
         return self(idx, targets, ignore_index)[1]
 
     # ---- accounting ------------------------------------------------------------------------

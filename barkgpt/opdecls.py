@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import perf, reference
-from ._checks import check_token_ids, float_tensor, same_device, tensor
+from ._checks import check_targets, check_token_ids, float_tensor, same_device, tensor
 from .registry import Arg, Backward, Case, OpDecl, declare_op
 
 # Max error against the float64 reference, relative to max(1, max |expected|), for the op's
@@ -358,3 +358,152 @@ EMBEDDING_ADD = declare_op(OpDecl(
     tolerance=TOLERANCE,
     cases=_embedding_cases(),
 ))
+
+
+# ---- linear_cross_entropy --------------------------------------------------------------------
+
+LCE_REDUCTIONS = ("mean", "sum")
+
+
+def check_linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean") -> None:
+    op = "linear_cross_entropy"
+    tensor("x", x), tensor("weight", weight), tensor("targets", targets)
+    if bias is not None:
+        tensor("bias", bias)
+    same_device(op, x=x, weight=weight, targets=targets, bias=bias)
+    float_tensor(op, "x", x), float_tensor(op, "weight", weight)
+    if bias is not None:
+        float_tensor(op, "bias", bias)
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: targets must hold integer class ids (int64 or int32), got {targets.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape (..., C), got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape (V, {x.shape[-1]}) to match x's last dim, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has no rows (a vocabulary of 0 classes)")
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"{op}: targets must have shape {tuple(x.shape[:-1])} (x's shape without "
+                         f"its last dim), got {tuple(targets.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in LCE_REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _lce_loss_dtype(x, weight, bias):
+    f64 = torch.float64 in (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    return torch.float64 if f64 else torch.float32
+
+
+def _lce_fake(x, weight, targets, bias, ignore_index, reduction):
+    loss = x.new_empty((), dtype=_lce_loss_dtype(x, weight, bias))
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
+    return loss, x.new_empty(x.shape), weight.new_empty(weight.shape), db
+
+
+def _lce_bwd_fake(grad_loss, dx, dweight, dbias):
+    return dx.new_empty(dx.shape), dweight.new_empty(dweight.shape), dbias.new_empty(dbias.shape)
+
+
+def _lce_check_targets(x, weight, targets, bias, ignore_index, reduction):
+    check_targets(targets, weight.shape[0], ignore_index)
+
+
+def _lce_case(N, C, V, bias=True, ignore=0.2, all_ignored=False, shape=None, noncontig=False, red="mean"):
+    def make(dtype, device, gen):
+        if noncontig:
+            x = _randn(gen, C, N, dtype=dtype, device=device).t()
+        else:
+            x = _randn(gen, N, C, dtype=dtype, device=device)
+        w = _randn(gen, V, C, dtype=dtype, device=device, scale=C ** -0.5)
+        b = _randn(gen, V, dtype=dtype, device=device, scale=0.5) if bias else None
+        t = torch.randint(0, V, (N,), generator=gen)
+        t[torch.rand(N, generator=gen) < ignore] = -100
+        if all_ignored:
+            t.fill_(-100)
+        if shape is not None:
+            x, t = x.reshape(*shape, C), t.reshape(shape)
+        return x, w, t.to(device), b, -100, red
+    return make
+
+
+def _lce_cases():
+    cases = [Case("N1-C8-V1", _lce_case(1, 8, 1, ignore=0.0)),
+             Case("N5-C8-V9", _lce_case(5, 8, 9)),
+             Case("N37-C16-V9-nobias-sum", _lce_case(37, 16, 9, bias=False, red="sum")),
+             Case("N33-C16-V257", _lce_case(33, 16, 257)),
+             Case("N11-C8-V9-all-ignored", _lce_case(11, 8, 9, all_ignored=True)),
+             Case("N15-C16-V257-noncontig", _lce_case(15, 16, 257, noncontig=True)),
+             Case("B3-T5-C8-V9-rank3", _lce_case(15, 8, 9, shape=(3, 5))),
+             Case("N300-C32-V257", _lce_case(300, 32, 257), heavy=True),
+             Case("N3-C32-V50304", _lce_case(3, 32, 50304, ignore=0.0), heavy=True)]
+    return tuple(cases)
+
+
+LINEAR_CROSS_ENTROPY = declare_op(OpDecl(
+    name="linear_cross_entropy",
+    doc="""Cross-entropy of ``x @ weight.T (+ bias)`` against ``targets`` without building the logits.
+
+    ``x`` (..., C), ``weight`` (V, C), integer ``targets`` (...) with values in [0, V) or
+    ``ignore_index``; ``bias`` (V,) or None. ``reduction``: "mean" over the targets that are not
+    ignored (0, with zero gradients, when all are) or "sum". Returns a 0-d fp32 loss (fp64 for
+    fp64 inputs); gradients reach ``x``, ``weight`` and ``bias``. A target out of range raises
+    IndexError on every backend.""",
+    args=(Arg("x", "Tensor", grad=True), Arg("weight", "Tensor", grad=True), Arg("targets", "Tensor"),
+          Arg("bias", "Tensor?", None, grad=True), Arg("ignore_index", "int", -100),
+          Arg("reduction", "str", "mean")),
+    # The forward kernel computes the loss and its gradients (of the reduced loss); the backward
+    # kernel scales them by the upstream gradient.
+    results=("loss", "dx", "dweight", "dbias"), returns=1,
+    check=check_linear_cross_entropy,
+    reference=reference.linear_cross_entropy_ref,
+    fake=_lce_fake,
+    backward=Backward(args=("dx", "dweight", "dbias"), grads=("x", "weight", "bias"), fake=_lce_bwd_fake),
+    kernel_check=_lce_check_targets,
+    flops=lambda x, weight, targets, bias=None, ignore_index=-100, reduction="mean", mode="fwd+bwd": (
+        (6.0 if mode != "fwd" else 2.0) * targets.numel() * weight.shape[0] * weight.shape[1]),
+    bytes=lambda x, weight, targets, bias=None, ignore_index=-100, reduction="mean", mode="fwd+bwd": (
+        2.0 * (x.numel() * x.element_size() + weight.numel() * weight.element_size())
+        + targets.numel() * targets.element_size()),
+    tolerance=TOLERANCE,
+    cases=_lce_cases(),
+))
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """Eager autograd of linear_cross_entropy (the declared contract, a second copy as the C++
+    fast paths are): the forward kernel's gradients are saved, the backward scales them. An
+    upstream gradient of exactly 1 (``loss.backward()``) hands them on as they are: no
+    weight-sized copy (the declared backward kernel, under torch.compile, always multiplies)."""
+
+    @staticmethod
+    def forward(ctx, kernel, chunk_rows, x, weight, targets, bias, ignore_index, reduction):
+        loss, dx, dw, db = kernel(x, weight, targets, bias, ignore_index, reduction, True, chunk_rows)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(dx, dw, db)
+        ctx.set_materialize_grads(False)
+        return loss
+
+    @staticmethod
+    def backward(ctx, gloss):
+        if gloss is None:
+            return (None,) * 8
+        dx, dw, db = ctx.saved_tensors
+        if not (gloss.device.type == "cpu" and float(gloss) == 1.0):  # CPU only: no device sync
+            dx, dw, db = dx * gloss, dw * gloss, db * gloss
+        return None, None, dx, dw, None, db if ctx.has_bias else None, None, None
+
+
+def linear_cross_entropy_eager(kernel, x, weight, targets, bias=None, ignore_index=-100, reduction="mean",
+                               chunk_rows=0):
+    """Eager linear_cross_entropy through ``kernel(x, weight, targets, bias, ignore_index,
+    reduction, compute_grad, chunk_rows) -> (loss, dx, dweight, dbias)``: gradients computed only
+    when autograd will ask for them (evaluation does a third of the work)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _LinearCrossEntropyFn.apply(kernel, int(chunk_rows), x, weight, targets, bias,
+                                           int(ignore_index), reduction)
+    return kernel(x, weight, targets, bias, int(ignore_index), reduction, False, int(chunk_rows))[0]

@@ -1,9 +1,9 @@
 """Performance accounting: peak FLOP/s per device, MFU, and the FLOP/byte models the benchmarks report.
 
-Peak rates are dense (no 2:4 sparsity) tensor-core rates from the vendors' datasheets, looked up
-by ``torch.cuda.get_device_name`` and the dtype the matmuls run in. A device or dtype missing from
-the table gives ``None`` (MFU "n/a"), never a guessed figure; ``BARKGPT_PEAK_TFLOPS`` overrides the
-table (e.g. for a CPU whose peak you know).
+GPU peak rates are dense (no 2:4 sparsity) tensor-core rates from the vendors' datasheets, looked
+up by ``torch.cuda.get_device_name`` and the dtype the matmuls run in. A GPU or dtype missing from
+the table gives ``None`` (MFU "n/a"), never a guessed figure. A CPU's peak is measured on this
+machine (a short matmul probe, cached). ``BARKGPT_PEAK_TFLOPS`` overrides both.
 """
 
 from __future__ import annotations
@@ -93,21 +93,122 @@ def peak_flops(name: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
                tf32: Optional[bool] = None, device=None) -> Optional[float]:
     """Dense peak FLOP/s of device ``name`` (or of ``device``) for matmuls in ``dtype``; None if unknown.
 
-    ``BARKGPT_PEAK_TFLOPS`` (a number in TFLOP/s) overrides the table for every device.
+    GPUs: the datasheet table. ``device="cpu"``: this machine's matmul rate, measured once and
+    cached (:func:`measured_cpu_peak`; :func:`peak_source` says "measured"). ``BARKGPT_PEAK_TFLOPS``
+    (a number in TFLOP/s) overrides both for every device.
     """
     env = os.environ.get(PEAK_ENV_VAR)
     if env:
         return float(env) * 1e12
     if name is None:
         dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cpu":
+            return measured_cpu_peak(dtype)
         if dev is None or dev.type != "cuda":
-            return None  # no CPU peaks in the table: MFU is n/a unless the env var says
+            return None
         name = torch.cuda.get_device_name(dev)
     hit = _lookup(name)
     key = matmul_dtype_key(dtype, tf32)
     if hit is None or key is None or key not in hit[1]:
         return None
     return hit[1][key] * 1e12
+
+
+# ---- measured CPU peak -------------------------------------------------------------------------
+# CPUs have no datasheet row: their matmul rate depends on the ISA (AVX2, AVX-512, AMX), the core
+# count and the BLAS torch ships. So it is measured: a short square-matmul probe in the dtype, at
+# the threads torch uses, the best of several repetitions (the rate the hardware can sustain, not
+# an average over whatever else runs). Cached per CPU model, torch version, threads and dtype.
+
+_CPU_PEAK_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+_cpu_peak_memo: Dict[str, Optional[float]] = {}
+
+
+def _peak_cache_path() -> str:
+    root = os.environ.get("BARKGPT_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "barkgpt")
+    return os.path.join(root, "cpu_peak.json")
+
+
+def _cpu_peak_key(dtype: torch.dtype) -> str:
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | " \
+           f"{_CPU_PEAK_DTYPES[dtype]}"
+
+
+def probe_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 512, seconds: float = 0.3) -> float:
+    """FLOP/s of the fastest of repeated ``n x n @ n x n`` matmuls in ``dtype`` on the CPU
+    (2 n^3 FLOPs each), repeated for about ``seconds`` after a warm-up."""
+    import time
+
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):  # warm-up: page in, let the BLAS pick its kernels and threads
+        torch.mm(a, b, out=out)
+    best = float("inf")
+    end = time.perf_counter() + seconds
+    reps = 0
+    while reps < 3 or time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+        reps += 1
+    return 2.0 * n ** 3 / best
+
+
+def measured_cpu_peak(dtype: torch.dtype = torch.float32, refresh: bool = False) -> Optional[float]:
+    """This CPU's matmul FLOP/s in ``dtype`` (float32 or bfloat16; None for others), measured by
+    :func:`probe_matmul_flops` on first use and cached in ``~/.cache/barkgpt/cpu_peak.json``
+    (``BARKGPT_CACHE_DIR`` moves it) per CPU model, torch version, thread count and dtype.
+    ``refresh=True`` measures again. A measurement, not a datasheet figure: on a busy machine it
+    is low, and MFU against it high."""
+    import json
+
+    if dtype not in _CPU_PEAK_DTYPES:
+        return None
+    key = _cpu_peak_key(dtype)
+    if not refresh and key in _cpu_peak_memo:
+        return _cpu_peak_memo[key]
+    path = _peak_cache_path()
+    cache: Dict[str, float] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        pass
+    value = cache.get(key)
+    if refresh or not isinstance(value, (int, float)) or not value > 0:
+        value = probe_matmul_flops(dtype)
+        cache[key] = value
+        try:  # a private temp file renamed over the cache: concurrent writers never tear it
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cache, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # read-only home: measured again next process, still correct
+    _cpu_peak_memo[key] = float(value)
+    return float(value)
+
+
+def peak_source(device=None, name: Optional[str] = None) -> Optional[str]:
+    """Where :func:`peak_flops` gets its figure for this device: "env" (BARKGPT_PEAK_TFLOPS),
+    "measured" (a CPU), "datasheet" (a GPU in the table) or None (unknown)."""
+    if os.environ.get(PEAK_ENV_VAR):
+        return "env"
+    if name is None:
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cpu":
+            return "measured"
+        if dev is None or dev.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(dev)
+    return "datasheet" if _lookup(name) is not None else None
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: Optional[float]) -> Optional[float]:

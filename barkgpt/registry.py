@@ -130,6 +130,11 @@ class OpDecl:
             for n in self.backward.grads:
                 if n not in names:
                     raise ValueError(f"{self.name}: gradient for unknown input {n!r}")
+            tensors = {a.name for a in self.args if a.is_tensor} | set(self.results)
+            for n in self.backward.save:
+                if n not in tensors:
+                    raise ValueError(f"{self.name}: backward argument {n!r} is not a tensor; declare it in "
+                                     f"`keep` with its type")
 
     # ---- derived ------------------------------------------------------------------------
     @property

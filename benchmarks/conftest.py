@@ -2,9 +2,12 @@
 
 Settings come from the environment (see benchmarks/README.md): BARKGPT_BENCH_SIZE=small|full,
 BARKGPT_BENCH_DEVICE, BARKGPT_BENCH_DTYPE, BARKGPT_BENCH_BUDGET_S, BARKGPT_BENCH_MEASURE_S,
-BARKGPT_BENCH_THREADS, BARKGPT_BENCH_OUT (results folder; default benchmarks/results). At the end of the session the
-results are written as JSON + Markdown + PNG, named by device kind and size (cpu-small.*,
-h100-full.*); a run that selected only part of the suite writes *-partial.* instead.
+BARKGPT_BENCH_THREADS, BARKGPT_BENCH_OUT (results folder; default benchmarks/out, which git ignores:
+curated results are committed to benchmarks/results by running with BARKGPT_BENCH_OUT=benchmarks/results).
+At the end of the session the results are written as JSON + Markdown + PNG, named by device kind
+and size (cpu-small.*, h100-full.*); a run that selected only part of the suite writes *-partial.*
+instead. The terminal shows the same-run speed-up tables and where the report is; pytest-benchmark's
+own per-benchmark table (hundreds of wide lines) only with BARKGPT_BENCH_PYTEST_TABLE=1.
 """
 
 import datetime
@@ -52,6 +55,11 @@ def _loadavg():
 
 
 def pytest_sessionstart(session):
+    # pytest-benchmark's own table is hundreds of lines up to ~300 characters wide: our summary
+    # (pytest_terminal_summary below) replaces it unless asked for. Its session exists by now.
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if bench_session is not None and os.environ.get("BARKGPT_BENCH_PYTEST_TABLE", "0") in ("", "0"):
+        bench_session.display = lambda terminalreporter: None
     _bench.STATE["t0"] = time.time()
     _session["loadavg_start"] = _loadavg()
     _session["ticks_start"] = _cpu_ticks()
@@ -218,20 +226,27 @@ def pytest_sessionfinish(session, exitstatus):
         return
     meta = _meta(session, exitstatus)
     stem = f"{meta['kind']}-{meta['size']}" + ("-partial" if _is_partial(session) else "")
-    out_dir = os.environ.get("BARKGPT_BENCH_OUT") or os.path.join(HERE, "results")
+    out_dir = os.environ.get("BARKGPT_BENCH_OUT") or _report.DEFAULT_OUT_DIR
     paths = _report.write(records, meta, out_dir, stem)
     _session["written"] = paths
     _session["targets"] = _report.evaluate_targets(records, meta)
+    _session["summary"] = _report.summary(records, meta)
     _session["busy"] = meta["busy"]
 
 
 def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
-    if _session.get("targets"):
-        tr.section("barkgpt targets (same-run ratios)")
+    if _session.get("summary"):
+        tr.section("barkgpt benchmarks: same-run speed-ups")
         if _session.get("busy"):
             tr.write_line(f"WARNING: the machine was busy ({_session['busy']}): timings are unreliable")
-        for t in _session["targets"]:
-            tr.write_line(f"{t['result']:>4}  {t['target']} ({t['issue']}, needs {t['needs']}): {t['measured']}")
+        for line in _session["summary"]:
+            tr.write_line(line)
     if _session.get("written"):
+        md = next((p for p in _session["written"] if p.endswith(".md")), _session["written"][0])
+        targets = [t for t in _session.get("targets", []) if t["result"] in ("PASS", "FAIL")]
+        if targets:
+            met = sum(t["result"] == "PASS" for t in targets)
+            tr.write_line(f"\nperformance targets for this device: {met} of {len(targets)} met (a finding, not a "
+                          f"test result; the targets and their values are in {os.path.relpath(md)})")
         tr.write_line("results: " + ", ".join(os.path.relpath(p) for p in _session["written"]))

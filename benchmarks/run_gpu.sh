@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, for a lent GPU machine (no network there: installs nothing from it).
 #
-#   benchmarks/run_gpu.sh [all|tests|bench|tune|generate]      (default: all)
+#   benchmarks/run_gpu.sh [all|tests|bench|tune|generate|lce]      (default: all)
 #
 # 1. makes barkgpt importable: `pip install --no-deps --no-build-isolation --no-index -e .`,
 #    else a throw-away package tree on PYTHONPATH (kernels/ mapped to barkgpt.kernels);
 # 2. tests: `pytest tests -m gpu` (the correctness tests that need CUDA), log in gpu-tests.log;
 # 3. bench: `pytest benchmarks/` with BARKGPT_BENCH_SIZE=full, bf16, results written as
 #    <kind>-full.{json,md,png} (e.g. h100-full.*) plus gpu-bench.log;
+# lce (only when asked): just the fused linear + cross-entropy: its gpu tests, then its benchmark
+#    group (GPT-2 head at N = 4096 / 8192, time and memory against eager and torch.compile);
 # tune (only when asked): times the attention tile candidates on this GPU
 #    (`python -m barkgpt.kernels._attention_config`) and leaves the table lines to paste into
 #    kernels/_attention_config.py in gpu-attention-tune.log.
@@ -15,18 +17,18 @@
 #    path at GPT-2 small's shape (benchmarks/bench_generate.py --size full, fp32), results in
 #    generate-cuda-full.{json,md} plus gpu-generate.log (about 2 minutes on an H100-class GPU).
 # Everything lands in $OUT when set (the device tool brings that folder back), else in
-# benchmarks/results/. The whole run fits RUN_GPU_BUDGET_S seconds (default 540, for a
-# 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
+# benchmarks/out/ (git ignores it; copy curated results into benchmarks/results/). The whole run
+# fits RUN_GPU_BUDGET_S seconds (default 540, for a 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
 # new cases when their share is spent (BARKGPT_BENCH_BUDGET_S), keeping what they measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-all}
-case "$MODE" in all|tests|bench|tune|generate) ;; *) echo "usage: $0 [all|tests|bench|tune|generate]" >&2; exit 2 ;; esac
+case "$MODE" in all|tests|bench|tune|generate|lce) ;; *) echo "usage: $0 [all|tests|bench|tune|generate|lce]" >&2; exit 2 ;; esac
 START=$(date +%s)
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 TESTS_S=${RUN_GPU_TESTS_S:-180}
-DEST=${OUT:-$ROOT/benchmarks/results}
+DEST=${OUT:-$ROOT/benchmarks/out}
 mkdir -p "$DEST"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -77,6 +79,19 @@ if [ "$MODE" = generate ]; then
     timeout -s INT -k 15 $(( BUDGET - $(elapsed) )) $PY benchmarks/bench_generate.py --size full --device cuda \
         --out "$DEST" 2>&1 | tee "$DEST/gpu-generate.log"
     exit "${PIPESTATUS[0]}"
+fi
+if [ "$MODE" = lce ]; then
+    echo "== linear_cross_entropy: gpu tests, then its benchmark group"
+    timeout -s INT -k 15 "$TESTS_S" $PY -m pytest tests/test_linear_cross_entropy.py -m gpu -q -p no:cacheprovider 2>&1 \
+        | tee "$DEST/gpu-lce-tests.log"
+    rc=${PIPESTATUS[0]}
+    LEFT=$(( BUDGET - $(elapsed) - 30 ))
+    BARKGPT_BENCH_SIZE=full BARKGPT_BENCH_OUT="$DEST" BARKGPT_BENCH_BUDGET_S=$LEFT \
+        timeout -s INT -k 15 $(( LEFT + 20 )) $PY -m pytest benchmarks/test_bench_linear_cross_entropy.py -q -s \
+        -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name 2>&1 | tee "$DEST/gpu-lce-bench.log"
+    rc_b=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] && [ "$rc_b" -eq 0 ]
+    exit $?
 fi
 
 rc_tests=0

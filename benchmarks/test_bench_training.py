@@ -1,8 +1,10 @@
 """Training throughput per config: one step = forward + backward + AdamW step on a fresh batch.
 
 Providers: "auto" (the backend barkgpt picks for the device: cpp on CPU, triton on CUDA),
-"torch" (the pure-PyTorch backend, i.e. PyTorch eager), "compile-torch" (torch.compile of the
-"torch" model), "compile-auto" (torch.compile of the auto model, when auto is not torch) and, on
+"torch" (barkgpt's model on its pure-PyTorch backend), "compile-torch" (torch.compile of the
+"torch" model), "compile-auto" (torch.compile of the auto model, when auto is not torch),
+"plain" and "compile-plain" (a plain PyTorch GPT with the same weights, benchmarks/_plain_gpt.py,
+eager and under torch.compile: what a user would otherwise run) and, on
 CUDA for the tiny configs, "cudagraph-auto"/"cudagraph-torch" (the whole step captured once in a
 CUDA graph and replayed). Reports tokens/s, MFU (model.flops_per_token over the device's peak from
 barkgpt.perf; n/a where the peak is unknown, e.g. CPUs) and peak memory on CUDA.
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 import _bench as B
+from _plain_gpt import plain_copy
 from barkgpt import BarkGPT, GPTConfig, ops, perf
 
 
@@ -44,7 +47,7 @@ TRAIN_MEASURE_S = 4 * B.MEASURE_S
 
 
 def _providers(name):
-    out = ["auto", "torch", "compile-torch"]
+    out = ["auto", "torch", "compile-torch", "plain", "compile-plain"]
     # compile-auto where a target needs it (GPU: GPT-2 and the tiny configs; compiles are minutes there)
     if AUTO != "torch" and (not B.IS_CUDA or name in ("gpt2",) + TINY):
         out.append("compile-auto")
@@ -104,7 +107,7 @@ def free_memory():
 def test_training_step(benchmark, free_memory, name, provider):
     cfg, bsz, T = CASES[name]
     backend = "torch" if provider.endswith("torch") else None
-    resolved = ops.resolve_backend(backend, B.DEVICE)
+    resolved = "plain PyTorch" if provider.endswith("plain") else ops.resolve_backend(backend, B.DEVICE)
     rec = {"group": "training", "case": name, "provider": provider, "mode": "step", "backend": resolved,
            "shape": {"B": bsz, "T": T, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
                      "vocab_size": cfg.vocab_size},
@@ -113,6 +116,9 @@ def test_training_step(benchmark, free_memory, name, provider):
     benchmark.group = f"training {name} B={bsz} T={T}"
     batches = _batches(cfg, bsz, T)
     model = _model(cfg, backend)
+    fpt = model.flops_per_token(seq_len=T)
+    if provider.endswith("plain"):
+        model = plain_copy(model)
     model.train()
 
     # Correctness: the same weights give the reference loss on the first batch.
@@ -157,10 +163,9 @@ def test_training_step(benchmark, free_memory, name, provider):
     assert last[0] is not None and bool(torch.isfinite(last[0])), f"{provider}: non-finite loss {last[0]}"
     med = timing.get("median_s")
     tokens = bsz * T
-    fpt = model.flops_per_token(seq_len=T)
     peak = perf.peak_flops(device=B.DEVICE, dtype=B.DTYPE if B.IS_CUDA else torch.float32)
     rec.update(timing, status="ok", first_call_s=first_call_s, peak_mem_mb=mem, tokens=tokens,
-               flops_per_token=fpt, peak_flops=peak, initial_loss=got)
+               flops_per_token=fpt, peak_flops=peak, peak_source=perf.peak_source(B.DEVICE), initial_loss=got)
     if med:
         rec["tokens_per_s"] = tokens / med
         rec["mfu"] = perf.mfu(fpt, rec["tokens_per_s"], peak)

@@ -443,7 +443,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal) {
   check_qkv(q_in, k_in, v_in);
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "attention backward: grad/out shape mismatch");
+              "attention backward: grad and out must have q's shape ", q_in.sizes(), ", got ",
+              dout_in.sizes(), " and ", out_in.sizes());
+  // lse is read once per query row: a shorter one would be read past its end.
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
+                  lse_in.size(2) == q_in.size(2),
+              "attention backward: lse must have shape (B, H, T) = (", q_in.size(0), ", ", q_in.size(1),
+              ", ", q_in.size(2), "), got ", lse_in.sizes());
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   at::Tensor out = unit_last_stride(out_in.to(q.scalar_type()));
   at::Tensor dout = unit_last_stride(dout_in.to(q.scalar_type()));

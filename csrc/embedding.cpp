@@ -165,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad_
               grad_in.sizes());
   const int64_t B = grad_in.size(0), T = grad_in.size(1), C = grad_in.size(2);
   const int64_t V = vocab_size, P = num_positions;
+  TORCH_CHECK(V >= 0 && P >= 0, "embedding_add backward: vocab_size and num_positions must be >= 0, got ",
+              V, " and ", P);
   TORCH_CHECK(idx_in.dim() == 2 && idx_in.size(0) == B && idx_in.size(1) == T,
               "embedding_add backward: idx shape ", idx_in.sizes(), " does not match grad ",
               grad_in.sizes());

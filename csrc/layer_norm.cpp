@@ -202,9 +202,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+  // A registered op is public API: every tensor the kernel indexes is checked here, so a
+  // wrong-sized mean/rstd/weight raises instead of being read past its end.
+  TORCH_CHECK(x_in.dim() >= 1, "layer_norm backward: x must have at least one dimension");
   const int64_t N = x_in.size(-1);
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "layer_norm backward: grad shape ", dy_in.sizes(),
               " does not match x ", x_in.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == N, "layer_norm backward: weight must have shape (",
+              N, ",), got ", weight.sizes());
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "layer_norm backward: bias must have shape (",
+                N, ",), got ", bias->sizes());
+  const auto stat_shape = x_in.sizes().slice(0, x_in.dim() - 1);
+  TORCH_CHECK(mean_in.sizes() == stat_shape && rstd_in.sizes() == stat_shape,
+              "layer_norm backward: mean and rstd must have shape ", stat_shape, " (x.shape[:-1]), got ",
+              mean_in.sizes(), " and ", rstd_in.sizes());
   at::Tensor x = x_in.contiguous();
   at::Tensor dy = dy_in.to(x.scalar_type()).contiguous();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

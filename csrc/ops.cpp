@@ -32,6 +32,16 @@ std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad,
                                                          const at::Tensor& idx,
                                                          int64_t vocab_size,
                                                          int64_t num_positions);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_ex_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction,
+    bool compute_grad, int64_t chunk_rows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& dx, const at::Tensor& dweight,
+    const at::Tensor& dbias);
 
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
@@ -62,6 +72,17 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // (dtok (vocab_size, C), dpos (num_positions, C)), in grad's dtype.
   m.def("embedding_add_bwd(Tensor grad, Tensor idx, SymInt vocab_size, SymInt num_positions) "
         "-> (Tensor, Tensor)");
+  // (loss, dx, dweight, dbias): the 0-d loss (fp32; fp64 for fp64 inputs) and its gradients,
+  // computed in the forward (dbias is empty (0,) without a bias).
+  m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor targets, Tensor? bias, "
+        "int ignore_index, str reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor dx, Tensor dweight, Tensor dbias) "
+        "-> (Tensor, Tensor, Tensor)");
+  // The same with options: compute_grad false leaves the gradients empty (0,) (evaluation does
+  // a third of the work); chunk_rows > 0 sets the rows per chunk (<= 0: chosen from V).
+  m.def("linear_cross_entropy_fwd_ex(Tensor x, Tensor weight, Tensor targets, Tensor? bias, "
+        "int ignore_index, str reduction, bool compute_grad, int chunk_rows) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // [idle bytes, idle blocks, reuses, new mappings, limit bytes, bytes in live outputs]
   m.def("output_cache_info() -> int[]", &barkgpt::output_cache_info);
@@ -84,6 +105,9 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
+  m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);
+  m.impl("linear_cross_entropy_bwd", &barkgpt::linear_cross_entropy_bwd_cpu);
+  m.impl("linear_cross_entropy_fwd_ex", &barkgpt::linear_cross_entropy_fwd_ex_cpu);
 }
 
 #ifdef BARKGPT_PYTHON_MODULE

@@ -278,7 +278,7 @@ def test_bitwise_deterministic_across_runs_and_thread_counts():
 # ---- the whole model, and dispatch ----------------------------------------------------------------
 
 def _model_step(model, idx, tgt, g):
-    logits, loss = model(idx, tgt)
+    logits, loss = model(idx, tgt, return_logits=True)
     params = [p for _, p in model.named_parameters()]
     return logits, loss, torch.autograd.grad(loss + (logits * g.to(logits.dtype)).sum(), params)
 

@@ -23,8 +23,17 @@ INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
 INTERPRETER_DTYPES = (torch.float32, torch.float16)  # Triton's interpreter: no bf16, no fp64
 
 
+def _device(backend):
+    """Where a backend is tested: CPU if it runs there (triton: under the interpreter), else CUDA."""
+    if ops.unavailable_reason(backend, "cpu") is None:
+        return "cpu"
+    if torch.cuda.is_available() and ops.unavailable_reason(backend, "cuda") is None:
+        return "cuda"
+    return None
+
+
 def _backends():
-    return [b for b in ops.BACKENDS if ops.unavailable_reason(b, "cpu") is None]
+    return [b for b in ops.BACKENDS if _device(b) is not None]
 
 
 def _params():
@@ -39,21 +48,21 @@ def _params():
             if impl is None or b == "torch":
                 continue
             cases = decl.cases
-            if b in INTERPRETED:  # slow: a sample of the light cases (test_triton_*.py has the rest)
+            if b in INTERPRETED and _device(b) == "cpu":  # slow: a sample of the light cases (test_triton_*.py has the rest)
                 cases = [c for c in cases if not c.heavy][::4]
             for case in cases:
                 for dtype in decl.tolerance:
                     if dtype not in impl.dtypes or (case.dtypes is not None and dtype not in case.dtypes):
                         continue
-                    if b in INTERPRETED and dtype not in INTERPRETER_DTYPES:
+                    if b in INTERPRETED and _device(b) == "cpu" and dtype not in INTERPRETER_DTYPES:
                         continue
                     out.append(pytest.param(name, b, dtype, case, id=f"{name}-{b}-{str(dtype)[6:]}-{case.id}"))
     return out
 
 
-def _inputs(decl, case, dtype, seed=0):
+def _inputs(decl, case, dtype, backend, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    args = list(case.make(dtype, "cpu", gen))
+    args = list(case.make(dtype, _device(backend), gen))
     for i, a in enumerate(decl.args):
         if a.grad and args[i] is not None:
             args[i] = args[i].detach().requires_grad_()
@@ -77,7 +86,7 @@ def _run(fn, decl, args, upstream):
 
 def _upstream(outs, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    return [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
 
 
 def _f64(decl, args):
@@ -104,7 +113,7 @@ def _close(actual, expected, tol, name):
 def test_op_matches_reference(op, backend, dtype, case):
     decl = registry.OPS[op]
     fn = getattr(ops, op)
-    args = _inputs(decl, case, dtype)
+    args = _inputs(decl, case, dtype, backend)
     outs = _as_tuple(fn(*args, backend=backend))
     upstream = _upstream(outs)
     ins = _grad_inputs(decl, args)
@@ -161,7 +170,7 @@ def test_kernel_ops_pass_opcheck(op, backend):
     decl = registry.OPS[op]
     impl = registry.implementation(op, backend)
     for case in _light_cases(decl)[:2]:
-        args = _inputs(decl, case, torch.float32)
+        args = _inputs(decl, case, torch.float32, backend)
         prepared = list(args)
         torch.library.opcheck(impl.forward, tuple(prepared))
         if impl.backward is not None:
@@ -203,7 +212,7 @@ def test_eager_fast_path_follows_the_declaration_bitwise(op, backend, dtype):
     impl = registry.implementation(op, backend)
     cases = list(_light_cases(decl))
     for case in cases:
-        args = _inputs(decl, case, dtype)
+        args = _inputs(decl, case, dtype, backend)
         # every subset of differentiable inputs that require grad, all of them first
         ins = _grad_inputs(decl, args)
         for k in range(len(ins), 0, -1):
@@ -230,7 +239,7 @@ def test_backward_is_bitwise_repeatable(op, backend):
     case = _light_cases(decl)[-1]
     results = []
     for _ in range(2):
-        args = _inputs(decl, case, torch.float32)
+        args = _inputs(decl, case, torch.float32, backend)
         outs, grads = _run(lambda *a: getattr(ops, op)(*a, backend=backend), decl, args,
                            _upstream(_as_tuple(getattr(ops, op)(*_detached(args), backend=backend))))
         results.append(list(outs) + list(grads))
@@ -244,7 +253,7 @@ def test_compile_fullgraph_matches_eager(op, backend):
     decl = registry.OPS[op]
     case = _light_cases(decl)[1]
     fn = getattr(ops, op)
-    args = _inputs(decl, case, torch.float32)
+    args = _inputs(decl, case, torch.float32, backend)
     eager_outs = _as_tuple(fn(*args, backend=backend))
     upstream = _upstream(eager_outs)
     _, eager_grads = _run(lambda *a: fn(*a, backend=backend), decl, args, upstream)
@@ -466,3 +475,22 @@ def test_kernels_package_imports_nothing_from_barkgpt():
                         f"{f} imports from the package's __init__ (a back-edge)"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("barkgpt") for a in node.names), f
+
+
+def test_a_bad_declaration_is_refused_at_import():
+    base = dict(name="t", doc="", results=("y",), returns=1, check=None, reference=None, fake=None)
+    x = Arg("x", "Tensor", grad=True)
+    with pytest.raises(ValueError, match="only tensors can have gradients"):
+        Arg("k", "int", 1, grad=True)
+    with pytest.raises(ValueError, match="unknown type"):
+        Arg("k", "long")
+    with pytest.raises(ValueError, match="returns must be in 1..1"):
+        OpDecl(args=(x,), **{**base, "returns": 2})
+    with pytest.raises(ValueError, match="backward argument 'z' is not an input, result or kept value"):
+        OpDecl(args=(x,), backward=Backward(args=("z",), grads=("x",), fake=None), **base)
+    with pytest.raises(ValueError, match="'k' is not a tensor; declare it in `keep`"):
+        OpDecl(args=(x, Arg("k", "int", 1)), backward=Backward(args=("x", "k"), grads=("x",), fake=None), **base)
+    with pytest.raises(ValueError, match="gradient for unknown input 'w'"):
+        OpDecl(args=(x,), backward=Backward(args=("x",), grads=("w",), fake=None), **base)
+    with pytest.raises(ValueError, match="already declared"):
+        registry.declare_op(registry.OPS["layer_norm"])

@@ -59,9 +59,76 @@ def test_peak_unknown_is_none_and_env_overrides(monkeypatch):
     monkeypatch.delenv(perf.PEAK_ENV_VAR, raising=False)
     assert perf.peak_flops("Some Future GPU", torch.bfloat16) is None
     assert perf.peak_flops("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bf16 on Volta
-    assert perf.peak_flops(device="cpu", dtype=torch.float32) is None  # CPU: n/a, never a guess
+    assert perf.peak_flops(device="cpu", dtype=torch.float16) is None  # CPU: measured fp32/bf16 only, never a guess
+    assert perf.peak_source("cpu") == "measured" and perf.peak_source(name="Some Future GPU") is None
     monkeypatch.setenv(perf.PEAK_ENV_VAR, "2.5")
     assert perf.peak_flops(device="cpu", dtype=torch.float32) == pytest.approx(2.5e12)
+    assert perf.peak_source("cpu") == "env"
+
+
+@pytest.fixture
+def peak_cache(tmp_path, monkeypatch):
+    """A private cache file and memo, and a probe that counts its calls."""
+    monkeypatch.setenv("BARKGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(perf.PEAK_ENV_VAR, raising=False)
+    monkeypatch.setattr(perf, "_cpu_peak_memo", {})
+    calls = []
+
+    def probe(dtype, n=512, seconds=0.3):
+        calls.append(dtype)
+        return {torch.float32: 1.25e11, torch.bfloat16: 3.5e11}[dtype]
+
+    monkeypatch.setattr(perf, "probe_matmul_flops", probe)
+    return tmp_path, calls
+
+
+def test_cpu_peak_is_measured_once_and_cached_per_cpu_torch_threads_dtype(peak_cache, monkeypatch):
+    import json
+
+    tmp_path, calls = peak_cache
+    assert perf.peak_flops(device="cpu", dtype=torch.float32) == 1.25e11
+    assert perf.peak_flops(device="cpu", dtype=torch.bfloat16) == 3.5e11
+    assert perf.peak_flops(device="cpu", dtype=torch.float32) == 1.25e11
+    assert calls == [torch.float32, torch.bfloat16]  # the second fp32 lookup measured nothing
+    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
+    (key,) = [k for k in cache if k.endswith("fp32")]
+    assert perf.cpu_model() in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+    # a new process (empty memo) reads the file instead of probing again
+    monkeypatch.setattr(perf, "_cpu_peak_memo", {})
+    assert perf.measured_cpu_peak(torch.float32) == 1.25e11 and len(calls) == 2
+    assert perf.measured_cpu_peak(torch.float32, refresh=True) == 1.25e11 and len(calls) == 3
+    # another thread count is another machine configuration: measured again
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    perf.measured_cpu_peak(torch.float32)
+    assert len(calls) == 4 and any("97 threads" in k for k in json.loads((tmp_path / "cpu_peak.json").read_text()))
+
+
+def test_cpu_peak_survives_a_corrupt_cache(peak_cache):
+    tmp_path, calls = peak_cache
+    (tmp_path / "cpu_peak.json").write_text("{not json")
+    assert perf.measured_cpu_peak(torch.float32) == 1.25e11 and len(calls) == 1
+
+
+def test_probe_measures_a_real_matmul_rate():
+    rate = perf.probe_matmul_flops(torch.float32, n=128, seconds=0.05)
+    # 2 * 128^3 FLOPs take more than a nanosecond and less than a second on any CPU
+    assert 4.2e6 < rate < 4.2e15
+
+
+def test_training_reports_mfu_on_cpu_against_the_measured_peak(peak_cache, tmp_path):
+    import json
+    import os
+
+    import barkgpt
+
+    r = barkgpt.train(steps=10, log_every=5, eval_every=10, out=str(tmp_path / "run"), progress=False,
+                      sample=False, backend="torch", log=lambda m: None)
+    events = [json.loads(x) for x in open(os.path.join(r.out_dir, "metrics.jsonl"))]
+    logged = [e for e in events if "tokens_per_sec" in e]
+    assert logged and all("mfu" in e for e in logged)
+    fpt = r.model.flops_per_token()
+    for e in logged:
+        assert e["mfu"] == pytest.approx(fpt * e["tokens_per_sec"] / 1.25e11, rel=1e-9)
 
 
 def test_device_kind_cpu():

@@ -314,3 +314,215 @@ def test_a_kill_while_pruning_never_leaves_a_partial_checkpoint(tmp_path, monkey
     for _, path in list_checkpoints(out):  # every checkpoint still listed is complete
         barkgpt.checkpoint.load_training_checkpoint(path)
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]
+
+
+# ---- issue #18: concurrent runs, changed data, resume settings, metrics, foreign --out, umask, SIGTERM ----
+
+def _wait_for(cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
+    # 18.4: two runs on one --out corrupted it; now the directory is locked while a run uses it
+    out = str(tmp_path / "run")
+    first = subprocess.Popen(TRAIN[:5] + ["100000", "--save-every", "2"] + TRAIN[6:] + ["--out", out], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: list_checkpoints(out) or first.poll() is not None)
+        assert first.poll() is None
+        for kw in (dict(), dict(resume=True)):  # neither a new run nor a resume may share it
+            with pytest.raises(barkgpt.TrainingError, match=rf"in use by another barkgpt run \(pid {first.pid}\b"):
+                barkgpt.train(steps=4, out=out, progress=False, sample=False, log=lambda m: None, **kw)
+        r = subprocess.run(TRAIN + ["--out", out, "--resume"], env=ENV, capture_output=True, text=True)
+        assert r.returncode == 2 and f"pid {first.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # the lock died with its process: a killed run never blocks its resume
+    r = barkgpt.train(out=out, resume=True, steps=list_checkpoints(out)[-1][0] + 1, progress=False, sample=False,
+                      log=lambda m: None, backend="torch")
+    assert len(r.losses) == list_checkpoints(out)[-1][0]
+
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 400
+TINY_TEXT = dict(model=dict(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16), eval_every=100,
+                 progress=False, sample=False, backend="torch", log=lambda m: None)
+
+
+def _crashed_text_run(tmp_path):
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+
+    def crash(step, loss):
+        if step == 3:
+            raise RuntimeError("crash")
+    out = str(tmp_path / "r")
+    with pytest.raises(RuntimeError):
+        barkgpt.train(data=str(data), steps=6, save_every=2, out=out, on_step=crash, **TINY_TEXT)
+    return data, out
+
+
+@pytest.mark.parametrize("change", ["shorter", "same size"])
+def test_resume_refuses_changed_data_unless_told(tmp_path, change):
+    # 18.5: --resume after the data file changed continued silently
+    data, out = _crashed_text_run(tmp_path)
+    new = TEXT[:len(TEXT) // 2] if change == "shorter" else TEXT.replace("quick", "QUICK")
+    data.write_text(new)
+    with pytest.raises(barkgpt.TrainingError, match=r"data .*t\.txt.* changed since .*--allow-data-change"):
+        barkgpt.train(out=out, resume=True, **TINY_TEXT)
+    from barkgpt import cli
+    assert cli.main(["train", "--out", out, "--resume", "--no-progress", "--no-sample"]) == 2
+    # told so, it goes on (and records the new data, so the next resume does not ask again)
+    r = barkgpt.train(out=out, resume=True, allow_data_change=True, **TINY_TEXT)
+    assert len(r.losses) == 6
+    r = barkgpt.train(out=out, resume=True, steps=7, **TINY_TEXT)
+    assert len(r.losses) == 7
+    assert cli.main(["train", "--out", out, "--resume", "--steps", "8", "--no-progress", "--no-sample",
+                     "--allow-data-change"]) == 0
+
+
+def test_resume_accepts_unchanged_data(tmp_path):
+    data, out = _crashed_text_run(tmp_path)
+    os.utime(data)  # touched, not changed
+    assert len(barkgpt.train(out=out, resume=True, **TINY_TEXT).losses) == 6
+
+
+def test_python_api_refuses_conflicting_settings_on_resume(tmp_path):
+    # 18.6: a TrainConfig passed with resume=True was silently replaced by the stored run
+    from barkgpt.train import TrainConfig
+
+    out = str(tmp_path / "r")
+    barkgpt.train(steps=2, eval_every=2, out=out, progress=False, sample=False, log=lambda m: None)
+    with pytest.raises(barkgpt.TrainingError, match="preset='small' differs from the run being resumed"):
+        barkgpt.train(TrainConfig(out=out, preset="small", lr=0.5, batch_size=2), resume=True, log=lambda m: None)
+    with pytest.raises(barkgpt.TrainingError, match="lr=0.5 differs from the run being resumed"):
+        barkgpt.train(TrainConfig(out=out, lr=0.5), resume=True, log=lambda m: None)
+    with pytest.raises(barkgpt.TrainingError, match="batch_size=2 differs"):  # keywords over the config
+        barkgpt.train(TrainConfig(out=out), resume=True, batch_size=2, log=lambda m: None)
+    # settings a resume may change, and the run's own values, are accepted
+    r = barkgpt.train(TrainConfig(out=out, steps=4, preset="bark", progress=False, sample=False), resume=True,
+                      log=lambda m: None)
+    assert len(r.losses) == 4
+
+
+def test_a_corrupt_metrics_file_never_breaks_resume(tmp_path):
+    # 18.10: a line `null` gave an AttributeError, {"step": "7"} a TypeError
+    data, out = _crashed_text_run(tmp_path)
+    path = os.path.join(out, "metrics.jsonl")
+    good = open(path, "rb").read()
+    with open(path, "ab") as f:
+        f.write(b'null\n{"step": "7"}\n[1, 2]\n{"loss": 1.0}\n\xff\xfe not utf-8\n{"step": true}\n{"step": 1.5}\n{"step": 2, "tor')
+    said = []
+    r = barkgpt.train(out=out, resume=True, **{**TINY_TEXT, "log": said.append})
+    assert len(r.losses) == 6
+    assert any("metrics.jsonl" in m and "7 unreadable lines" in m for m in said), said
+    lines = [json.loads(x) for x in open(path, "rb")]  # every line is valid again
+    assert all(isinstance(e, dict) and type(e["step"]) is int for e in lines)
+    assert open(path, "rb").read().startswith(good)
+
+
+def test_a_non_empty_out_that_is_not_a_run_is_refused(tmp_path):
+    # 18.12: a foreign config.json / manifest.json in --out were overwritten
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"not": "barkgpt"}')
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(barkgpt.TrainingError, match=r"not empty and is not a barkgpt run.*config\.json.*notes\.txt"):
+        barkgpt.train(steps=2, out=str(out), progress=False, sample=False, log=lambda m: None)
+    assert (out / "config.json").read_text() == '{"not": "barkgpt"}' and sorted(os.listdir(out)) == ["config.json",
+                                                                                                 "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory is fine
+    barkgpt.train(steps=2, eval_every=2, out=str(empty), progress=False, sample=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_honour_the_umask(tmp_path, umask):
+    # 18.14: the rewritten metrics file was 0600 whatever the umask
+    old = os.umask(umask)
+    try:
+        data, out = _crashed_text_run(tmp_path)
+        barkgpt.train(out=out, resume=True, **TINY_TEXT)  # rewrites metrics.jsonl
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for name in ("metrics.jsonl", "train_config.json"):
+        assert oct(os.stat(os.path.join(out, name)).st_mode & 0o777) == oct(want), name
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+SIGTERM_RUN = CTRL_C_RUN.replace("signal.SIGINT", "signal.SIGTERM").replace("except KeyboardInterrupt:",
+                                                                            "except Terminated:") \
+    .replace("sys.exit(130)", "sys.exit(143)").replace("import barkgpt\n", "import barkgpt\nfrom barkgpt.train import Terminated\n")
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_bitwise(tmp_path, reference_run, dropout_config):
+    # 18.16: SIGTERM (timeout, Slurm, container stops) killed the run without saving
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-c", SIGTERM_RUN, dropout_config, out], env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 143, r.stderr
+    assert "SIGTERM" in r.stderr and "stopping at the next step boundary" in r.stderr
+    assert "terminated (SIGTERM): saved" in r.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [10]
+    subprocess.run(TRAIN + ["--out", out, "--resume"], env=ENV, check=True, capture_output=True)
+    _assert_same_run(out, reference_run)
+
+
+def test_sigterm_to_the_cli_saves_and_exits_non_zero(tmp_path):
+    out = str(tmp_path / "run")
+    p = subprocess.Popen(TRAIN[:5] + ["100000", "--save-every", "0"] + TRAIN[6:] + ["--out", out], env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and
+              os.path.getsize(os.path.join(out, "metrics.jsonl")) > 0 or p.poll() is not None)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert list_checkpoints(out), "nothing saved"
+    step = list_checkpoints(out)[-1][0]
+    assert f"terminated (SIGTERM): saved {latest_checkpoint(out)}" in err
+    assert "Traceback" not in err
+    r = barkgpt.train(out=out, resume=True, steps=step + 1, progress=False, sample=False, log=lambda m: None)
+    assert len(r.losses) == step + 1
+
+
+def test_resume_of_a_missing_directory_says_it_does_not_exist(tmp_path):
+    with pytest.raises(barkgpt.TrainingError, match=r"does not exist"):
+        barkgpt.train(out=str(tmp_path / "nope"), resume=True, log=lambda m: None)
+
+
+def test_sigterm_under_torchrun_stops_every_rank_saves_and_resumes(tmp_path):
+    # torchrun passes a SIGTERM it gets on to its processes: they stop at one step, rank 0 saves
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    model = tmp_path / "m.json"
+    model.write_text(json.dumps(TINY_TEXT["model"]))
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("BARKGPT_BACKEND", None)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "barkgpt", "train", "--data", str(data), "--config", str(model), "--steps", "100000",
+                          "--save-every", "0", "--eval-every", "100000", "--batch-size", "4", "--device", "cpu",
+                          "--backend", "torch", "--out", out, "--no-progress", "--no-sample"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    try:
+        _wait_for(lambda: (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or p.poll() is not None, 240)
+        assert p.poll() is None, p.communicate()[1]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    ck = list_checkpoints(out)
+    assert ck, err
+    assert err.count(f"terminated (SIGTERM): saved {ck[-1][1]}") == 1, err  # rank 0 says it, once
+    assert err.count("barkgpt: SIGTERM: stopping at the next step boundary") == 1, err
+    r = barkgpt.train(out=out, resume=True, steps=ck[-1][0] + 1, progress=False, sample=False, log=lambda m: None)
+    assert len(r.losses) == ck[-1][0] + 1

@@ -123,19 +123,21 @@ def test_unknown_option():
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
-    from barkgpt.model import BarkGPT
+    from barkgpt import ops
 
-    real = BarkGPT.loss_from_logits
+    # The training forward's loss is the fused head + loss (ops.linear_cross_entropy; evaluation
+    # does not call it here).
+    real = ops.linear_cross_entropy
     calls = {"n": 0}
 
     poison_at = {6}  # training forward number = step number (eval_every=100: no eval calls between)
 
-    def poisoned(logits, targets, ignore_index=-100):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss = real(logits, targets, ignore_index)
+        loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in poison_at else loss
 
-    monkeypatch.setattr(BarkGPT, "loss_from_logits", staticmethod(poisoned))
+    monkeypatch.setattr(ops, "linear_cross_entropy", poisoned)
     out = str(tmp_path / "r")
     with pytest.raises(TrainingError, match="non-finite loss at step 6.*step_00000004.*--skip-nonfinite"):
         barkgpt.train(steps=10, save_every=2, eval_every=100, out=out, **FAST)

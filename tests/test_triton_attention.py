@@ -264,7 +264,7 @@ def test_model_forward_backward_triton_matches_torch(causal):
     g = torch.randn(3, 37, 23, device=DEVICE)
     results = []
     for m in (ref, tri):
-        logits, loss = m(idx, tgt)
+        logits, loss = m(idx, tgt, return_logits=True)
         (loss + (logits * g).sum()).backward()
         results.append((logits.detach(), loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     (l_ref, loss_ref, g_ref), (l_tri, loss_tri, g_tri) = results

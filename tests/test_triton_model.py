@@ -22,7 +22,7 @@ def _pair(config):
 
 def _step(model, idx, tgt, g):
     model.zero_grad(set_to_none=True)
-    logits, loss = model(idx, tgt)
+    logits, loss = model(idx, tgt, return_logits=True)
     (loss + (logits.float() * g).sum()).backward()
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
