@@ -38,8 +38,8 @@ from . import _build, _cache_dir, opdecls
 from ._build import source_files, sources_hash
 from .registry import implementation, register_impl, register_kernels
 
-__all__ = ["layer_norm", "attention", "embedding_add", "linear_cross_entropy", "unavailable_reason",
-           "LIBRARY", "BUILD"]
+__all__ = ["layer_norm", "attention", "embedding_add", "linear_cross_entropy", "cached_attention",
+           "unavailable_reason", "LIBRARY", "BUILD"]
 
 _NS = "barkgpt_cpp"
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -282,7 +282,8 @@ def _register() -> None:
     # op declaration -> argument adaptation before the kernels (None: none). Out-of-range ids
     # raise IndexError inside the C++ embedding kernel (same message as check_token_ids),
     # compiled or not, before any table row is read.
-    kernels = [(opdecls.LAYER_NORM, None), (opdecls.ATTENTION, None), (opdecls.EMBEDDING_ADD, opdecls.promote_tables)]
+    kernels = [(opdecls.LAYER_NORM, None), (opdecls.ATTENTION, None), (opdecls.EMBEDDING_ADD, opdecls.promote_tables),
+               (opdecls.CACHED_ATTENTION, None)]
     for decl, prepare in kernels:
         has_bwd = decl.backward is not None
         eager = getattr(_ops, decl.name).default if _op_registered(decl.name) else None
@@ -329,3 +330,4 @@ register_impl(dataclasses.replace(_lce_impl, call=linear_cross_entropy))
 layer_norm = implementation("layer_norm", "cpp").call
 attention = implementation("attention", "cpp").call
 embedding_add = implementation("embedding_add", "cpp").call
+cached_attention = implementation("cached_attention", "cpp").call

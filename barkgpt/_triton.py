@@ -16,6 +16,7 @@ import torch
 
 from . import kernels, opdecls
 from .kernels import attention as _attention
+from .kernels import cached_attention as _cached_attention
 from .kernels import embedding as _embedding
 from .kernels import layer_norm as _layer_norm
 from .kernels import linear_cross_entropy as _lce
@@ -47,6 +48,8 @@ register_kernels(opdecls.ATTENTION, "triton", _NS, _attention.attention_fwd, _at
 register_kernels(opdecls.EMBEDDING_ADD, "triton", _NS, _embedding.embedding_add_fwd,
                  _embedding.embedding_add_bwd, dtypes=_embedding.SUPPORTED_DTYPES,
                  prepare=opdecls.promote_tables)
+register_kernels(opdecls.CACHED_ATTENTION, "triton", _NS, _cached_attention.cached_attention_fwd, None,
+                 dtypes=_cached_attention.SUPPORTED_DTYPES, precheck=_cached_attention.check_inputs)
 
 
 # linear_cross_entropy: the declared kernels under torch.compile; eager calls go through

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from ._checks import check_token_ids
 from .config import ConfigError, GPTConfig
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -69,12 +70,22 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rt = rt
 
-    def forward(self, x):
+    def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         # Strided views of the fused projection: (B, nh, T, hs) each, no copies.
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = ops.attention(q, k, v, causal=self.causal, backend=self.rt.backend)  # (B, nh, T, hs)
+        if cache is None:
+            y = ops.attention(q, k, v, causal=self.causal, backend=self.rt.backend)  # (B, nh, T, hs)
+        else:
+            off = cache.length
+            kc, vc = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
+            kc[:, :, off:off + T] = k
+            vc[:, :, off:off + T] = v
+            if off == 0 and cache.start is None:  # a prompt with no padding: plain causal attention
+                y = ops.attention(q, k, v, causal=True, backend=self.rt.backend)
+            else:
+                y = ops.cached_attention(q, kc, vc, cache.start, off, backend=self.rt.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -108,12 +119,35 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, rt)
         self.ff = FeedForward(config)
 
-    def forward(self, x):
+    def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
         if self.norm_first:  # GPT-2: x + f(LN(x))
-            x = x + self.attn(self.norm1(x))
+            x = x + self.attn(self.norm1(x), cache, layer)
             return x + self.ff(self.norm2(x))
-        x = self.norm1(x + self.attn(x))  # the article's nn.TransformerEncoderLayer: LN(x + f(x))
+        x = self.norm1(x + self.attn(x, cache, layer))  # the article's nn.TransformerEncoderLayer: LN(x + f(x))
         return self.norm2(x + self.ff(x))
+
+
+class KVCache:
+    """Keys and values of every layer for generation: ``k``/``v`` of shape
+    (n_layer, B, n_head, block_size, head_dim), preallocated once in the model's dtype on its
+    device. ``length`` positions are filled; ``start`` (B,) is each row's first real position
+    (left padding) or None when no row is padded."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, dtype: torch.dtype, device):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
+        # Never read before written (cached_attention reads positions < length only).
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.start: Optional[torch.Tensor] = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self, start: Optional[torch.Tensor] = None) -> None:
+        self.length, self.start = 0, start
 
 
 class BarkGPT(nn.Module):
@@ -182,16 +216,23 @@ class BarkGPT(nn.Module):
     fused_loss_min_vocab: int = 0
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                return_logits: bool = False):
+                return_logits: bool = False, cache: Optional[KVCache] = None):
         """Inference (no ``targets``): the logits ``(B, T, vocab_size)``.
 
         With ``targets`` (B, T): ``(None, loss)``, the mean cross-entropy over targets that are not
         ``ignore_index`` (0 when all are). The head and the loss are fused
         (``ops.linear_cross_entropy``): the (B, T, vocab_size) logits are never built, in training
         and in evaluation. ``return_logits=True`` gives ``(logits, loss)`` instead, through the
-        plain head + cross-entropy path."""
+        plain head + cross-entropy path.
+
+        With ``cache`` (generation): ``idx`` continues the cached positions, its keys and values
+        are appended, and only the last position's logits are returned, (B, 1, vocab_size)."""
         if idx.dim() != 2:
             raise ValueError(f"BarkGPT expects token ids of shape (B, T), got {tuple(idx.shape)}")
+        if cache is not None:
+            if targets is not None:
+                raise ValueError("a forward pass with a KV cache is for generation: it takes no targets")
+            return self.forward_cached(idx, cache)[:, None]
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
@@ -274,11 +315,35 @@ class BarkGPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
 
     # ---- generation ------------------------------------------------------------------------
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run ``idx`` (B, T), the tokens at positions ``cache.length ..`` of each row, against
+        ``cache`` (appending their keys and values) and return the last position's logits (B, V).
+        Row ``b``'s position ids count from ``cache.start[b]`` (its left padding)."""
+        B, T = idx.shape
+        off = cache.length
+        if off + T > cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} positions; {off} are used and {T} more "
+                             f"were given (past block_size generate slides the window)")
+        if off == 0 and cache.start is None:
+            x = ops.embedding_add(idx, self.token_emb.weight, self.pos_emb.weight, backend=self.rt.backend)
+        else:
+            pos = torch.arange(off, off + T, device=idx.device).expand(B, T)
+            if cache.start is not None:  # padding positions get id 0; nothing attends to them
+                pos = (pos - cache.start[:, None]).clamp(min=0)
+            check_token_ids(idx, self.config.vocab_size)
+            x = F.embedding(idx, self.token_emb.weight) + F.embedding(pos, self.pos_emb.weight)
+        x = self.drop(x)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        cache.length = off + T
+        return self.head(self.ln_f(x[:, -1:]))[:, 0]  # (B, V): the head on the last position only
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                  top_k: Optional[int] = 40, top_p: Optional[float] = None, greedy: bool = False,
                  eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 on_token: Optional[Callable[[torch.Tensor], Optional[bool]]] = None):
+                 on_token: Optional[Callable[[torch.Tensor], Optional[bool]]] = None,
+                 use_cache: bool = True, prompt_lengths=None):
         """Sample ``max_new_tokens`` continuations of ``idx`` (B, T). Stops early once every
         row has produced ``eos_token_id`` (finished rows are padded with it).
 
@@ -290,26 +355,44 @@ class BarkGPT(nn.Module):
         restriction); ``greedy`` (or ``temperature=0``; a tiny positive one samples the same
         limit) takes the most likely token. Each step the model sees the last ``block_size``
         tokens of a row (the returned rows keep all of theirs). ``generator`` makes the draws
-        reproducible."""
+        reproducible.
+
+        ``prompt_lengths`` (B ints): prompts of different lengths, left-padded in ``idx`` (row
+        ``b``'s prompt is its last ``prompt_lengths[b]`` tokens; the padding ids are ignored and
+        kept in the result). ``use_cache`` (default): one forward pass over the prompts, then one
+        token per step against per-layer key/value caches (:class:`KVCache`); once a row would
+        pass ``block_size`` the cache is rebuilt from the last ``block_size`` tokens at every
+        step, which is what the uncached model sees. ``use_cache=False`` runs the whole window
+        through the model for every token (non-causal models always do: a new token changes
+        every earlier position's output)."""
         from .generate import sample_next
 
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if idx.dim() != 2:
+            raise ValueError(f"generate expects token ids of shape (B, T) or (T,), got {tuple(idx.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        B, T0 = idx.shape
+        lengths = self._prompt_lengths(prompt_lengths, B, T0)
         was_training = self.training
         self.eval()
         try:
-            done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            if use_cache and self.config.causal:
+                next_logits = self._cached_logits(B, lengths)
+            else:
+                next_logits = self._uncached_logits(lengths)
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            nxt = None
             for _ in range(max_new_tokens):
-                ctx = idx[:, -self.config.block_size:]
-                logits = self(ctx)[:, -1, :].float()
+                logits = next_logits(idx, nxt).float()
                 nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                   greedy=greedy, generator=generator)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
+                lengths += 1
                 if on_token is not None and on_token(nxt):
                     break
                 if eos_token_id is not None and bool(done.all()):
@@ -317,6 +400,61 @@ class BarkGPT(nn.Module):
         finally:
             self.train(was_training)
         return idx
+
+    @staticmethod
+    def _prompt_lengths(prompt_lengths, B: int, T: int) -> torch.Tensor:
+        """Each row's prompt length as a CPU int64 tensor (B,), checked."""
+        if prompt_lengths is None:
+            if T < 1:
+                raise ValueError("generate needs a prompt of at least one token per row")
+            return torch.full((B,), T, dtype=torch.int64)
+        lengths = torch.as_tensor(prompt_lengths).detach().to("cpu").reshape(-1)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.numel() != B:
+            raise ValueError(f"prompt_lengths must be {B} ints (one per row of idx), got {prompt_lengths!r}")
+        lengths = lengths.to(torch.int64)
+        if bool((lengths < 1).any()) or bool((lengths > T).any()):
+            raise ValueError(f"prompt_lengths must be in 1..{T} (the width of idx), got {lengths.tolist()}")
+        return lengths.clone()
+
+    def _uncached_logits(self, lengths: torch.Tensor):
+        bs = self.config.block_size
+
+        def next_logits(idx, nxt):
+            T = idx.shape[1]
+            if bool((lengths == T).all()):
+                return self(idx[:, -bs:])[:, -1, :]
+            # ragged rows: each row's own tokens, one row at a time
+            rows = [self(idx[b:b + 1, T - int(n):][:, -bs:])[:, -1, :] for b, n in enumerate(lengths.tolist())]
+            return torch.cat(rows, dim=0)
+
+        return next_logits
+
+    def _cached_logits(self, B: int, lengths: torch.Tensor):
+        w = self.token_emb.weight
+        cache = KVCache(self.config, B, w.dtype, w.device)
+        bs = self.config.block_size
+
+        def prefill(idx):
+            ctx = lengths.clamp(max=bs)  # each row's last block_size tokens at most
+            P = int(ctx.max())
+            start = P - ctx
+            window = idx[:, -P:]
+            if bool(start.any()):
+                start = start.to(w.device)
+                # padding ids are never attended to: any value may stand there (-1, a pad id)
+                pad = torch.arange(P, device=w.device)[None, :] < start[:, None]
+                window = window.masked_fill(pad, 0)
+                cache.reset(start)
+            else:
+                cache.reset(None)
+            return self(window, cache=cache)[:, 0]
+
+        def next_logits(idx, nxt):
+            if nxt is None or cache.length >= bs:  # first step, or the window slides: rebuild
+                return prefill(idx)
+            return self(nxt[:, None], cache=cache)[:, 0]
+
+        return next_logits
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, directory: str) -> str:

@@ -178,6 +178,103 @@ ATTENTION = declare_op(OpDecl(
 ))
 
 
+# ---- cached_attention (inference) --------------------------------------------------------------
+
+def check_cached_attention(q, k, v, start=None, offset=0) -> None:
+    op = "cached_attention"
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        tensor(n, t)
+        float_tensor(op, n, t)
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {n} must have shape (B, H, T, D), got {tuple(t.shape)}")
+    same_device(op, q=q, k=k, v=v, start=start)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, Tq, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"{op}: k and v must have shape (B, H, S, D) = ({B}, {H}, S, {D}) to match q, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if D < 1:
+        raise ValueError(f"{op}: head dim must be at least 1")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{op}: offset must be an int >= 0 (the position of the first query), got {offset!r}")
+    if offset + Tq > k.shape[2]:
+        raise ValueError(f"{op}: queries at positions {offset}..{offset + Tq - 1} need a cache of at least "
+                         f"{offset + Tq} keys, k and v hold {k.shape[2]}")
+    if start is not None:
+        tensor("start", start)
+        if start.dtype not in (torch.int64, torch.int32) or start.shape != (B,):
+            raise ValueError(f"{op}: start must be an int64/int32 tensor of shape ({B},) (the first key of each "
+                             f"row), got {start.dtype} {tuple(start.shape)}")
+
+
+def _cached_attention_fake(q, k, v, start, offset):
+    return q.new_empty(q.shape)
+
+
+def _cached_attention_case(B, H, Tq, D, offset, extra=3, start=None, view=False):
+    """Queries at offset.. against a cache of offset + Tq + extra keys whose unused tail is NaN
+    (a kernel that reads past offset + Tq fails); ``start``: per-row first key (left padding)."""
+    def make(dtype, device, gen):
+        S = offset + Tq + extra
+        q = _randn(gen, B, H, Tq, D, dtype=dtype, device=device)
+        if view:  # k and v as one layer of a stacked (layers, 2, B, H, S, D) cache
+            kv = _randn(gen, 2, 2, B, H, S, D, dtype=dtype, device=device)
+            k, v = kv[1, 0], kv[1, 1]
+        else:
+            k, v = (_randn(gen, B, H, S, D, dtype=dtype, device=device) for _ in range(2))
+        if extra:
+            k[:, :, offset + Tq:] = float("nan")
+            v[:, :, offset + Tq:] = float("nan")
+        st = None if start is None else torch.tensor(start, dtype=torch.int64, device=device)
+        return q, k, v, st, offset
+    return make
+
+
+def _cached_attention_cases():
+    C = _cached_attention_case
+    cases = []
+    for D in (1, 3, 8, 24, 64, 80, 128, 256):  # decode: one query
+        for off in (0, 1, 16, 100, 257):
+            light = off <= 16 and D <= 64
+            cases.append(Case(f"decode-off{off}-D{D}", C(2, 2, 1, D, off), heavy=not light))
+    for Tq, off in ((2, 0), (5, 7), (17, 0), (17, 30), (64, 65), (130, 3)):  # prefill / chunks
+        for D in (3, 16, 64, 97):
+            light = Tq <= 17 and off <= 30 and D <= 64
+            cases.append(Case(f"q{Tq}-off{off}-D{D}", C(2, 3, Tq, D, off), heavy=not light))
+    cases += [
+        Case("decode-start", C(3, 2, 1, 16, 9, start=[0, 4, 9])),
+        Case("prefill-left-padded", C(3, 2, 6, 8, 0, start=[0, 2, 5])),  # rows 1, 2: padding queries see no key
+        Case("chunk-start", C(2, 2, 4, 24, 5, start=[3, 0])),
+        Case("start-past-every-query", C(2, 1, 3, 8, 2, start=[10, -4])),
+        Case("stacked-cache-view", C(2, 2, 3, 16, 11, view=True)),
+        Case("decode-long", C(1, 2, 1, 64, 1000, start=[20]), heavy=True),
+    ]
+    return tuple(cases)
+
+
+CACHED_ATTENTION = declare_op(OpDecl(
+    name="cached_attention",
+    doc="Attention of queries ``q`` (B, H, Tq, D) at positions ``offset + i`` against a K/V cache "
+        "(B, H, S, D): causal with that offset, keys before ``start[b]`` masked (left padding), keys "
+        "from ``offset + Tq`` on unused. Inference only: no gradients.",
+    args=(Arg("q", "Tensor"), Arg("k", "Tensor"), Arg("v", "Tensor"), Arg("start", "Tensor?", None),
+          Arg("offset", "int", 0)),
+    results=("out",), returns=1,
+    check=check_cached_attention,
+    reference=reference.cached_attention_ref,
+    fake=_cached_attention_fake,
+    backward=None,  # an inference op: generation under torch.no_grad()
+    flops=lambda q, k, v, start, offset, mode="fwd": 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * (
+        offset + (q.shape[2] + 1) / 2) * q.shape[3],
+    bytes=lambda q, k, v, start, offset, mode="fwd": float(q.element_size()) * q.shape[0] * q.shape[1] * q.shape[3] * (
+        2 * q.shape[2] + 2 * (offset + q.shape[2])),
+    tolerance=TOLERANCE,
+    cases=_cached_attention_cases(),
+    dtype_args=("q",),
+))
+
+
 # ---- embedding_add ---------------------------------------------------------------------------
 
 def check_embedding_add(idx, tok_weight, pos_weight) -> None:

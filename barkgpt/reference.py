@@ -6,6 +6,11 @@ Semantics every backend must match:
   math in fp32 (fp64 for fp64), result in ``x.dtype``. ``bias`` may be None.
 * ``attention_ref(q, k, v, causal)``: ``(B, H, T, D)`` inputs, scale ``1/sqrt(D)``,
   the meaning of ``F.scaled_dot_product_attention`` (no dropout).
+* ``cached_attention_ref(q, k, v, start, offset)``: attention of queries ``(B, H, Tq, D)`` at
+  positions ``offset .. offset + Tq - 1`` against a key/value cache ``(B, H, S, D)`` (S >=
+  ``offset + Tq``, keys past ``offset + Tq`` unused): query ``i`` of row ``b`` sees keys ``j`` with
+  ``start[b] <= j <= offset + i`` (``start`` None: 0), scale ``1/sqrt(D)``; a query that sees no
+  key gives zeros. Math in fp32 (fp64 for fp64), result in ``q.dtype``. Inference only.
 * ``embedding_add_ref(idx, tok_weight, pos_weight)``: ``tok_weight[idx] + pos_weight[:T]``
   for ``idx`` of shape ``(B, T)``.
 * ``linear_cross_entropy_ref(x, weight, targets, bias, ignore_index, reduction)``: the
@@ -17,6 +22,7 @@ Backward is PyTorch autograd through these definitions.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -44,6 +50,24 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     # host sync, and on a detached q, so autograd adds only the add's pass-through.
     qd = q.detach()
     return out + (qd - qd).sum(dim=-1, keepdim=True)  # (B, H, T, 1): 0, or NaN for a bad row
+
+
+def cached_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Optional[torch.Tensor],
+                         offset: int) -> torch.Tensor:
+    Tq, D = q.shape[-2], q.shape[-1]
+    L = offset + Tq  # keys in use
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(acc), k[:, :, :L].to(acc), v[:, :, :L].to(acc)
+    s = (qf @ kf.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, Tq, L)
+    kpos = torch.arange(L, device=q.device)
+    ok = kpos[None, :] <= (offset + torch.arange(Tq, device=q.device))[:, None]  # (Tq, L)
+    ok = ok[None, None]
+    if start is not None:
+        ok = ok & (kpos[None, None, None, :] >= start.to(q.device)[:, None, None, None])
+    s = s.masked_fill(~ok, float("-inf"))
+    any_key = ok.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~any_key, 0.0), dim=-1) * any_key  # no key: zeros, not NaN
+    return (p @ vf).to(q.dtype)
 
 
 def embedding_add_ref(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, for a lent GPU machine (no network there: installs nothing from it).
 #
-#   benchmarks/run_gpu.sh [all|tests|bench|tune|lce]      (default: all)
+#   benchmarks/run_gpu.sh [all|tests|bench|tune|generate|lce]      (default: all)
 #
 # 1. makes barkgpt importable: `pip install --no-deps --no-build-isolation --no-index -e .`,
 #    else a throw-away package tree on PYTHONPATH (kernels/ mapped to barkgpt.kernels);
@@ -13,6 +13,9 @@
 # tune (only when asked): times the attention tile candidates on this GPU
 #    (`python -m barkgpt.kernels._attention_config`) and leaves the table lines to paste into
 #    kernels/_attention_config.py in gpu-attention-tune.log.
+# generate (only when asked): generation with the KV cache against transformers and the uncached
+#    path at GPT-2 small's shape (benchmarks/bench_generate.py --size full, fp32), results in
+#    generate-cuda-full.{json,md} plus gpu-generate.log (about 2 minutes on an H100-class GPU).
 # Everything lands in $OUT when set (the device tool brings that folder back), else in
 # benchmarks/out/ (git ignores it; copy curated results into benchmarks/results/). The whole run
 # fits RUN_GPU_BUDGET_S seconds (default 540, for a 10-minute device call): the tests get at most RUN_GPU_TESTS_S, and the benchmarks stop starting
@@ -21,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-all}
-case "$MODE" in all|tests|bench|tune|lce) ;; *) echo "usage: $0 [all|tests|bench|tune|lce]" >&2; exit 2 ;; esac
+case "$MODE" in all|tests|bench|tune|generate|lce) ;; *) echo "usage: $0 [all|tests|bench|tune|generate|lce]" >&2; exit 2 ;; esac
 START=$(date +%s)
 BUDGET=${RUN_GPU_BUDGET_S:-540}
 TESTS_S=${RUN_GPU_TESTS_S:-180}
@@ -71,6 +74,12 @@ if [ "$MODE" = tune ]; then
     exit "${PIPESTATUS[0]}"
 fi
 
+if [ "$MODE" = generate ]; then
+    echo "== generation benchmark (at most $(( BUDGET - $(elapsed) ))s)"
+    timeout -s INT -k 15 $(( BUDGET - $(elapsed) )) $PY benchmarks/bench_generate.py --size full --device cuda \
+        --out "$DEST" 2>&1 | tee "$DEST/gpu-generate.log"
+    exit "${PIPESTATUS[0]}"
+fi
 if [ "$MODE" = lce ]; then
     echo "== linear_cross_entropy: gpu tests, then its benchmark group"
     timeout -s INT -k 15 "$TESTS_S" $PY -m pytest tests/test_linear_cross_entropy.py -m gpu -q -p no:cacheprovider 2>&1 \

@@ -24,6 +24,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal);
+at::Tensor cached_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const std::optional<at::Tensor>& start, int64_t offset);
 at::Tensor embedding_add_fwd_cpu(const at::Tensor& idx, const at::Tensor& tok_weight,
                                  const at::Tensor& pos_weight);
 std::tuple<at::Tensor, at::Tensor> embedding_add_bwd_cpu(const at::Tensor& grad,
@@ -64,6 +66,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "bool causal) -> (Tensor, Tensor, Tensor)");
+  // Inference only (no backward): queries at offset.. against a K/V cache (csrc/cached_attention.cpp).
+  m.def("cached_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? start, int offset) -> Tensor");
   m.def("embedding_add_fwd(Tensor idx, Tensor tok_weight, Tensor pos_weight) -> Tensor");
   // (dtok (vocab_size, C), dpos (num_positions, C)), in grad's dtype.
   m.def("embedding_add_bwd(Tensor grad, Tensor idx, SymInt vocab_size, SymInt num_positions) "
@@ -98,6 +102,7 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("layer_norm_bwd", &barkgpt::layer_norm_bwd_cpu);
   m.impl("attention_fwd", &barkgpt::attention_fwd_cpu);
   m.impl("attention_bwd", &barkgpt::attention_bwd_cpu);
+  m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);

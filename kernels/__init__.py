@@ -14,6 +14,7 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from ._utils import interpret_mode  # noqa: E402,F401
 from .attention import attention_bwd, attention_fwd  # noqa: E402,F401
+from .cached_attention import cached_attention_fwd  # noqa: E402,F401
 from .embedding import embedding_add_bwd, embedding_add_fwd  # noqa: E402,F401
 from .layer_norm import layer_norm_bwd, layer_norm_fwd  # noqa: E402,F401
 from .linear_cross_entropy import linear_cross_entropy_bwd, linear_cross_entropy_fwd  # noqa: E402,F401
