@@ -42,6 +42,13 @@ register_kernels(opdecls.LAYER_NORM, "triton", _NS, _layer_norm.layer_norm_fwd, 
                  dtypes=_layer_norm.SUPPORTED_DTYPES)
 register_kernels(opdecls.ATTENTION, "triton", _NS, _attention.attention_fwd, _attention.attention_bwd,
                  dtypes=_attention.SUPPORTED_DTYPES, fake=_attention_fake, precheck=_attention.check_inputs)
+def _check_ids(idx, tok_weight, pos_weight):
+    # On CUDA the forward kernel flags out-of-range ids and a later call raises: the host check
+    # (a reduction read back with int()) would make every call wait for the GPU.
+    if not _embedding.ids_checked_on_device(idx):
+        opdecls.EMBEDDING_ADD.kernel_check(idx, tok_weight, pos_weight)
+
+
 register_kernels(opdecls.EMBEDDING_ADD, "triton", _NS, _embedding.embedding_add_fwd,
                  _embedding.embedding_add_bwd, dtypes=_embedding.SUPPORTED_DTYPES,
-                 prepare=opdecls.promote_tables)
+                 prepare=opdecls.promote_tables, kernel_check=_check_ids)
