@@ -39,7 +39,7 @@ class TileConfig(NamedTuple):
 _GPU_TABLE: Dict[Tuple[str, int, str], TileConfig] = {
     # forward: Q tile and O accumulator live in registers, K/V tiles stream through shared memory.
     ("fwd", 16, "16bit"): TileConfig(128, 64, 4, 3),
-    ("fwd", 32, "16bit"): TileConfig(128, 64, 4, 3),
+    ("fwd", 32, "16bit"): TileConfig(128, 64, 8, 3),  # 4 warps: 255 registers and a spill at D = 24
     ("fwd", 64, "16bit"): TileConfig(128, 64, 8, 3),
     ("fwd", 128, "16bit"): TileConfig(128, 64, 8, 3),
     ("fwd", 256, "16bit"): TileConfig(64, 32, 8, 3),
@@ -71,7 +71,7 @@ _GPU_TABLE: Dict[Tuple[str, int, str], TileConfig] = {
     ("dq", 16, "fp32"): TileConfig(64, 32, 8, 2),
     ("dq", 32, "fp32"): TileConfig(64, 32, 8, 2),
     ("dq", 64, "fp32"): TileConfig(64, 32, 8, 2),
-    ("dq", 128, "fp32"): TileConfig(32, 32, 8, 2),
+    ("dq", 128, "fp32"): TileConfig(64, 16, 8, 2),  # (32, 32): 210-word spill under triton 3.6
     ("dq", 256, "fp32"): TileConfig(16, 16, 8, 2),
 }
 
@@ -84,12 +84,15 @@ _ARCH_TABLES: Dict[str, Dict[Tuple[str, int, str], TileConfig]] = {
     # compile_check.md); these are the largest candidates that compile for sm_86 with no spill
     # and <= 99 KB (benchmarks/compile_check.py --search), preferring register headroom.
     "sm80": {
+        ("fwd", 32, "fp32"): TileConfig(32, 32, 8, 2),
+        ("dq", 16, "fp32"): TileConfig(64, 16, 8, 2),
         ("fwd", 128, "16bit"): TileConfig(64, 64, 8, 3),
+        ("fwd", 128, "fp32"): TileConfig(64, 16, 8, 2),  # (32, 16) is capped at 64 registers and spills
+        ("fwd", 256, "16bit"): TileConfig(64, 32, 8, 2),  # 3 stages need 100 KB
         ("dq", 64, "16bit"): TileConfig(128, 32, 8, 3),
         ("dq", 128, "16bit"): TileConfig(64, 64, 8, 3),
         ("dkdv", 64, "16bit"): TileConfig(32, 128, 8, 3),
-        ("dkdv", 128, "16bit"): TileConfig(64, 64, 8, 3),
-        ("dq", 128, "fp32"): TileConfig(64, 16, 8, 2),
+        ("dkdv", 128, "16bit"): TileConfig(32, 64, 8, 3),  # (64, 64) spills under triton 3.6
     },
 }
 
