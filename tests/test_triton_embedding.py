@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from barkgpt import ops, reference
+from barkgpt import opdecls, ops, reference
 
 triton_backend = importlib.import_module("barkgpt._triton")  # registers the barkgpt_triton ops
 
@@ -319,7 +319,7 @@ def test_gpu_forward_does_not_sync(monkeypatch):
     def no_host_check(*a, **k):
         raise AssertionError("host id check (a GPU sync) ran")
 
-    monkeypatch.setattr(kemb, "check_token_ids", no_host_check)
+    monkeypatch.setattr(opdecls, "check_token_ids", no_host_check)
     tok, pos = _tables(50304, 1024, 768, torch.bfloat16)
     idx = torch.randint(0, 50304, (8, 1024), device=DEVICE)
     for _ in range(3):
