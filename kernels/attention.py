@@ -34,9 +34,12 @@ import triton.language as tl
 from . import _attention_config as _cfg
 from ._utils import cuda_arch, device_ctx, interpret_mode
 
-# Globals a @triton.jit function reads must be tl.constexpr.
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+# Globals a @triton.jit function reads must be tl.constexpr *instances*: compiled Triton rejects
+# a plain float annotated `: tl.constexpr` (NameError at compile time; only the interpreter
+# accepted it, so CPU tests passed while every GPU compile failed: benchmarks/compile_check.py).
+_LOG2E_F = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E_F)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GRID_X_LIMIT = 2**31 - 1  # CUDA limit for grid dim 0 (batch x heads)
@@ -381,7 +384,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         return out, lse
     cfg = _cfg.tile_config("fwd", D, T, q.dtype, interpret_mode(), arch=cuda_arch(q.device))
     block_d = _cfg.padded_head_dim(D)
-    qk_scale = LOG2E / math.sqrt(D)
+    qk_scale = _LOG2E_F / math.sqrt(D)
     grid = (B * H, triton.cdiv(T, cfg.block_m))
     with device_ctx(q):
         _attention_fwd_kernel[grid](
@@ -409,7 +412,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     even_d = block_d == D
     precision = _precision(q.dtype)
     sm_scale = 1.0 / math.sqrt(D)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _LOG2E_F
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     arch = cuda_arch(q.device)
     cfg_kv = _cfg.tile_config("dkdv", D, T, q.dtype, interp, arch=arch)
