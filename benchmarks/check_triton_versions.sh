@@ -45,7 +45,7 @@ for v in "${VERSIONS[@]}"; do
 
     echo "== triton $v: compile check (--quick)"
     (cd "$ROOT" && env -u TRITON_INTERPRET PYTHONPATH="$ROOT" "$vpy" benchmarks/compile_check.py --quick \
-        --out "$ROOT/benchmarks/results/compile_check-triton$v") || { echo "FAILED: compile check, triton $v"; status=1; }
+        --out "benchmarks/results/compile_check-triton$v") || { echo "FAILED: compile check, triton $v"; status=1; }
 
     run_tests "$vpy" "triton $v, numpy $("$vpy" -c 'import numpy; print(numpy.__version__)')"
 
