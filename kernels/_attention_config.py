@@ -91,6 +91,9 @@ _ARCH_TABLES: Dict[str, Dict[Tuple[str, int, str], TileConfig]] = {
         # 8 warps of (32, 16) are capped at 64 registers and spill; 8 of (64, 16) spill non-causal
         ("fwd", 128, "fp32"): TileConfig(32, 16, 4, 2),
         ("fwd", 256, "16bit"): TileConfig(64, 32, 8, 2),  # 3 stages need 100 KB
+        # fp32 with 8 warps: sm_80's ptxas caps these at 128 registers and spills; 4 warps do not
+        ("fwd", 256, "fp32"): TileConfig(32, 16, 4, 2),
+        ("dq", 128, "fp32"): TileConfig(64, 16, 4, 2),
         ("dq", 64, "16bit"): TileConfig(128, 32, 8, 3),
         ("dq", 128, "16bit"): TileConfig(64, 64, 8, 3),
         ("dkdv", 64, "16bit"): TileConfig(32, 128, 8, 3),
