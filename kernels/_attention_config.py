@@ -86,7 +86,11 @@ _ARCH_TABLES: Dict[str, Dict[Tuple[str, int, str], TileConfig]] = {
     "sm80": {
         ("fwd", 32, "fp32"): TileConfig(32, 32, 8, 2),
         ("dq", 16, "fp32"): TileConfig(64, 16, 8, 2),
-        ("dkdv", 16, "fp32"): TileConfig(16, 64, 8, 2),  # (32, 64) spills 4 words on sm_80 at D = 8
+        # fp32 backward at small head dims: the sm_90 tiles leave a 2-4 word spill on sm_80/86/89
+        ("dkdv", 16, "fp32"): TileConfig(16, 32, 8, 2),
+        ("dkdv", 32, "fp32"): TileConfig(16, 32, 8, 2),
+        ("dkdv", 64, "fp32"): TileConfig(16, 32, 8, 2),
+        ("dq", 32, "fp32"): TileConfig(64, 16, 8, 2),
         ("fwd", 128, "16bit"): TileConfig(64, 64, 8, 3),
         # 8 warps of (32, 16) are capped at 64 registers and spill; 8 of (64, 16) spill non-causal
         ("fwd", 128, "fp32"): TileConfig(32, 16, 4, 2),
