@@ -99,9 +99,11 @@ setup(
     packages=find_packages(include=["barkgpt", "barkgpt.*"]) + ["barkgpt.kernels", "barkgpt.csrc"],
     package_dir={"barkgpt.kernels": "kernels", "barkgpt.csrc": "csrc"},
     package_data={"barkgpt.csrc": ["*.cpp", "*.h"]},
+    # Minimums that are tested: triton 3.6 (the GPU machine's; benchmarks/check_triton_versions.sh)
+    # and the current release; torch 2.11 (the GPU machine's, benchmarks/run_gpu.sh) and 2.13 (CI).
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.1; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         "ninja",
         "numpy",
         "safetensors>=0.4",

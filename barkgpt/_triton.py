@@ -35,6 +35,27 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"Triton kernels do not run on {device_type} tensors"
 
 
+def kernel_failure(e: BaseException) -> Optional[str]:
+    """Why a Triton kernel cannot run on this GPU, if ``e`` says so: a compile error (ptxas, an
+    unsupported instruction or dtype for the architecture), too much shared memory or too many
+    threads, or a CUDA error from the launch itself. None for anything else (a bug, bad inputs,
+    out of memory), which the caller sees as is. Errors of the interpreter are never such a
+    failure: it runs on the CPU."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import InterpreterError, OutOfResources
+
+    kinds = (CompilationError, OutOfResources)
+    ptxas = getattr(__import__("triton.runtime.errors", fromlist=["PTXASError"]), "PTXASError", None)
+    if ptxas is not None:
+        kinds += (ptxas,)
+    if isinstance(e, InterpreterError):
+        return None
+    if isinstance(e, kinds) or (type(e) is RuntimeError and str(e).startswith("Triton Error [CUDA]")):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}"[:300]
+    return None
+
+
 def _attention_fake(q, k, v, causal):
     # the output is laid out (B, T, H, D) in memory: the model's head merge is then a view
     B, H, T, D = q.shape
@@ -42,14 +63,23 @@ def _attention_fake(q, k, v, causal):
 
 
 register_kernels(opdecls.LAYER_NORM, "triton", _NS, _layer_norm.layer_norm_fwd, _layer_norm.layer_norm_bwd,
-                 dtypes=_layer_norm.SUPPORTED_DTYPES)
+                 dtypes=_layer_norm.SUPPORTED_DTYPES, failure=kernel_failure)
 register_kernels(opdecls.ATTENTION, "triton", _NS, _attention.attention_fwd, _attention.attention_bwd,
-                 dtypes=_attention.SUPPORTED_DTYPES, fake=_attention_fake, precheck=_attention.check_inputs)
+                 dtypes=_attention.SUPPORTED_DTYPES, fake=_attention_fake, precheck=_attention.check_inputs,
+                 failure=kernel_failure)
+def _check_ids(idx, tok_weight, pos_weight):
+    # On CUDA the forward kernel flags out-of-range ids and a later call raises: the host check
+    # (a reduction read back with int()) would make every call wait for the GPU.
+    if not _embedding.ids_checked_on_device(idx):
+        opdecls.EMBEDDING_ADD.kernel_check(idx, tok_weight, pos_weight)
+
+
 register_kernels(opdecls.EMBEDDING_ADD, "triton", _NS, _embedding.embedding_add_fwd,
                  _embedding.embedding_add_bwd, dtypes=_embedding.SUPPORTED_DTYPES,
-                 prepare=opdecls.promote_tables)
+                 prepare=opdecls.promote_tables, kernel_check=_check_ids, failure=kernel_failure)
 register_kernels(opdecls.CACHED_ATTENTION, "triton", _NS, _cached_attention.cached_attention_fwd, None,
-                 dtypes=_cached_attention.SUPPORTED_DTYPES, precheck=_cached_attention.check_inputs)
+                 dtypes=_cached_attention.SUPPORTED_DTYPES, precheck=_cached_attention.check_inputs,
+                 failure=kernel_failure)
 
 
 # linear_cross_entropy: the declared kernels under torch.compile; eager calls go through
@@ -71,6 +101,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 _lce_impl = register_kernels(opdecls.LINEAR_CROSS_ENTROPY, "triton", _NS, _lce.linear_cross_entropy_fwd,
-                             _lce.linear_cross_entropy_bwd, dtypes=_lce.SUPPORTED_DTYPES)
+                             _lce.linear_cross_entropy_bwd, dtypes=_lce.SUPPORTED_DTYPES,
+                             failure=kernel_failure)
 _lce_declared = _lce_impl.call
 register_impl(dataclasses.replace(_lce_impl, call=linear_cross_entropy))

@@ -12,7 +12,12 @@ the backends whose ``auto_devices`` list the tensors' device type, in order (CUD
 CPU: cpp), then torch. Under auto, a backend that cannot run, lacks the op or does not take the
 inputs' dtype is skipped with one warning. A backend named explicitly that cannot run or lacks
 the op raises ``BackendUnavailable`` saying why (a dtype it does not take: TypeError); it never
-silently falls back.
+silently falls back. A kernel that fails to compile or launch on the device (the backend's
+``Impl.failure`` says which errors mean that: e.g. Triton's out-of-resources on a GPU with less
+shared memory) marks the op failed for that backend on that device type: the call and every
+later one under auto run on the next backend, with one warning giving the reason; a backend
+named explicitly raises ``BackendUnavailable`` with it. (Eager calls; a compiled graph calls the
+kernel directly.)
 """
 
 from __future__ import annotations
@@ -113,6 +118,11 @@ def _auto_chain(dev: str) -> List[str]:
     return chain + [b.name for b in registry.BACKENDS.values() if "*" in b.auto_devices and b.name not in chain]
 
 
+# (op, backend, device type) -> why that backend's kernel for the op failed to compile or launch
+# here: auto dispatch skips it from then on (one warning), an explicit request raises.
+_kernel_failures: Dict[tuple, str] = {}
+
+
 def _why_not(name: str, op: Optional[str], dev: str, dtypes: Sequence[torch.dtype]) -> Optional[str]:
     """Why backend ``name`` cannot run op ``op`` here (None: it can). Loads the backend."""
     reason = unavailable_reason(name, dev)
@@ -121,6 +131,9 @@ def _why_not(name: str, op: Optional[str], dev: str, dtypes: Sequence[torch.dtyp
     impl = registry.implementation(op, name)
     if impl is None:
         return f"the {name} backend has no {op} op"
+    failed = _kernel_failures.get((op, name, dev))
+    if failed is not None:
+        return f"its {op} kernel failed to compile or launch on this {dev} device ({failed})"
     bad = [d for d in dtypes if d not in impl.dtypes]
     if bad:
         ok = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)
@@ -141,6 +154,9 @@ def resolve_backend(backend: Optional[str], device, op: Optional[str] = None,
             raise BackendUnavailable(f"backend {name!r} was requested for {dev} tensors but cannot run: {reason}")
         if op is not None:
             reason = _why_not(name, op, dev, dtypes)
+            if (op, name, dev) in _kernel_failures:
+                raise BackendUnavailable(f"backend {name!r} was requested for {op} but {reason}; "
+                                         f"backend='torch' runs it")
             if reason is not None and registry.implementation(op, name) is not None:
                 raise TypeError(f"{reason}; use backend='torch' for these inputs")
             if reason is not None:
@@ -193,6 +209,21 @@ def _implementation(op: str, backend: Optional[str], device_type: str, dtypes: t
     return impl
 
 
+def _after_kernel_failure(op: str, backend: Optional[str], device_type: str, dtypes: tuple, impl: Impl,
+                          error: BaseException) -> Optional[Impl]:
+    """``impl`` raised ``error``. None if that is not a kernel failing to compile or launch on
+    this device (the caller re-raises it). Otherwise the op is marked failed for that backend on
+    this device type and the implementation to use now is returned: under auto, the next
+    backend (``resolve_backend`` warns once, with the reason); a backend asked for by name
+    raises BackendUnavailable with the reason."""
+    reason = impl.failure(error) if impl.failure is not None else None
+    if reason is None:
+        return None
+    _kernel_failures[(op, impl.backend, device_type)] = reason
+    _resolved.clear()
+    return registry.implementation(op, resolve_backend(backend, device_type, op, dtypes))
+
+
 # ---- the public ops, one per declaration ------------------------------------------------------
 
 def _public(decl: OpDecl):
@@ -208,8 +239,16 @@ def _public(decl: OpDecl):
            f"    _impl = _implementation({decl.name!r}, backend, {first}.device.type, _dtypes)\n"
            f"    if _impl.precheck is not None:\n"
            f"        _impl.precheck({params})\n"
-           f"    return _impl.call({params})\n")
-    scope = {"_check": decl.check, "_implementation": _implementation}
+           f"    try:\n"
+           f"        return _impl.call({params})\n"
+           f"    except Exception as _e:\n"
+           f"        _next = _after_kernel_failure({decl.name!r}, backend, {first}.device.type, _dtypes, _impl, _e)\n"
+           f"        if _next is None:\n"
+           f"            raise\n"
+           f"    if _next.precheck is not None:\n"
+           f"        _next.precheck({params})\n"
+           f"    return _next.call({params})\n")
+    scope = {"_check": decl.check, "_implementation": _implementation, "_after_kernel_failure": _after_kernel_failure}
     exec(compile(src, f"<barkgpt.ops.{decl.name}>", "exec"), scope)  # noqa: S102 - our own source
     fn = scope[decl.name]
     defaults = [a.default for a in decl.args]

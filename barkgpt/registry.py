@@ -193,6 +193,10 @@ class Impl:
     backward: Any = None
     eager: Any = None  # an eager fast path with its own (C++) autograd, checked against `backward`
     prepare: Optional[Callable[..., Any]] = None  # argument adaptation done before the kernels
+    # failure(exception) -> reason or None: a reason when the exception says the kernel cannot be
+    # compiled or launched on this device (too little shared memory, no code for the
+    # architecture): auto dispatch then uses the next backend for the op, with one warning.
+    failure: Optional[Callable[[BaseException], Optional[str]]] = None
 
     def declared_call(self) -> Callable[..., Any]:
         """``call`` without the eager fast path: the forward op with the autograd wired from the
@@ -319,7 +323,8 @@ def _autograd_glue(decl: OpDecl, backward_op):
 def register_kernels(decl: OpDecl, backend: str, namespace: str, forward, backward=None, *,
                      dtypes: Sequence[torch.dtype], fake: Optional[Callable] = None,
                      eager: Optional[Callable] = None, precheck: Optional[Callable] = None,
-                     prepare: Optional[Callable] = None) -> Impl:
+                     prepare: Optional[Callable] = None, kernel_check: Any = REQUIRED,
+                     failure: Optional[Callable[[BaseException], Optional[str]]] = None) -> Impl:
     """Wire a backend's (forward kernel, backward kernel) into ``torch.library`` ops with a fake
     kernel and autograd from ``decl``'s contract, and register the result as ``backend``'s Impl.
 
@@ -329,7 +334,11 @@ def register_kernels(decl: OpDecl, backend: str, namespace: str, forward, backwa
     ``fake``: the forward shape rule when this backend's layout differs from the declaration's.
     ``eager``: an op with its own autograd that eager (not compiled) calls use instead.
     ``prepare(*args) -> args``: an argument adaptation done before the op (e.g. dtype promotion).
+    ``kernel_check``: this backend's op-body check instead of ``decl.kernel_check`` (e.g. one
+    that leaves to the kernel what it checks on the device).
+    ``failure``: see :attr:`Impl.failure`.
     """
+    check = decl.kernel_check if kernel_check is REQUIRED else kernel_check
     if decl.backward is None and backward is not None:
         raise ValueError(f"{decl.name} is declared inference-only; no backward kernel to wire")
     if decl.backward is not None and backward is None:
@@ -341,7 +350,7 @@ def register_kernels(decl: OpDecl, backend: str, namespace: str, forward, backwa
             torch.library.register_fake(forward, fake or decl.fake)
             fwd_op = _op_handle(forward)
         else:
-            _define(fwd_name, forward, decl.forward_schema(), decl.kernel_check).register_fake(fake or decl.fake)
+            _define(fwd_name, forward, decl.forward_schema(), check).register_fake(fake or decl.fake)
             fwd_op = _op_handle(fwd_name)
         bwd_op = None
         if backward is not None:
@@ -356,7 +365,8 @@ def register_kernels(decl: OpDecl, backend: str, namespace: str, forward, backwa
         _WIRED[fwd_name] = (fwd_op, bwd_op)
     fwd_op, bwd_op = _WIRED[fwd_name]
     call = _make_call(decl, fwd_op, eager, prepare)
-    return register_impl(Impl(decl.name, backend, call, tuple(dtypes), precheck, fwd_op, bwd_op, eager, prepare))
+    return register_impl(Impl(decl.name, backend, call, tuple(dtypes), precheck, fwd_op, bwd_op, eager, prepare,
+                              failure))
 
 
 def _make_call(decl: OpDecl, fwd_op, eager, prepare):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import math
 import os
 import time
@@ -261,6 +262,12 @@ def add_record(rec: Dict[str, Any]) -> None:
     except OSError:
         pass
     STATE["records"].append(rec)
+    # BARKGPT_BENCH_JSONL: every record also goes to this file the moment it exists, so a run that
+    # is killed (a device time limit) keeps what it measured.
+    stream = os.environ.get("BARKGPT_BENCH_JSONL")
+    if stream:
+        with open(stream, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
 
 
 _checked: Dict[tuple, Any] = {}

@@ -225,7 +225,10 @@ def pytest_sessionfinish(session, exitstatus):
         _session["written"] = []  # nothing timed (e.g. --benchmark-disable): keep the last results
         return
     meta = _meta(session, exitstatus)
-    stem = f"{meta['kind']}-{meta['size']}" + ("-partial" if _is_partial(session) else "")
+    # BARKGPT_BENCH_STEM names a deliberate selection (benchmarks/run_gpu.sh's phases), which
+    # would otherwise be written as *-partial.*
+    stem = os.environ.get("BARKGPT_BENCH_STEM") or (
+        f"{meta['kind']}-{meta['size']}" + ("-partial" if _is_partial(session) else ""))
     out_dir = os.environ.get("BARKGPT_BENCH_OUT") or _report.DEFAULT_OUT_DIR
     paths = _report.write(records, meta, out_dir, stem)
     _session["written"] = paths

@@ -13,6 +13,12 @@ from __future__ import annotations
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from ._utils import interpret_mode  # noqa: E402,F401
+
+if interpret_mode():
+    from ._compat import patch_interpreter_index
+
+    patch_interpreter_index()  # triton 3.6 + numpy >= 2.4 (see _compat)
+
 from .attention import attention_bwd, attention_fwd  # noqa: E402,F401
 from .cached_attention import cached_attention_fwd  # noqa: E402,F401
 from .embedding import embedding_add_bwd, embedding_add_fwd  # noqa: E402,F401

@@ -21,7 +21,7 @@ diagonal band.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -39,7 +39,7 @@ class TileConfig(NamedTuple):
 _GPU_TABLE: Dict[Tuple[str, int, str], TileConfig] = {
     # forward: Q tile and O accumulator live in registers, K/V tiles stream through shared memory.
     ("fwd", 16, "16bit"): TileConfig(128, 64, 4, 3),
-    ("fwd", 32, "16bit"): TileConfig(128, 64, 4, 3),
+    ("fwd", 32, "16bit"): TileConfig(128, 64, 8, 3),  # 4 warps: 255 registers and a spill at D = 24
     ("fwd", 64, "16bit"): TileConfig(128, 64, 8, 3),
     ("fwd", 128, "16bit"): TileConfig(128, 64, 8, 3),
     ("fwd", 256, "16bit"): TileConfig(64, 32, 8, 3),
@@ -71,8 +71,38 @@ _GPU_TABLE: Dict[Tuple[str, int, str], TileConfig] = {
     ("dq", 16, "fp32"): TileConfig(64, 32, 8, 2),
     ("dq", 32, "fp32"): TileConfig(64, 32, 8, 2),
     ("dq", 64, "fp32"): TileConfig(64, 32, 8, 2),
-    ("dq", 128, "fp32"): TileConfig(32, 32, 8, 2),
+    ("dq", 128, "fp32"): TileConfig(64, 16, 8, 2),  # (32, 32): 210-word spill under triton 3.6
     ("dq", 256, "fp32"): TileConfig(16, 16, 8, 2),
+}
+
+# Entries that differ on architectures with less shared memory or a smaller register budget per
+# tile (no wgmma: sm_80/86/89 keep mma.sync accumulators and operands in registers); a key not
+# listed takes the sm_90 entry. Every entry is checked by benchmarks/compile_check.py.
+_ARCH_TABLES: Dict[str, Dict[Tuple[str, int, str], TileConfig]] = {
+    "sm90": {},
+    # sm_80/86/89: the sm_90 tiles above hit 255 registers and spill here (benchmarks/results/
+    # compile_check.md); these are the largest candidates that compile for sm_86 with no spill
+    # and <= 99 KB (benchmarks/compile_check.py --search), preferring register headroom.
+    "sm80": {
+        ("fwd", 32, "fp32"): TileConfig(32, 32, 8, 2),
+        ("dq", 16, "fp32"): TileConfig(64, 16, 8, 2),
+        # fp32 backward at small head dims: the sm_90 tiles leave a 2-4 word spill on sm_80/86/89
+        ("dkdv", 16, "fp32"): TileConfig(16, 32, 8, 2),
+        ("dkdv", 32, "fp32"): TileConfig(16, 32, 8, 2),
+        ("dkdv", 64, "fp32"): TileConfig(16, 32, 8, 2),
+        ("dq", 32, "fp32"): TileConfig(64, 16, 8, 2),
+        ("fwd", 128, "16bit"): TileConfig(64, 64, 8, 3),
+        # 8 warps of (32, 16) are capped at 64 registers and spill; 8 of (64, 16) spill non-causal
+        ("fwd", 128, "fp32"): TileConfig(32, 16, 4, 2),
+        ("fwd", 256, "16bit"): TileConfig(64, 32, 8, 2),  # 3 stages need 100 KB
+        # fp32 with 8 warps: sm_80's ptxas caps these at 128 registers and spills; 4 warps do not
+        ("fwd", 256, "fp32"): TileConfig(32, 16, 4, 2),
+        ("dq", 128, "fp32"): TileConfig(64, 16, 4, 2),
+        ("dq", 64, "16bit"): TileConfig(128, 32, 8, 3),
+        ("dq", 128, "16bit"): TileConfig(64, 64, 8, 3),
+        ("dkdv", 64, "16bit"): TileConfig(32, 128, 8, 3),
+        ("dkdv", 128, "16bit"): TileConfig(32, 64, 8, 3),  # (64, 64) spills under triton 3.6
+    },
 }
 
 # Interpreter: numpy cost per tile is mostly fixed overhead, so small but multi-tile shapes.
@@ -91,8 +121,23 @@ def padded_head_dim(d: int) -> int:
     return max(16, _pow2_at_least(d))
 
 
-def tile_config(kind: str, head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool) -> TileConfig:
-    """Tiles for pass ``kind`` ("fwd", "dkdv", "dq"), shrunk for short sequences.
+def arch_table(arch: Optional[int]) -> str:
+    """The table an architecture (compute capability as ``10 * major + minor``) gets: "sm90" for
+    the data-center parts with wgmma-class tensor cores and 227 KB of shared memory per block
+    (sm_90, sm_100, sm_103); "sm80" for everything else: sm_80 (163 KB), sm_86/sm_89/sm_120
+    (99 KB) and unknown or older parts. Without wgmma, mma.sync keeps accumulators and operands
+    in registers, and the register file, not shared memory, is what the sm_90 tiles overflow
+    there: one table that fits 99 KB and 255 registers serves them all (sm_80 could afford
+    deeper pipelines; untimed, so not taken)."""
+    if arch in (90, 100, 103):
+        return "sm90"
+    return "sm80"
+
+
+def tile_config(kind: str, head_dim: int, seq_len: int, dtype: torch.dtype, interpret: bool,
+                arch: Optional[int] = 90) -> TileConfig:
+    """Tiles for pass ``kind`` ("fwd", "dkdv", "dq") on compute capability ``arch`` (e.g. 86),
+    shrunk for short sequences.
 
     Shrinking both block sizes to the same power of two keeps the larger a multiple of the
     smaller, which the causal band logic in the kernels relies on.
@@ -101,7 +146,8 @@ def tile_config(kind: str, head_dim: int, seq_len: int, dtype: torch.dtype, inte
         cfg = _INTERPRET_TABLE[kind]
     else:
         width = "fp32" if dtype == torch.float32 else "16bit"
-        cfg = _GPU_TABLE[(kind, padded_head_dim(head_dim), width)]
+        key = (kind, padded_head_dim(head_dim), width)
+        cfg = _ARCH_TABLES[arch_table(arch)].get(key) or _GPU_TABLE[key]
     cap = max(16, _pow2_at_least(seq_len))
     return cfg._replace(block_m=min(cfg.block_m, cap), block_n=min(cfg.block_n, cap))
 
@@ -157,12 +203,12 @@ def tune(head_dims=(16, 32, 64, 128, 256), dtypes=(torch.bfloat16, torch.float32
                 for c in cands[kind]:
                     cfg = TileConfig(*c)
 
-                    def pick(kind_, head_dim, t, dt, interpret, cfg=cfg, kind=kind):
+                    def pick(kind_, head_dim, t, dt, interpret, arch=None, cfg=cfg, kind=kind):
                         if kind_ == kind:
                             cap = max(16, _pow2_at_least(t))
                             return mod.TileConfig(min(cfg.block_m, cap), min(cfg.block_n, cap), cfg.num_warps,
                                                   cfg.num_stages)
-                        return table_fn(kind_, head_dim, t, dt, interpret)
+                        return table_fn(kind_, head_dim, t, dt, interpret, arch)
 
                     mod.tile_config = pick
                     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -42,10 +42,72 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def sm_count(device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def cuda_arch(device: torch.device) -> Optional[int]:
+    """Compute capability of a CUDA device as ``10 * major + minor`` (90 for an H100), else None."""
+    if device.type != "cuda":
+        return None
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (an int passes through: configs can be computed
+    for a device that is not here, as benchmarks/compile_check.py does)."""
+    if isinstance(device, int):
+        return device
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return _INTERPRET_SMS
+
+
+def resident_blocks(kernel, args, kwargs, device: torch.device, fallback: int) -> int:
+    """Blocks of ``kernel`` (launched with ``args``/``kwargs``) one SM holds at once, from the
+    compiled kernel's registers and shared memory: a persistent grid of exactly this many blocks
+    per SM runs in one wave. ``fallback`` off CUDA (the interpreter) or if the compiled kernel
+    cannot be inspected. Compiles (or finds in Triton's cache) the exact specialization the
+    following launch uses, so the launch itself compiles nothing more."""
+    if device.type != "cuda":
+        return fallback
+    num_warps = kwargs.get("num_warps", 4)
+    key = (kernel.fn.__qualname__ if hasattr(kernel, "fn") else id(kernel), device.index,
+           tuple(sorted(kwargs.items())),
+           tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                 (a == 1, a % 16 == 0) if isinstance(a, int) else type(a) for a in args))
+    hit = _RESIDENT.get(key)
+    if hit is not None:
+        return hit
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the module: fills n_regs (Triton >= 3.0)
+        n_regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
+    except Exception:  # pragma: no cover - private Triton API changed: keep the estimate
+        return fallback
+    props = torch.cuda.get_device_properties(device)
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 0)
+    blocks = blocks_per_sm(n_regs, num_warps, shared, regs_per_sm, threads_per_sm, smem_per_sm)
+    _RESIDENT[key] = blocks
+    return blocks
+
+
+_RESIDENT: dict = {}
+
+
+def blocks_per_sm(n_regs: int, num_warps: int, shared: int, regs_per_sm: int = 65536,
+                  threads_per_sm: int = 2048, smem_per_sm: int = 0, max_blocks: int = 16) -> int:
+    """CUDA's occupancy rule: registers are allocated per warp in units of 256, threads and
+    shared memory per SM are capped; at most ``max_blocks`` (16 on sm_86, more elsewhere)."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // regs_per_warp) // num_warps
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_smem = smem_per_sm // shared if shared and smem_per_sm else max_blocks
+    return max(1, min(by_regs, by_threads, by_smem, max_blocks))
 
 
 def pow2_floor(n: int) -> int:
@@ -86,6 +148,23 @@ def _sum_partials_kernel(
     tl.store(OUT1 + (cols - N0), total.to(OUT1.dtype.element_ty), mask=col_ok & (cols >= N0))
 
 
+class PartialsConfig(NamedTuple):
+    block_g: int
+    block_n: int
+    num_warps: int
+
+
+def partials_config(G: int, K: int, sms: int = 132) -> PartialsConfig:
+    """Column blocks narrow enough for ~2 programs per SM (LayerNorm's dW/dB at N = 768 is
+    K = 1536 columns: 64-wide blocks gave 24 programs on a 132-SM GPU, 16-wide give 96), but
+    at least 16 columns (64-byte row segments) so each row read stays one coalesced piece."""
+    block_n = min(triton.next_power_of_2(K), 64)
+    while block_n > 16 and triton.cdiv(K, block_n) < 2 * sms:
+        block_n //= 2
+    block_g = max(1, min(triton.next_power_of_2(G), 4096 // block_n))
+    return PartialsConfig(block_g, block_n, warps_for(block_g * block_n, 8))
+
+
 def sum_partials(partials: torch.Tensor, out: torch.Tensor, out2: Optional[torch.Tensor] = None) -> None:
     """``concat(out, out2)[:] = partials.sum(0)`` in a fixed order, in one launch.
 
@@ -98,10 +177,8 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor, out2: Optional[torch
     assert out2 is None or out2.is_contiguous()
     if K == 0:
         return
-    # Narrow column blocks: enough programs to spread G x K over the device.
-    block_n = min(triton.next_power_of_2(K), 64)
-    block_g = max(1, min(triton.next_power_of_2(G), 4096 // block_n))
+    cfg = partials_config(G, K, sm_count(partials.device))
     with device_ctx(partials):
-        _sum_partials_kernel[(triton.cdiv(K, block_n),)](
+        _sum_partials_kernel[(triton.cdiv(K, cfg.block_n),)](
             partials, out, out2 if out2 is not None else out, G, K, n0,
-            BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps_for(block_g * block_n, 8))
+            BLOCK_G=cfg.block_g, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)

@@ -32,14 +32,19 @@ import triton
 import triton.language as tl
 
 from . import _attention_config as _cfg
-from ._utils import device_ctx, interpret_mode
+from ._utils import cuda_arch, device_ctx, interpret_mode
 
-# Globals a @triton.jit function reads must be tl.constexpr.
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+# Globals a @triton.jit function reads must be tl.constexpr *instances*: compiled Triton rejects
+# a plain float annotated `: tl.constexpr` (NameError at compile time; only the interpreter
+# accepted it, so CPU tests passed while every GPU compile failed: benchmarks/compile_check.py).
+_LOG2E_F = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E_F)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GRID_AXIS_LIMIT = 65535  # CUDA limit for grid dims 1 and 2 (heads, batch)
+_GRID_X_LIMIT = 2**31 - 1  # CUDA limit for grid dim 0 (batch x heads)
+_GRID_Y_LIMIT = 65535  # CUDA limit for grid dim 1 (sequence tiles)
+_MIN_BLOCK = 16  # the smallest tile any table gives: bounds the number of sequence tiles
 
 
 # ---- 1. kernels ----------------------------------------------------------------------------
@@ -96,12 +101,17 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # The causal band starts at row0, a multiple of BLOCK_N only if BLOCK_N divides BLOCK_M:
+    # otherwise the unmasked loop would take a tile crossing the diagonal.
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "attention fwd: BLOCK_N must divide BLOCK_M")
+    # Grid (B * H, query tiles): blocks start in order of their linear index, batch-heads fastest,
+    # so every head's heaviest causal tile (the last) starts before any head's lighter ones.
+    pid_m = tl.program_id(1)
     if CAUSAL:
-        # Tiles near the end of the sequence do the most work: launch them first.
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh - b * H
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -196,10 +206,14 @@ def _attention_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Causal: early key tiles see the most queries and already come first in launch order.
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    # The causal band ends at col0 + BLOCK_N, a multiple of BLOCK_M only if BLOCK_M divides BLOCK_N.
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "attention dK/dV: BLOCK_M must divide BLOCK_N")
+    # Grid (B * H, key tiles): causal early key tiles see the most queries, and with batch-heads
+    # fastest they start first for every head.
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh - b * H
     col0 = pid_n * BLOCK_N
     offs_n = col0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -292,11 +306,14 @@ def _attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "attention dQ: BLOCK_N must divide BLOCK_M")
+    # Grid (B * H, query tiles), heaviest causal tiles first for every head (as in the forward).
+    pid_m = tl.program_id(1)
     if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh - b * H
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -365,10 +382,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if out.numel() == 0:
         lse.fill_(float("-inf") if D > 0 else 0.0)
         return out, lse
-    cfg = _cfg.tile_config("fwd", D, T, q.dtype, interpret_mode())
+    cfg = _cfg.tile_config("fwd", D, T, q.dtype, interpret_mode(), arch=cuda_arch(q.device))
     block_d = _cfg.padded_head_dim(D)
-    qk_scale = LOG2E / math.sqrt(D)
-    grid = (triton.cdiv(T, cfg.block_m), H, B)
+    qk_scale = _LOG2E_F / math.sqrt(D)
+    grid = (B * H, triton.cdiv(T, cfg.block_m))
     with device_ctx(q):
         _attention_fwd_kernel[grid](
             q, k, v, out, lse,
@@ -395,20 +412,21 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     even_d = block_d == D
     precision = _precision(q.dtype)
     sm_scale = 1.0 / math.sqrt(D)
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _LOG2E_F
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    cfg_kv = _cfg.tile_config("dkdv", D, T, q.dtype, interp)
-    cfg_q = _cfg.tile_config("dq", D, T, q.dtype, interp)
+    arch = cuda_arch(q.device)
+    cfg_kv = _cfg.tile_config("dkdv", D, T, q.dtype, interp, arch=arch)
+    cfg_q = _cfg.tile_config("dq", D, T, q.dtype, interp, arch=arch)
     with device_ctx(q):
         # dQ first: it also writes delta = rowsum(dO * O), which dK/dV reads.
-        _attention_bwd_dq_kernel[(triton.cdiv(T, cfg_q.block_m), H, B)](
+        _attention_bwd_dq_kernel[(B * H, triton.cdiv(T, cfg_q.block_m))](
             q, k, v, out, do, dq, lse, delta,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
             H, T, D, qk_scale, sm_scale,
             CAUSAL=causal, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=block_d,
             EVEN_D=even_d, PRECISION=precision, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
         )
-        _attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg_kv.block_n), H, B)](
+        _attention_bwd_dkdv_kernel[(B * H, triton.cdiv(T, cfg_kv.block_n))](
             q, k, v, do, dk, dv, lse, delta,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             H, T, D, qk_scale, sm_scale,
@@ -424,6 +442,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     if D > MAX_HEAD_DIM:
         raise ValueError(f"triton attention supports head dims up to {MAX_HEAD_DIM}, got {D}; "
                          f"use backend='torch' or fewer, wider heads")
-    if H > _GRID_AXIS_LIMIT or B > _GRID_AXIS_LIMIT:
-        raise ValueError(f"triton attention supports at most {_GRID_AXIS_LIMIT} heads and batch rows, "
-                         f"got B={B}, H={H}")
+    if B * H > _GRID_X_LIMIT:
+        raise ValueError(f"triton attention supports at most {_GRID_X_LIMIT} batch rows x heads, got B={B}, H={H}")
+    if triton.cdiv(T, _MIN_BLOCK) > _GRID_Y_LIMIT:
+        raise ValueError(f"triton attention supports sequences up to {_GRID_Y_LIMIT * _MIN_BLOCK} tokens, got T={T}")

@@ -18,9 +18,11 @@ Three layers (Liger style):
    the first call on a shape equals the second), any strides for ids, tables and upstream
    gradient, launched on the tensors' device.
 3. The ``torch.library`` ops ``barkgpt_triton::embedding_add_fwd`` / ``embedding_add_bwd``,
-   their fake kernels and autograd are wired from the op's declaration by barkgpt/_triton.py;
-   the forward op body checks the ids there (ids outside ``[0, V)`` raise IndexError). The
-   forward kernel itself never reads outside the table whatever the ids.
+   their fake kernels and autograd are wired from the op's declaration by barkgpt/_triton.py.
+   Ids outside ``[0, V)`` raise IndexError and are never read (the kernel masks them whatever
+   the ids): on CPU tensors the op body checks them on the host; on CUDA the forward kernel
+   flags them and a later call raises, without a host sync (``_IdCheck``,
+   ``raise_pending_id_errors``; ``ids_checked_on_device`` tells the op body which applies).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def _embedding_add_fwd_kernel(
     OUT,  # (B, T, C) contiguous, promoted dtype
     stride_ib, stride_it, stride_tv, stride_tc, stride_pt, stride_pc,
     n_tokens, T, C, V,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BAD,  # (1,) int64 flag, written only where an id is outside [0, V) (when CHECK_IDS)
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_IDS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat b * T + t
     r_ok = r < n_tokens
@@ -60,9 +63,12 @@ def _embedding_add_fwd_kernel(
     ids = tl.load(IDX + b * stride_ib + t * stride_it, mask=r_ok, other=0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = r_ok[:, None] & (cols < C)[None, :]
-    # The host check is skipped while a CUDA graph is captured (it would sync): never read
-    # outside the table even then (such rows get no token embedding).
+    # Never read outside the table (such rows get no token embedding); on CUDA the bad id is
+    # also written to BAD, which the host reads back later without waiting (see _IdCheck).
     id_ok = (ids >= 0) & (ids < V)
+    if CHECK_IDS:
+        bad = r_ok & ((ids < 0) | (ids >= V))
+        tl.store(BAD + tl.zeros_like(ids), ids, mask=bad)  # any one bad id will do
     tok = tl.load(TOK + ids[:, None] * stride_tv + cols[None, :] * stride_tc, mask=mask & id_ok[:, None], other=0.0)
     pos = tl.load(POS + t[:, None] * stride_pt + cols[None, :] * stride_pc, mask=mask, other=0.0)
     out = tok.to(tl.float32) + pos.to(tl.float32)
@@ -119,6 +125,87 @@ def _embedding_add_bwd_pos_kernel(
 
 # ---- 2. launchers --------------------------------------------------------------------------
 
+class _IdCheck:
+    """Out-of-range token ids on CUDA, found without a host sync.
+
+    The host check (``aminmax`` then ``int()``) waits for the GPU on every call, inside
+    ``torch.compile`` too. On CUDA the forward kernel instead writes any bad id to a one-element
+    flag (reset to a sentinel before the launch), the flag is copied to pinned host memory behind
+    the kernel and a CUDA event marks the copy. Every later forward (and ``raise_pending``)
+    looks at the copies whose events have completed, without waiting, and raises IndexError for
+    the first bad one: an error surfaces a call or a few later, never silently (the kernel reads
+    no row outside the table meanwhile). At most ``max_pending`` copies are in flight; beyond
+    that the oldest is waited for. CPU tensors (the interpreter) keep the host check, which
+    costs no sync there; ``force`` = True makes them take this path too (tests).
+    """
+
+    SENTINEL = -(1 << 63)
+
+    def __init__(self, max_pending: int = 64):
+        self.max_pending = max_pending
+        self.pending = []  # (flag copy on the host, event or None, vocab size)
+        self.force = False
+
+    def on_device(self, idx: torch.Tensor) -> bool:
+        if idx.numel() == 0:
+            return False
+        if idx.is_cuda:
+            # Nothing can be read back from inside a CUDA graph capture: the kernel only masks.
+            return not torch.cuda.is_current_stream_capturing()
+        return self.force
+
+    def start(self, idx: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        self.raise_pending(wait=False)
+        return torch.full((1,), self.SENTINEL, dtype=torch.int64, device=idx.device)
+
+    def finish(self, flag: torch.Tensor, idx: torch.Tensor, vocab_size: int) -> None:
+        if flag.is_cuda:
+            host = torch.empty((1,), dtype=torch.int64, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = flag, None
+        self.pending.append((host, event, vocab_size))
+        if len(self.pending) > self.max_pending:
+            self._check(*self.pending.pop(0), wait=True)
+
+    def raise_pending(self, wait: bool = True) -> None:
+        """Raise IndexError if a finished forward saw an out-of-range id; ``wait`` waits for the
+        ones still running (a host sync: call it where one happens anyway, e.g. at logging)."""
+        while self.pending:
+            host, event, vocab_size = self.pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            self.pending.pop(0)
+            self._check(host, event, vocab_size, wait)
+
+    def _check(self, host, event, vocab_size, wait) -> None:
+        if event is not None and wait:
+            event.synchronize()
+        bad = int(host[0])
+        if bad != self.SENTINEL:
+            self.pending.clear()
+            raise IndexError(f"token id {bad} is out of range for a vocabulary of {vocab_size} "
+                             f"(valid ids are 0..{vocab_size - 1}); check the tokenizer and vocab_size "
+                             f"(found on the GPU by an earlier embedding_add call, reported here "
+                             f"without waiting for the GPU)")
+
+
+_ID_CHECK = _IdCheck()
+
+
+def ids_checked_on_device(idx: torch.Tensor) -> bool:
+    """True where ``embedding_add_fwd`` checks ``idx`` itself (CUDA, not capturing a graph): the
+    op body then skips the host check, which would wait for the GPU."""
+    return _ID_CHECK.on_device(idx)
+
+
+def raise_pending_id_errors(wait: bool = True) -> None:
+    """Raise IndexError now if any finished Triton embedding forward on CUDA saw an out-of-range
+    token id (``wait``: also wait for the ones in flight)."""
+    _ID_CHECK.raise_pending(wait)
+
 class _Tile(NamedTuple):
     block_rows: int
     block_c: int
@@ -132,6 +219,15 @@ def _tile(rows: int, C: int, target_elems: int, min_programs: int) -> _Tile:
     return _Tile(block_rows, block_c, warps_for(block_rows * block_c, 8))
 
 
+def _tok_bwd_tile(C: int) -> _Tile:
+    """Token-gradient tile: ``BLOCK_P`` positions of one segment summed per loop step. Fixed, not
+    sized from the mean segment length (1 at GPT-2's vocabulary), which made the most frequent
+    token's rows (5% of a batch in real text) load one dependent row at a time."""
+    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C)
+    block_p = max(1, _BWD_TILE // block_c)
+    return _Tile(block_p, block_c, warps_for(block_p * block_c, 8))
+
+
 def _split(programs: int, work: int, device: torch.device) -> int:
     """Pieces per sum so that ~2 programs per SM exist; never more pieces than ``work`` items."""
     want = triton.cdiv(2 * sm_count(device), max(programs, 1))
@@ -139,6 +235,9 @@ def _split(programs: int, work: int, device: torch.device) -> int:
 
 
 def embedding_add_fwd(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """On CUDA (outside a graph capture) bad ids are flagged on the device for ``_ID_CHECK`` to
+    read back later; elsewhere the caller has checked them on the host."""
+    device_check = _ID_CHECK.on_device(idx)
     B, T = idx.shape
     C = tok_weight.shape[1]
     out = torch.empty((B, T, C), dtype=torch.promote_types(tok_weight.dtype, pos_weight.dtype),
@@ -148,12 +247,17 @@ def embedding_add_fwd(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: t
         return out
     tile = _tile(n_tokens, C, _FWD_TILE, 2 * sm_count(idx.device))
     grid = (triton.cdiv(n_tokens, tile.block_rows), triton.cdiv(C, tile.block_c))
+    V = tok_weight.shape[0]
+    check = _ID_CHECK.start(idx, V) if device_check else None
     with device_ctx(idx):
         _embedding_add_fwd_kernel[grid](
             idx, tok_weight, pos_weight, out,
             idx.stride(0), idx.stride(1), tok_weight.stride(0), tok_weight.stride(1),
-            pos_weight.stride(0), pos_weight.stride(1), n_tokens, T, C, tok_weight.shape[0],
-            BLOCK_R=tile.block_rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps)
+            pos_weight.stride(0), pos_weight.stride(1), n_tokens, T, C, V,
+            check if check is not None else out,
+            BLOCK_R=tile.block_rows, BLOCK_C=tile.block_c, CHECK_IDS=check is not None, num_warps=tile.num_warps)
+    if check is not None:
+        _ID_CHECK.finish(check, idx, V)
     return out
 
 
@@ -176,17 +280,17 @@ def embedding_add_bwd(dout: torch.Tensor, idx: torch.Tensor, vocab_size: int,
     keys = idx.reshape(-1).to(torch.int32)
     sorted_ids, order = torch.sort(keys, stable=True)
     bounds = torch.searchsorted(sorted_ids, torch.arange(vocab_size + 1, dtype=torch.int32, device=dev))
-    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C)
-    n_cb = triton.cdiv(C, block_c)
-    mean_len = triton.cdiv(n_tokens, vocab_size)
-    split = _split(vocab_size * n_cb, mean_len, dev)
-    block_p = max(1, min(_BWD_TILE // block_c, triton.next_power_of_2(triton.cdiv(mean_len, split))))
+    tile = _tok_bwd_tile(C)
+    n_cb = triton.cdiv(C, tile.block_c)
+    # Split every segment when the vocabulary alone cannot fill the GPU (bark's 9 tokens); the
+    # mean segment length only caps the pieces (a piece is never empty on average).
+    split = _split(vocab_size * n_cb, triton.cdiv(n_tokens, vocab_size), dev)
     target = dtok if split == 1 else torch.empty((split, vocab_size, C), dtype=torch.float32, device=dev)
     with device_ctx(dout):
         _embedding_add_bwd_tok_kernel[(vocab_size, n_cb, split)](
             dout, order, bounds, target, dout.stride(0), dout.stride(1), dout.stride(2),
             T, vocab_size, C, split,
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps_for(block_p * block_c, 8))
+            BLOCK_P=tile.block_rows, BLOCK_C=tile.block_c, num_warps=tile.num_warps)
     if split > 1:
         sum_partials(target.view(split, vocab_size * C), dtok.view(-1))
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_rows, device_ctx, pow2_floor, sm_count, sum_partials, warps_for
+from ._utils import as_rows, device_ctx, pow2_floor, resident_blocks, sm_count, sum_partials, warps_for
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -214,12 +214,19 @@ def _fwd_config(M: int, N: int, device: torch.device) -> _Config:
     return _Config(block_m, block_n, single, warps_for(block_m * block_n))
 
 
-def _bwd_config(M: int, N: int, device: torch.device) -> Tuple[_Config, int]:
+# Blocks per SM assumed where the compiled kernel cannot be asked (the interpreter): 8 elements
+# per thread compile to ~76 registers (sm_90), and 65536 / (76 x 256 threads) holds 3 blocks of
+# 8 warps, not the 4 a 64-register budget would.
+_BWD_WARPS_PER_SM = 24
+
+
+def _bwd_config(M: int, N: int, device, blocks_per_sm: Optional[int] = None) -> Tuple[_Config, int]:
     """Tile config and the number of persistent programs G (= partial-sum rows).
 
-    The backward keeps x, dy, xhat, w*dy and two accumulators live per element: 8 elements per
-    thread keeps it near 64 registers (sm_90), so ~32 warps stay resident per SM; G is sized to
-    fill exactly that many warps, each program then walks its share of row tiles."""
+    The backward keeps x, dy, xhat, w*dy and two accumulators live per element (8 elements per
+    thread). G is ``blocks_per_sm`` (what the compiled kernel's registers allow, from
+    ``_utils.resident_blocks``; by default ``_BWD_WARPS_PER_SM`` warps' worth) times the SMs,
+    so all programs run in one wave; each then walks its share of row tiles."""
     n_pow2 = triton.next_power_of_2(N)
     sms = sm_count(device)
     if n_pow2 <= _MAX_FUSED_N:
@@ -229,7 +236,9 @@ def _bwd_config(M: int, N: int, device: torch.device) -> Tuple[_Config, int]:
         block_n, single = min(_LOOP_BLOCK_N_BWD, _MAX_FUSED_N), False
         block_m = max(1, min(_LOOP_BWD_ROWS, pow2_floor(triton.cdiv(M, 4 * sms))))
     warps = warps_for(block_m * block_n, max_warps=32, per_thread=8)
-    grid = max(1, min(sms * max(1, 32 // warps), triton.cdiv(M, block_m)))
+    if blocks_per_sm is None:
+        blocks_per_sm = max(1, _BWD_WARPS_PER_SM // warps)
+    grid = max(1, min(sms * blocks_per_sm, triton.cdiv(M, block_m)))
     return _Config(block_m, block_n, single, warps), grid
 
 
@@ -269,14 +278,19 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
         return dx, dw.zero_(), db
     x2, dy2 = as_rows(x, N), as_rows(dy, N)
     M = x2.shape[0]
-    cfg, grid = _bwd_config(M, N, x.device)
+    cfg, _ = _bwd_config(M, N, x.device)
     K = 2 * N if bias is not None else N
-    part = (torch.empty if cfg.single else torch.zeros)((grid, K), dtype=torch.float32, device=x.device)
+    w = weight.contiguous()
+    meta = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE=cfg.single,
+                num_warps=cfg.num_warps)
     with device_ctx(x):
+        # The partial buffer only sizes the grid; a stand-in of the launch's dtype specializes alike.
+        probe = (dy2, x2, w, mean, rstd, dx, rstd, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N, K)
+        fits = resident_blocks(_layer_norm_bwd_kernel, probe, meta, x.device, max(1, _BWD_WARPS_PER_SM // cfg.num_warps))
+        cfg, grid = _bwd_config(M, N, x.device, fits)
+        part = (torch.empty if cfg.single else torch.zeros)((grid, K), dtype=torch.float32, device=x.device)
         _layer_norm_bwd_kernel[(grid,)](
-            dy2, x2, weight.contiguous(), mean, rstd, dx, part,
-            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N, K,
-            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE=cfg.single,
-            num_warps=cfg.num_warps)
+            dy2, x2, w, mean, rstd, dx, part,
+            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), M, N, K, **meta)
     sum_partials(part, dw, db if bias is not None else None)
     return dx, dw, db

@@ -177,8 +177,8 @@ def test_gpu_tile_table(monkeypatch, T, D, causal):
     real = kcfg.tile_config
     used = []
 
-    def gpu_table(kind, head_dim, seq_len, dtype, interpret):
-        cfg = real(kind, head_dim, seq_len, dtype, False)
+    def gpu_table(kind, head_dim, seq_len, dtype, interpret, arch=None):
+        cfg = real(kind, head_dim, seq_len, dtype, False, arch=90)
         used.append(cfg)
         return cfg
 

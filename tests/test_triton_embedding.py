@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from barkgpt import ops, reference
+from barkgpt import opdecls, ops, reference
 
 triton_backend = importlib.import_module("barkgpt._triton")  # registers the barkgpt_triton ops
 
@@ -300,8 +300,28 @@ def test_gpu_torch_compile_inductor_fullgraph():
 
 @pytest.mark.gpu
 def test_gpu_out_of_range_raises():
+    """On CUDA the kernel flags the id; the error comes from a later call (no host sync)."""
     tok, pos = _tables(9, 8, 16, torch.float32)
     idx = torch.randint(0, 9, (2, 5), device=DEVICE)
     idx[0, 1] = 9
-    with pytest.raises(IndexError):
+    ops.embedding_add(idx, tok, pos, backend="triton")
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="token id 9 is out of range"):
+        ops.embedding_add(idx[:, :1].clone().zero_(), tok, pos, backend="triton")
+    ops.embedding_add(idx, tok, pos, backend="triton")
+    with pytest.raises(IndexError, match="token id 9 is out of range"):
+        kemb.raise_pending_id_errors()  # waits for the GPU
+
+
+@pytest.mark.gpu
+def test_gpu_forward_does_not_sync(monkeypatch):
+    """No host read per call: the host id check is not used on CUDA tensors."""
+    def no_host_check(*a, **k):
+        raise AssertionError("host id check (a GPU sync) ran")
+
+    monkeypatch.setattr(opdecls, "check_token_ids", no_host_check)
+    tok, pos = _tables(50304, 1024, 768, torch.bfloat16)
+    idx = torch.randint(0, 50304, (8, 1024), device=DEVICE)
+    for _ in range(3):
         ops.embedding_add(idx, tok, pos, backend="triton")
+    kemb.raise_pending_id_errors()
