@@ -687,6 +687,7 @@ def _record(out: str, run: Run, res, machine: Dict[str, Any]) -> Dict[str, Any]:
             "train_flops": run.train_flops, "wall_sec": wall, "tokens_per_sec": tps,
             "mfu": mfu, "peak_flops": peak, "peak_source": perf.peak_source(dev),
             "final_val_loss": res.final_val_loss, "best_val_loss": res.best_val_loss,
+            "final_val_bpb": res.final_val_bpb,  # text corpora (bits per byte of the held-out text)
             "optimal_loss": res.optimal_loss, "gap_to_optimum": gap,
             "device": perf.device_name(dev), "backend": res.model.resolved_backend(),
             "val_history": res.val_history}
@@ -698,7 +699,7 @@ def _failure_record(out: str, run: Run, error: BaseException) -> Dict[str, Any]:
            "params": run.params, "non_embedding_params": run.non_embedding_params,
            "flops_per_token": run.flops_per_token, "steps": run.steps, "tokens": run.tokens,
            "train_flops": run.train_flops, "wall_sec": _wall_seconds(run_dir(out, run)), "val_history": []}
-    for k in ("tokens_per_sec", "mfu", "peak_flops", "peak_source", "final_val_loss", "best_val_loss",
+    for k in ("tokens_per_sec", "mfu", "peak_flops", "peak_source", "final_val_loss", "best_val_loss", "final_val_bpb",
               "optimal_loss", "gap_to_optimum", "device", "backend"):
         rec[k] = None
     return rec
@@ -812,7 +813,8 @@ def sweep_list(out: str, spec: Optional[Dict[str, Any]] = None, skip_invalid: bo
 COLUMNS = [("run", "name"), ("params", "params"), ("non-emb params", "non_embedding_params"),
            ("train FLOPs", "train_flops"), ("tokens", "tokens"), ("steps", "steps"), ("wall", "wall_sec"),
            ("tokens/s", "tokens_per_sec"), ("MFU (measured peak)", "mfu"), ("final val loss", "final_val_loss"),
-           ("best val loss", "best_val_loss"), ("gap to optimum", "gap_to_optimum")]
+           ("best val loss", "best_val_loss"), ("final val bits/byte", "final_val_bpb"),
+           ("gap to optimum", "gap_to_optimum")]
 
 
 def _cell(key: str, v) -> str:
@@ -947,7 +949,8 @@ def _markdown(spec, records, pending, fit_n, fit_c, notes, charts, out) -> str:
                         if src == ["measured"] else f"peak ({', '.join(src)})") + ".")
         lines.append("")
     show_gap = any(r.get("gap_to_optimum") is not None for r in records)
-    cols = [(h, k) for h, k in COLUMNS if show_gap or k != "gap_to_optimum"]
+    show_bpb = any(r.get("final_val_bpb") is not None for r in records)  # text corpora only
+    cols = [(h, k) for h, k in COLUMNS if (show_gap or k != "gap_to_optimum") and (show_bpb or k != "final_val_bpb")]
     lines.append("| " + " | ".join(h for h, _ in cols) + " |")
     lines.append("|" + "|".join("---" if k == "name" else "---:" for _, k in cols) + "|")
     for r in records:

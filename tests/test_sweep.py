@@ -80,6 +80,24 @@ def test_tiny_sweep_writes_tables_and_charts(tiny):
     assert data["fit_params"]["n"] == 4 and data["mfu_peak_source"] == ["measured"]
 
 
+def test_text_sweep_reports_bits_per_byte(tmp_path):
+    # a byte-level text corpus: results.md/.csv/.json give each run's final bits per byte (the
+    # bark corpus is no text: the tiny sweep above has no such column)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 400)
+    res = barkgpt.sweep(str(tmp_path / "s"), grid={"n_embd": [16, 32]}, data=str(text), preset="small",
+                        steps=3, train_settings={"batch_size": 2}, log=lambda m: None, **QUIET)
+    md = open(res.files["md"]).read()
+    assert "| final val bits/byte |" in md
+    for r in res.runs:
+        d = os.path.join(str(tmp_path / "s"), r["dir"])
+        bpb = [json.loads(x)["val_bpb"] for x in open(os.path.join(d, "metrics.jsonl")) if "val_bpb" in x]
+        assert r["final_val_bpb"] == bpb[-1] > 0
+        assert f"{r['final_val_bpb']:.4f}" in md
+    rows = list(csv.DictReader(open(res.files["csv"])))
+    assert [float(x["final_val_bpb"]) for x in rows] == [r["final_val_bpb"] for r in res.runs]
+
+
 def test_tiny_sweep_reports_progress_and_eta(tiny):
     _, _, log = tiny
     starts = [m for m in log if m.startswith("sweep: run ")]
