@@ -455,17 +455,23 @@ def _sampler(a, device):
     return gen
 
 
-def _cmd_generate(a) -> int:
-    import torch
-
-    from .stream import TextStream
+def _text_model(a):
+    """(device, model, tokenizer) for generate and chat: a model that speaks text."""
     from .train import resolve_device
 
     device = resolve_device(a.device)
     model = _load_model(a.model, device, a.backend)
-    tok = model.tokenizer
-    if tok is None:
+    if model.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json; cannot turn text into tokens")
+    return device, model, model.tokenizer
+
+
+def _cmd_generate(a) -> int:
+    import torch
+
+    from .stream import TextStream
+
+    device, model, tok = _text_model(a)
     prompt = a.prompt
     if prompt is None:
         prompt = "User: speak Assistant:" if tok.kind == "bark" else "\n"
@@ -515,13 +521,8 @@ def _cmd_chat(a) -> int:
 
     from .data import DataError
     from .stream import TextStream
-    from .train import resolve_device
 
-    device = resolve_device(a.device)
-    model = _load_model(a.model, device, a.backend)
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError(f"{a.model} has no tokenizer.json; cannot turn text into tokens")
+    device, model, tok = _text_model(a)
     gen = _sampler(a, device)
     interactive = sys.stdin.isatty()
     while True:

@@ -922,6 +922,18 @@ def _drawable(fit: Optional[PowerLawFit]) -> bool:
     return fit is not None and fit.r2 >= 0.9 and fit.A > 0
 
 
+def _finish_loss_axes(ax, optimal, xlabel: str, title: str, legend_size: int) -> None:
+    """The shared end of the log-log validation-loss charts: the corpus optimum, axes, legend."""
+    if optimal:
+        ax.axhline(optimal, color="k", ls="--", lw=0.8, label="corpus optimum")
+    _log_axes(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_size)
+
+
 def _log_axes(ax) -> None:
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -1005,14 +1017,7 @@ def _charts(out, records, fit_n, fit_c, frontier) -> Dict[str, str]:
         ax.plot(xs, fit_n(xs), "C1-", label=fit_n.formula("N") + f"  (R² {fit_n.r2:.3f})")
     elif fit_n is not None:
         ax.plot([], [], " ", label=f"no power law: best fit R² {fit_n.r2:.2f}" + (", A = 0" if fit_n.A == 0 else ""))
-    if optimal:
-        ax.axhline(optimal, color="k", ls="--", lw=0.8, label="corpus optimum")
-    _log_axes(ax)
-    ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("loss vs parameters", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _finish_loss_axes(ax, optimal, "non-embedding parameters N", "loss vs parameters", legend_size=7)
     charts["loss_vs_params"] = plots.save_figure(fig, os.path.join(out, "loss_vs_params.png"))
 
     fig, (ax,) = plots.new_figure()
@@ -1028,14 +1033,7 @@ def _charts(out, records, fit_n, fit_c, frontier) -> Dict[str, str]:
         ax.plot([], [], " ", label=f"frontier: no power law (R² {fit_c.r2:.2f})")
     if fx:
         ax.plot(fx, fy, "k+", ms=7, label="frontier points (after each run's first fifth)")
-    if optimal:
-        ax.axhline(optimal, color="k", ls="--", lw=0.8, label="corpus optimum")
-    _log_axes(ax)
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("loss vs training compute", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    _finish_loss_axes(ax, optimal, "training compute C (FLOPs)", "loss vs training compute", legend_size=6)
     charts["loss_vs_compute"] = plots.save_figure(fig, os.path.join(out, "loss_vs_compute.png"))
 
     runs = []
