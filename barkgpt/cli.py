@@ -86,6 +86,17 @@ def backend_choices() -> tuple:
     return ("auto",) + tuple(BACKENDS)
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, backend_choices) -> None:
+    """The sampling and placement flags generate and chat share."""
+    p.add_argument("--top-k", type=_nonneg_int, default=40, help="sample from the k most likely tokens, 0 = all (default: 40)")
+    p.add_argument("--top-p", type=_unit_float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX), default=None,
+                   help=f"random seed for sampling, an integer in [{SEED_MIN}, {SEED_MAX}] (default: random)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--backend", default="auto", choices=backend_choices, help="kernel backend (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser; ``.commands`` maps each command to its subparser."""
     from . import __version__
@@ -175,14 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature >= 0: lower is more conservative, 0 = greedy, and a tiny "
                         "one (1e-40) behaves like greedy, tokens tied for the top sharing the draw "
                         "(default: 0.8)")
-    g.add_argument("--top-k", type=_nonneg_int, default=40, help="sample from the k most likely tokens, 0 = all (default: 40)")
-    g.add_argument("--top-p", type=_unit_float, default=None, help="nucleus sampling mass in (0, 1]")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--num-samples", type=_positive_int, default=1, help="samples to draw (default: 1)")
-    g.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX), default=None,
-                   help=f"random seed for sampling, an integer in [{SEED_MIN}, {SEED_MAX}] (default: random)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
+    _add_sampling_args(g, BACKEND_CHOICES)
 
     c = sub.add_parser("chat", help="talk to a model: type a prompt, read the answer as it is generated",
                        description="Reads a prompt per line from the terminal (or stdin), streams the model's "
@@ -195,14 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens per answer; an end-of-text token ends it sooner (default: 64)")
     c.add_argument("--temperature", type=_nonneg_float, default=0.8, help="sampling temperature >= 0, 0 = greedy "
                    "(default: 0.8)")
-    c.add_argument("--top-k", type=_nonneg_int, default=40, help="sample from the k most likely tokens, 0 = all "
-                   "(default: 40)")
-    c.add_argument("--top-p", type=_unit_float, default=None, help="nucleus sampling mass in (0, 1]")
-    c.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    c.add_argument("--seed", type=_seed_type(SEED_MIN, SEED_MAX), default=None,
-                   help=f"random seed for sampling, an integer in [{SEED_MIN}, {SEED_MAX}] (default: random)")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    c.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="kernel backend (default: auto)")
+    _add_sampling_args(c, BACKEND_CHOICES)
 
     x = sub.add_parser("export", help="write a model in another format (hf: Hugging Face transformers GPT-2)",
                        description="Write a barkgpt model (run or saved model directory) as a directory that "
