@@ -10,13 +10,14 @@ barkgpt.ops turns each declaration into its public function.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from . import perf, reference
 from ._checks import check_targets, check_token_ids, float_tensor, same_device, tensor
-from .registry import Arg, Backward, Case, OpDecl, declare_op
+from .registry import Arg, Backward, Case, Close, OpDecl, declare_op
 
 # Max error against the float64 reference, relative to max(1, max |expected|), for the op's
 # results and every gradient (the C++ backend's tolerances before the registry; Triton's were
@@ -31,6 +32,40 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0):
     return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+
+
+# Upstream gradients in the layouts autograd hands kernels (Case.upstream), values ~N(0, 1).
+def _strided_grad(o, gen):
+    """Every other element of a buffer twice as wide along the last dim (stride 2)."""
+    big = torch.randn(*o.shape[:-1], 2 * o.shape[-1], generator=gen).to(device=o.device, dtype=o.dtype)
+    return big[..., ::2]
+
+
+def _expanded_grad(o, gen):
+    """One row broadcast over the leading dims (stride 0), as ``out.sum()``-style graphs give."""
+    row = torch.randn(o.shape[-1], generator=gen).to(device=o.device, dtype=o.dtype)
+    return row.expand(o.shape)
+
+
+def _transposed_grad(o, gen):
+    """A transposed view of a contiguous buffer (dims 1 and 2 swapped; 2-D: dims 0 and 1)."""
+    a, b = (0, 1) if o.dim() == 2 else (1, 2)
+    shape = list(o.shape)
+    shape[a], shape[b] = shape[b], shape[a]
+    return torch.randn(*shape, generator=gen).to(device=o.device, dtype=o.dtype).transpose(a, b)
+
+
+def _permuted_grad(o, gen):
+    """All dims reversed: no unit stride on the last dim."""
+    dims = tuple(range(o.dim() - 1, -1, -1))
+    return torch.randn(*reversed(o.shape), generator=gen).to(device=o.device, dtype=o.dtype).permute(dims)
+
+
+def _bthd_strided_grad(o, gen):
+    """(B, H, T, D) viewed from a (B, T, H, 2D) buffer: transposed, stride 2 on D."""
+    B, H, T, D = o.shape
+    big = torch.randn(B, T, H, 2 * D, generator=gen).to(device=o.device, dtype=o.dtype)
+    return big[..., ::2].transpose(1, 2)
 
 
 # ---- layer_norm ------------------------------------------------------------------------------
@@ -66,28 +101,89 @@ def _layer_norm_bwd_fake(grad_y, x, weight, bias, mean, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape, dtype=db_dtype)
 
 
-def _layer_norm_case(rows, n, bias=True, w_dtype=None, shape=None):
+def _layer_norm_case(rows, n, bias=True, w_dtype=None, shape=None, eps=1e-5, layout=None):
+    """x (rows, n) ~ 2 N(0, 1) + 0.5 (reshaped to ``shape``). ``layout``: "transposed" (x a
+    transposed view), "permuted" (a (5, 4, n) view of (4, 5, n) rows that no stride flattens),
+    "strided-params" (weight and bias strided views), "constant" (every row one value: only eps
+    keeps rstd finite)."""
     def make(dtype, device, gen):
-        x = _randn(gen, rows, n, dtype=dtype, device=device, scale=2.0, shift=0.5)
+        if layout == "transposed":
+            x = _randn(gen, n, rows, dtype=dtype, device=device, scale=2.0, shift=0.5).t()
+        elif layout == "permuted":
+            x = _randn(gen, rows // 5, 5, n, dtype=dtype, device=device, scale=2.0, shift=0.5).permute(1, 0, 2)
+        elif layout == "constant":
+            x = torch.full((rows, n), 3.0, dtype=dtype, device=device)
+        else:
+            x = _randn(gen, rows, n, dtype=dtype, device=device, scale=2.0, shift=0.5)
         if shape is not None:
             x = x.reshape(shape)
         wd = w_dtype or dtype
-        w = _randn(gen, n, dtype=wd, device=device, scale=0.5, shift=1.0)
-        b = _randn(gen, n, dtype=wd, device=device) if bias else None
-        return x, w, b, 1e-5
+        if layout == "strided-params":
+            w = _randn(gen, 2 * n, dtype=wd, device=device, scale=0.5, shift=1.0)[::2]
+            b = _randn(gen, n, 2, dtype=wd, device=device)[:, 1]
+        else:
+            w = _randn(gen, n, dtype=wd, device=device, scale=0.5, shift=1.0)
+            b = _randn(gen, n, dtype=wd, device=device) if bias else None
+        return x, w, b, eps
     return make
+
+
+# Bounds the Triton LayerNorm tests held (elementwise against the float64 reference, or no worse
+# than 2x PyTorch's own error in the dtype on ill-conditioned rows; and against the reference run
+# in the dtype within that bound plus its error). fp32: fp32 math throughout (dweight/dbias sum
+# thousands of rows, hence rtol); fp16: one rounding of y / dx.
+_LN_FP32 = Close(elementwise=(5e-5, 1e-5), ill_conditioned=2.0, vs_reference=(5e-5, 1e-5))
+_LN_FP16 = Close(elementwise=(5e-3, 5e-3), ill_conditioned=2.0, vs_reference=(5e-3, 5e-3))
+_LN_CLOSE = {torch.float32: _LN_FP32, torch.float16: _LN_FP16}
+# The interpreter (Triton on CPU) runs these (rows, n) in fp32 and, where listed, fp16.
+_LN_INTERPRET_FP32 = {(1, 1), (7, 1), (4097, 1), (7, 3), (4097, 3), (1, 8), (4097, 8), (7, 32), (7, 97), (1, 97),
+                      (7, 128), (7, 768), (1, 1500), (7, 1500), (7, 1536), (3, 4096)}
+_LN_INTERPRET_FP16 = {(7, 1), (7, 3), (4097, 8), (7, 97), (7, 768), (7, 1500), (3, 4096)}
+# ... and these (a sample of the others) in fp32 and fp16
+_LN_INTERPRET_BOTH = {(1, 1), (7, 3), (4097, 8), (7, 768), (300, 32), (1, 1500), (1, 4096)}
+
+
+def _ln_interpret(rows, n):
+    if (rows, n) in _LN_INTERPRET_BOTH or (rows, n) in _LN_INTERPRET_FP16:
+        return (torch.float32, torch.float16)
+    return (torch.float32,) if (rows, n) in _LN_INTERPRET_FP32 else False
 
 
 def _layer_norm_cases():
     sizes = [(rows, n) for n in (1, 3, 8, 97, 768) for rows in (1, 7, 4097)]
     sizes += [(rows, n) for n in (16, 32, 64, 128) for rows in (7, 300)]  # unrolled widths
     sizes += [(rows, n) for n in (1500, 1536) for rows in (1, 7, 300)]
-    sizes += [(1, 4096), (7, 4096), (33, 4096)]
-    cases = [Case(f"rows{r}-n{n}", _layer_norm_case(r, n), heavy=r * n > 40000 or (r > 7 and n > 97))
-             for r, n in sizes]
-    cases += [Case(f"nobias-rows{r}-n{n}", _layer_norm_case(r, n, bias=False)) for r, n in ((7, 3), (7, 97))]
-    cases += [Case("nobias-rank3-fp32params", _layer_norm_case(10, 97, bias=False, w_dtype=torch.float32,
-                                                                shape=(2, 5, 97)))]
+    sizes += [(1, 4096), (7, 4096), (33, 4096), (3, 4096)]
+    C = _layer_norm_case
+    cases = [Case(f"rows{r}-n{n}", C(r, n), heavy=r * n > 40000 or (r > 7 and n > 97), close=_LN_CLOSE,
+                  interpret=_ln_interpret(r, n)) for r, n in sizes]
+    f32 = (torch.float32,)
+    cases += [Case(f"nobias-rows{r}-n{n}", C(r, n, bias=False), close=_LN_CLOSE, interpret=f32)
+              for r, n in ((7, 3), (7, 97), (513, 8), (7, 1536))]
+    cases += [Case("nobias-rank3-fp32params", C(10, 97, bias=False, w_dtype=torch.float32, shape=(2, 5, 97)),
+                   interpret=True)]
+    # autocast layout: 16-bit activations, fp32 parameters, any rank, no bias (the C++ tests' n)
+    cases += [Case(f"nobias-rank3-fp32params-n{n}", C(10, n, bias=False, w_dtype=torch.float32, shape=(2, 5, n)),
+                   interpret=False, extra_dtypes=(torch.float32,),
+                   close={torch.bfloat16: Close(vs_reference=(1e-2, 1e-2))}) for n in (3, 768)]
+    cases += [Case(f"fp32params-rows33-n{n}", C(33, n, w_dtype=torch.float32), dtypes=(torch.float16, torch.bfloat16),
+                   extra_dtypes=(torch.float32,), close=_LN_CLOSE, interpret=(torch.float16,)) for n in (8, 97, 768)]
+    cases += [
+        Case("rank3-2x3x97", C(6, 97, shape=(2, 3, 97)), close=_LN_CLOSE, interpret=f32),
+        Case("rank4-2x2x3x8", C(12, 8, shape=(2, 2, 3, 8)), close=_LN_CLOSE, interpret=f32),
+        Case("rank3-5x7x97", C(35, 97, shape=(5, 7, 97)), interpret=f32,
+             close={torch.float32: Close(elementwise=(5e-5, 1e-5), vs_reference=(5e-5, 1e-5))}),
+        # var = 0: y = bias and dx = 0 only through eps
+        Case("constant-rows-eps0.1", C(4, 16, layout="constant", eps=0.1), close=_LN_CLOSE, interpret=f32),
+        Case("eps100", C(4, 16, eps=100.0), interpret=f32,
+             close={torch.float32: Close(elementwise=(1e-5, 1e-5), vs_reference=(1e-5, 1e-5))}),
+        Case("transposed-x-strided-grad", C(33, 97, layout="transposed"), upstream=_strided_grad, close=_LN_CLOSE,
+             interpret=(torch.float32, torch.float16)),
+        Case("unmergeable-view-expanded-grad", C(20, 97, layout="permuted"), upstream=_expanded_grad,
+             close=_LN_CLOSE, interpret=f32),
+        Case("strided-params", C(7, 97, layout="strided-params"), close=_LN_CLOSE, interpret=f32),
+        Case("rows2-n16411", C(2, 16411), close=_LN_CLOSE, interpret=f32),
+    ]
     return tuple(cases)
 
 
@@ -135,28 +231,73 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-def _attention_case(B, H, T, D, causal, qkv_view=False):
+def _attention_case(B, H, T, D, causal, layout=None, scale=1.0):
+    """q, k, v ~ scale * N(0, 1). ``layout``: "qkv" (split from one fused (B, T, 3 * H * D)
+    projection, as the model makes them), "bthd" ((B, T, H, D) buffers viewed as (B, H, T, D))."""
     def make(dtype, device, gen):
-        if qkv_view:  # q, k, v split from a fused projection, as the model makes them
-            qkv = _randn(gen, B, T, 3 * H * D, dtype=dtype, device=device)
+        if layout == "qkv":
+            qkv = _randn(gen, B, T, 3 * H * D, dtype=dtype, device=device, scale=scale)
             q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+        elif layout == "bthd":
+            q, k, v = (_randn(gen, B, T, H, D, dtype=dtype, device=device, scale=scale).transpose(1, 2)
+                       for _ in range(3))
         else:
-            q, k, v = (_randn(gen, B, H, T, D, dtype=dtype, device=device) for _ in range(3))
+            q, k, v = (_randn(gen, B, H, T, D, dtype=dtype, device=device, scale=scale) for _ in range(3))
         return q, k, v, causal
     return make
 
 
+# Bounds the Triton attention tests held, elementwise against the float64 reference and against
+# the reference run in the dtype: fp32 runs "ieee" dots (errors of a few ulps of O(1) values);
+# fp16 rounds inputs, P and dS to 11-bit mantissas.
+_ATTN_CLOSE = {torch.float32: Close(elementwise=(2e-5, 2e-5), vs_reference=(2e-5, 2e-5)),
+               torch.float16: Close(elementwise=(4e-3, 4e-3), vs_reference=(4e-3, 4e-3))}
+_ATTN_SEQ_LENS = (1, 2, 15, 17, 64, 100, 129)
+_ATTN_HEAD_DIMS = (1, 3, 8, 16, 24, 64, 80, 128)
+# What the interpreter runs: every T at D=16 and every D at T=17 and T=100 in fp32, every T at
+# D=16 and every D at T=100 in fp16, and a few more small shapes.
+_ATTN_FP32 = {(T, 16) for T in _ATTN_SEQ_LENS} | {(T, D) for T in (17, 100) for D in _ATTN_HEAD_DIMS}
+_ATTN_FP16 = {(T, 16) for T in _ATTN_SEQ_LENS} | {(100, D) for D in _ATTN_HEAD_DIMS}
+_ATTN_MORE = {(1, 1), (1, 24), (15, 8), (17, 3)}
+
+
+def _attention_interpret(T, D, lo):
+    fp16 = (T, D) in _ATTN_FP16 or ((T, D) in _ATTN_MORE and lo)
+    if fp16:
+        return (torch.float32, torch.float16)
+    return (torch.float32,) if (T, D) in _ATTN_FP32 | _ATTN_MORE else False
+
+
 def _attention_cases():
     cases = []
+    all_dtypes = (torch.float64, torch.float32, torch.float16)
     for causal in (True, False):
         c = "causal" if causal else "full"
-        for T in (1, 2, 15, 17, 64, 100, 129):
-            for D in (1, 3, 8, 16, 24, 64, 80, 128):
+        for T in _ATTN_SEQ_LENS:
+            for D in _ATTN_HEAD_DIMS:
                 small = (T <= 17 and D <= 24) or (T, D) in ((17, 64), (64, 16), (100, 16))
                 lo = (T, D) in ((1, 1), (17, 3), (64, 16), (100, 64), (129, 80))
+                dtypes = None if lo else all_dtypes if (T, D) in _ATTN_FP16 else (torch.float64, torch.float32)
                 cases.append(Case(f"{c}-T{T}-D{D}", _attention_case(2, 2, T, D, causal), heavy=not small,
-                                  dtypes=None if lo else (torch.float64, torch.float32)))
-        cases.append(Case(f"{c}-qkv-view", _attention_case(2, 3, 37, 24, causal, qkv_view=True)))
+                                  dtypes=dtypes, close=_ATTN_CLOSE, interpret=_attention_interpret(T, D, lo)))
+        A = _attention_case
+        cases += [
+            Case(f"{c}-qkv-view", A(2, 3, 37, 24, causal, layout="qkv"), interpret=False),
+            Case(f"{c}-qkv-view-transposed-grad", A(2, 3, 37, 24, causal, layout="qkv"), upstream=_transposed_grad,
+                 dtypes=(torch.float64, torch.float32), interpret=False),
+            Case(f"{c}-qkv-view-strided-grad", A(2, 3, 33, 24, causal, layout="qkv"), upstream=_bthd_strided_grad,
+                 dtypes=all_dtypes, close=_ATTN_CLOSE, interpret=(torch.float32, torch.float16)),
+            Case(f"{c}-bthd-strided-grad", A(2, 3, 33, 24, causal, layout="bthd"), upstream=_bthd_strided_grad,
+                 dtypes=all_dtypes, close=_ATTN_CLOSE, interpret=(torch.float32, torch.float16)),
+            Case(f"{c}-expanded-grad", A(2, 2, 21, 8, causal), upstream=_expanded_grad,
+                 dtypes=(torch.float64, torch.float32), close=_ATTN_CLOSE, interpret=True),
+            # scores of several hundred: exp overflows without the running max
+            Case(f"{c}-peaked-softmax", A(1, 2, 45, 16, causal, scale=6.0), dtypes=(torch.float64, torch.float32),
+                 close={torch.float32: Close(elementwise=(1e-4, 1e-4))}, interpret=True),
+            # several query and key blocks, T not a multiple of any block
+            Case(f"{c}-T300-D32", A(1, 2, 300, 32, causal), heavy=True, dtypes=(torch.float64,),
+                 close={torch.float64: Close(elementwise=(1e-10, 1e-10))}, interpret=False),
+        ]
     return tuple(cases)
 
 
@@ -249,6 +390,7 @@ def _cached_attention_cases():
         Case("start-past-every-query", C(2, 1, 3, 8, 2, start=[10, -4])),
         Case("stacked-cache-view", C(2, 2, 3, 16, 11, view=True)),
         Case("decode-long", C(1, 2, 1, 64, 1000, start=[20]), heavy=True),
+        Case("decode-start-off70-D32", C(2, 3, 1, 32, 70, extra=2, start=[9, 0]), interpret=(torch.float32,)),
     ]
     return tuple(cases)
 
@@ -312,15 +454,49 @@ def _embedding_bwd_fake(grad_out, idx, vocab_size, num_positions):
     return grad_out.new_empty((vocab_size, grad_out.shape[2])), grad_out.new_empty((num_positions, grad_out.shape[2]))
 
 
-def _embedding_case(V, B, T, C, P, id_dtype=torch.int64, all_equal: Optional[int] = None):
+def _embedding_case(V, B, T, C, P, id_dtype=torch.int64, all_equal: Optional[int] = None, pos_dtype=None,
+                    layout=None):
+    """Ids uniform in [0, V) (or all ``all_equal``), tables ~N(0, 1); ``pos_dtype``: the position
+    table's own dtype. ``layout``: "transposed" (ids, token table transposed views, position table
+    a stride-2 view), "strided-ids" (ids a stride-2 view)."""
     def make(dtype, device, gen):
         if all_equal is not None:
             idx = torch.full((B, T), all_equal, dtype=id_dtype)
+        elif layout == "transposed":
+            idx = torch.randint(0, V, (T, B), generator=gen, dtype=id_dtype).t()
+        elif layout == "strided-ids":
+            idx = torch.randint(0, V, (B, 2 * T), generator=gen, dtype=id_dtype)[:, ::2]
         else:
             idx = torch.randint(0, V, (B, T), generator=gen, dtype=id_dtype)
-        return (idx.to(device), _randn(gen, V, C, dtype=dtype, device=device),
-                _randn(gen, P, C, dtype=dtype, device=device))
+        pd = pos_dtype or dtype
+        if layout == "transposed":
+            tok = _randn(gen, C, V, dtype=dtype, device=device).t()
+            pos = _randn(gen, P, 2 * C, dtype=pd, device=device)[:, ::2]
+        else:
+            tok = _randn(gen, V, C, dtype=dtype, device=device)
+            pos = _randn(gen, P, C, dtype=pd, device=device)
+        return idx.to(device), tok, pos
     return make
+
+
+def _embedding_close(dtype):
+    """The Triton embedding tests' bounds: fp32 accumulation of at most a few thousand O(1) terms,
+    then one rounding: 16-bit results within one ulp of the exact sum rounded once (plus a small
+    absolute term where the sum cancels), fp32 results within the fp32 summation error; the
+    results are the reference rounded once; against the reference run in the dtype (PyTorch
+    accumulates 16-bit embedding gradients in 16 bits on CPU) fp32 1e-5, 16-bit 2e-2 / 1e-2."""
+    if dtype == torch.float32:
+        return Close(elementwise=(5e-5, 1e-5), rounded=True, vs_reference=(1e-5, 1e-5), exact_zeros=True,
+                     exact_results=True)
+    return Close(elementwise=(1e-5, torch.finfo(dtype).eps), rounded=True, vs_reference=(2e-2, 1e-2),
+                 exact_zeros=True, exact_results=True)
+
+
+_EMB_CLOSE = {d: _embedding_close(d) for d in (torch.float32, torch.float16)}
+# Long sums (512 rows on one id): in fp16 PyTorch's own 16-bit accumulation is far from the
+# exact sum, so the 16-bit bound is against the float64 reference only.
+_EMB_SUMS = {torch.float32: _EMB_CLOSE[torch.float32],
+             torch.float16: dataclasses.replace(_EMB_CLOSE[torch.float16], vs_reference=None)}
 
 
 def _embedding_cases():
@@ -328,14 +504,42 @@ def _embedding_cases():
               (70000, 3, 33, 8, 40), (9, 32, 32, 32, 32), (256, 3, 17, 97, 20), (50, 2, 1, 1, 1),
               (1000, 2, 65, 130, 65)]
     cases = []
+    E = _embedding_case
     for V, B, T, C, P in shapes:
         heavy = V * C > 50000 or B * T * C > 20000
         for id_dtype in (torch.int64, torch.int32):
-            cases.append(Case(f"V{V}-B{B}-T{T}-C{C}-P{P}-{str(id_dtype)[6:]}",
-                              _embedding_case(V, B, T, C, P, id_dtype), heavy=heavy))
-    cases.append(Case("all-equal-ids", _embedding_case(9, 16, 256, 48, 256, all_equal=3), heavy=True,
-                      dtypes=(torch.float64, torch.float32, torch.bfloat16)))
-    cases.append(Case("all-equal-ids-small", _embedding_case(3, 4, 9, 8, 12, all_equal=1)))
+            cases.append(Case(f"V{V}-B{B}-T{T}-C{C}-P{P}-{str(id_dtype)[6:]}", E(V, B, T, C, P, id_dtype),
+                              heavy=heavy))
+    cases.append(Case("all-equal-ids", E(9, 16, 256, 48, 256, all_equal=3), heavy=True,
+                      dtypes=(torch.float64, torch.float32, torch.bfloat16),
+                      close={d: Close(exact_zeros=True) for d in (torch.float32, torch.bfloat16)}))
+    cases.append(Case("all-equal-ids-small", E(3, 4, 9, 8, 12, all_equal=1)))
+    # The Triton tests' shapes (B, T, V, C, P): bark sizes (9-token vocabulary, widths 8 and 32),
+    # widths 1 / 3 / 97 / 768, T < P (unused position rows get zero grads), T == 1 and B == 1; the
+    # interpreter runs them in fp32, and three in fp16 too.
+    fp16 = {(3, 7, 9, 32, 8), (2, 5, 50, 97, 9), (2, 9, 20, 768, 12)}
+    for B, T, V, C, P in [(1, 1, 9, 1, 4), (3, 7, 9, 32, 8), (4, 32, 9, 8, 32), (2, 5, 50, 97, 9),
+                          (2, 9, 20, 768, 12), (8, 3, 2, 3, 3), (1, 40, 9, 128, 64)]:
+        cases.append(Case(f"B{B}-T{T}-V{V}-C{C}-P{P}", E(V, B, T, C, P), close=_EMB_CLOSE,
+                          interpret=(torch.float32, torch.float16) if (B, T, V, C, P) in fp16 else (torch.float32,)))
+    f32 = (torch.float32,)
+    cases += [
+        Case("B3-T7-V9-C32-P8-int32", E(9, 3, 7, 32, 8, torch.int32), close=_EMB_CLOSE, interpret=f32),
+        # a split sum (tiny vocabulary: fixed pieces reduced afterwards) and a single program
+        Case("all-equal-ids-V3", E(3, 16, 32, 32, 32, all_equal=2), close=_EMB_SUMS, interpret=f32),
+        Case("all-equal-ids-V50", E(50, 16, 32, 32, 32, all_equal=49), close=_EMB_SUMS, interpret=f32),
+        Case("transposed-ids-tables-permuted-grad", E(11, 3, 7, 40, 9, layout="transposed"), upstream=_permuted_grad,
+             close={d: dataclasses.replace(c, vs_reference=None) for d, c in _EMB_CLOSE.items()},
+             interpret=(torch.float32, torch.float16)),
+        Case("expanded-grad", E(9, 4, 6, 16, 6), upstream=_expanded_grad, interpret=f32,
+             close={torch.float32: dataclasses.replace(_EMB_CLOSE[torch.float32], vs_reference=None)}),
+        # fp16 token table + fp32 position table: fp32 result, each gradient in its table's dtype
+        Case("fp16-tokens-fp32-positions", E(9, 3, 7, 32, 8, pos_dtype=torch.float32), dtypes=(torch.float16,),
+             extra_dtypes=(torch.float32,), close=_EMB_CLOSE, interpret=True),
+        Case("fp32-tokens-fp64-positions-strided", E(11, 3, 20, 16, 20, pos_dtype=torch.float64,
+                                                     layout="strided-ids"),
+             dtypes=(torch.float32,), extra_dtypes=(torch.float64,), upstream=_transposed_grad, interpret=False),
+    ]
     return tuple(cases)
 
 

@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["Arg", "Backward", "OpDecl", "BackendSpec", "Impl", "BackendUnavailable", "OPS", "BACKENDS",
            "declare_op", "declare_backend", "register_impl", "register_kernels", "implementation",
-           "implementations", "Case"]
+           "implementations", "Case", "Close"]
 
 REQUIRED = object()  # an Arg default meaning "no default"
 
@@ -82,14 +82,57 @@ class Backward:
 
 
 @dataclasses.dataclass(frozen=True)
+class Close:
+    """Bounds a test case adds, for one dtype, to the declaration's tolerance (all must hold;
+    none replaces it), for the op's results and every gradient. ``e`` is the float64 reference.
+
+    * ``elementwise=(atol, rtol)``: ``|got - e| <= atol + rtol * |e|`` element by element.
+    * ``rounded``: ``e`` rounded once to the result's dtype first (sums that are exact up to
+      one rounding).
+    * ``relative``: ``max |got - e| <= relative * max |e|`` (no floor of 1: small gradients
+      are held to their own scale).
+    * ``ill_conditioned``: ``atol`` is raised to this many times the reference's own error
+      when run in the case's dtype (rows of nearly equal values multiply rounding errors).
+    * ``vs_reference=(atol, rtol)``: also elementwise against the reference run in the case's
+      dtype (plus that run's own error when ``ill_conditioned`` is set).
+    * ``exact_zeros``: where ``e`` is exactly 0 (rows of a gradient nothing reached), ``got``
+      is exactly 0.
+    * ``exact_results``: the op's results (not the gradients) equal ``e`` rounded once to
+      their dtype, bit for bit.
+    """
+
+    elementwise: Optional[Tuple[float, float]] = None
+    rounded: bool = False
+    relative: Optional[float] = None
+    ill_conditioned: float = 0.0
+    vs_reference: Optional[Tuple[float, float]] = None
+    exact_zeros: bool = False
+    exact_results: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
     """A test case of an op: ``make(dtype, device, generator)`` returns the op's positional
-    arguments. ``heavy`` cases are skipped on slow (interpreted) backends."""
+    arguments. ``heavy`` cases are skipped on slow (interpreted) backends.
+
+    ``tolerance``: per dtype, a bound tighter than the declaration's for this case (the smaller
+    one is used; a case never loosens the declaration). ``close``: per dtype, :class:`Close`
+    bounds checked as well. ``upstream(result, generator)``: the upstream gradient for a result
+    (a layout other than contiguous: strided, transposed, expanded), default ``randn_like``.
+    ``interpret``: on interpreted backends (Triton on CPU) True runs the case, a tuple of dtypes
+    runs it in those dtypes only, False skips it, None leaves it to the suite's sample of the
+    light cases. ``extra_dtypes``: dtypes of the
+    case's tensors other than the case's dtype, which a backend must support to run it."""
 
     id: str
     make: Callable[[torch.dtype, Any, torch.Generator], Tuple[Any, ...]]
     heavy: bool = False
     dtypes: Optional[Tuple[torch.dtype, ...]] = None  # None: every dtype of the declaration
+    tolerance: Optional[Mapping[torch.dtype, float]] = None
+    close: Optional[Mapping[torch.dtype, Close]] = None
+    upstream: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
+    interpret: Any = None  # None, True, False or a tuple of dtypes
+    extra_dtypes: Tuple[torch.dtype, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

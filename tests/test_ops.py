@@ -19,6 +19,8 @@ import torch
 from barkgpt import ops, registry
 from barkgpt.registry import Arg, Backward, Case, OpDecl
 
+import oracle
+
 INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
 INTERPRETER_DTYPES = (torch.float32, torch.float16)  # Triton's interpreter: no bf16, no fp64
 
@@ -36,6 +38,17 @@ def _backends():
     return [b for b in ops.BACKENDS if _device(b) is not None]
 
 
+def _interpreted(backend):
+    return backend in INTERPRETED and _device(backend) == "cpu"
+
+
+def _interpreter_cases(cases):
+    """What an interpreted backend runs (slow): the cases marked for it, and a sample of the light
+    unmarked ones (test_triton_*.py keep only what needs the backend's internals)."""
+    sample = [c for c in cases if c.interpret is None and not c.heavy][::4]
+    return [c for c in cases if c.interpret or any(c is s for s in sample)]
+
+
 def _params():
     out = []
     # Not "torch": it is the reference run in the inputs' dtype, as accurate as PyTorch's own ops
@@ -47,14 +60,15 @@ def _params():
             impl = registry.implementation(name, b)
             if impl is None or b == "torch":
                 continue
-            cases = decl.cases
-            if b in INTERPRETED and _device(b) == "cpu":  # slow: a sample of the light cases (test_triton_*.py has the rest)
-                cases = [c for c in cases if not c.heavy][::4]
+            cases = _interpreter_cases(decl.cases) if _interpreted(b) else decl.cases
             for case in cases:
+                if any(d not in impl.dtypes for d in case.extra_dtypes):
+                    continue
                 for dtype in decl.tolerance:
                     if dtype not in impl.dtypes or (case.dtypes is not None and dtype not in case.dtypes):
                         continue
-                    if b in INTERPRETED and _device(b) == "cpu" and dtype not in INTERPRETER_DTYPES:
+                    if _interpreted(b) and (dtype not in INTERPRETER_DTYPES or (
+                            isinstance(case.interpret, tuple) and dtype not in case.interpret)):
                         continue
                     out.append(pytest.param(name, b, dtype, case, id=f"{name}-{b}-{str(dtype)[6:]}-{case.id}"))
     return out
@@ -62,51 +76,13 @@ def _params():
 
 def _inputs(decl, case, dtype, backend, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    args = list(case.make(dtype, _device(backend), gen))
-    for i, a in enumerate(decl.args):
-        if a.grad and args[i] is not None:
-            args[i] = args[i].detach().requires_grad_()
-    return args
+    return oracle.leaves(decl, case.make(dtype, _device(backend), gen))
 
 
-def _grad_inputs(decl, args):
-    return [args[i] for i, a in enumerate(decl.args) if a.grad and args[i] is not None]
-
-
-def _as_tuple(out):
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _run(fn, decl, args, upstream):
-    outs = _as_tuple(fn(*args))
-    ins = _grad_inputs(decl, args)
-    grads = torch.autograd.grad(outs, ins, upstream) if decl.backward is not None and ins else ()
-    return outs, grads
-
-
-def _upstream(outs, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
-
-
-def _f64(decl, args):
-    out = []
-    for a, t in zip(decl.args, args):
-        if a.grad and t is not None:
-            t = t.detach().double().requires_grad_()
-        out.append(t)
-    return out
-
-
-def _close(actual, expected, tol, name):
-    """max |actual - expected| <= tol * max(1, max |expected|)."""
-    a, e = actual.double(), expected.double()
-    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    if not e.numel():
-        return
-    scale = max(1.0, e.abs().max().item())
-    err = (a - e).abs().max().item()
-    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} * {scale:.3g}"
+_grad_inputs = oracle.grad_inputs
+_as_tuple = oracle.as_tuple
+_run = oracle.run
+_upstream = oracle.upstream_for
 
 
 @pytest.mark.parametrize("op, backend, dtype, case", _params())
@@ -114,25 +90,8 @@ def test_op_matches_reference(op, backend, dtype, case):
     decl = registry.OPS[op]
     fn = getattr(ops, op)
     args = _inputs(decl, case, dtype, backend)
-    outs = _as_tuple(fn(*args, backend=backend))
-    upstream = _upstream(outs)
-    ins = _grad_inputs(decl, args)
-    grads = torch.autograd.grad(outs, ins, upstream) if decl.backward is not None else ()
-    ref_args = _f64(decl, args)
-    ref_outs, ref_grads = _run(decl.reference, decl, ref_args, [u.double() for u in upstream])
-    # a tensor kept in a lower precision than the case's dtype (fp32 weights of fp64 activations)
-    # is held to that precision's tolerance
-    def tol(t):
-        return max(decl.tolerance[dtype], decl.tolerance.get(t.dtype, 0.0))
-    ref_dtypes = [o.dtype for o in _as_tuple(decl.reference(*[a.detach() if isinstance(a, torch.Tensor) else a
-                                                                for a in args]))]
-    for i, (o, r, want_dtype) in enumerate(zip(outs, ref_outs, ref_dtypes)):
-        assert o.dtype == want_dtype, f"result {i}: dtype {o.dtype}, the reference gives {want_dtype}"
-        _close(o, r, tol(o), f"result {i}")
-    names = [a.name for i, a in enumerate(decl.args) if a.grad and args[i] is not None]
-    for name, g, r, x in zip(names, grads, ref_grads, ins):
-        assert g.dtype == x.dtype, f"d{name}: dtype {g.dtype} != {x.dtype}"
-        _close(g, r, tol(g), f"d{name}")
+    oracle.check_op(op, lambda *a: fn(*a, backend=backend), args, dtype, upstream=case.upstream,
+                    tolerance=case.tolerance, bounds=case.close)
 
 
 # ---- the kernel ops: opcheck, the schema, the C++ eager fast path --------------------------------
