@@ -134,7 +134,7 @@ def _layer_norm_case(rows, n, bias=True, w_dtype=None, shape=None, eps=1e-5, lay
 # thousands of rows, hence rtol); fp16: one rounding of y / dx.
 _LN_FP32 = Close(elementwise=(5e-5, 1e-5), ill_conditioned=2.0, vs_reference=(5e-5, 1e-5))
 _LN_FP16 = Close(elementwise=(5e-3, 5e-3), ill_conditioned=2.0, vs_reference=(5e-3, 5e-3))
-_LN_CLOSE = {torch.float32: _LN_FP32, torch.float16: _LN_FP16}
+LAYER_NORM_CLOSE = {torch.float32: _LN_FP32, torch.float16: _LN_FP16}
 # The interpreter (Triton on CPU) runs these (rows, n) in fp32 and, where listed, fp16.
 _LN_INTERPRET_FP32 = {(1, 1), (7, 1), (4097, 1), (7, 3), (4097, 3), (1, 8), (4097, 8), (7, 32), (7, 97), (1, 97),
                       (7, 128), (7, 768), (1, 1500), (7, 1500), (7, 1536), (3, 4096)}
@@ -155,10 +155,10 @@ def _layer_norm_cases():
     sizes += [(rows, n) for n in (1500, 1536) for rows in (1, 7, 300)]
     sizes += [(1, 4096), (7, 4096), (33, 4096), (3, 4096)]
     C = _layer_norm_case
-    cases = [Case(f"rows{r}-n{n}", C(r, n), heavy=r * n > 40000 or (r > 7 and n > 97), close=_LN_CLOSE,
+    cases = [Case(f"rows{r}-n{n}", C(r, n), heavy=r * n > 40000 or (r > 7 and n > 97), close=LAYER_NORM_CLOSE,
                   interpret=_ln_interpret(r, n)) for r, n in sizes]
     f32 = (torch.float32,)
-    cases += [Case(f"nobias-rows{r}-n{n}", C(r, n, bias=False), close=_LN_CLOSE, interpret=f32)
+    cases += [Case(f"nobias-rows{r}-n{n}", C(r, n, bias=False), close=LAYER_NORM_CLOSE, interpret=f32)
               for r, n in ((7, 3), (7, 97), (513, 8), (7, 1536))]
     cases += [Case("nobias-rank3-fp32params", C(10, 97, bias=False, w_dtype=torch.float32, shape=(2, 5, 97)),
                    interpret=True)]
@@ -167,22 +167,22 @@ def _layer_norm_cases():
                    interpret=False, extra_dtypes=(torch.float32,),
                    close={torch.bfloat16: Close(vs_reference=(1e-2, 1e-2))}) for n in (3, 768)]
     cases += [Case(f"fp32params-rows33-n{n}", C(33, n, w_dtype=torch.float32), dtypes=(torch.float16, torch.bfloat16),
-                   extra_dtypes=(torch.float32,), close=_LN_CLOSE, interpret=(torch.float16,)) for n in (8, 97, 768)]
+                   extra_dtypes=(torch.float32,), close=LAYER_NORM_CLOSE, interpret=(torch.float16,)) for n in (8, 97, 768)]
     cases += [
-        Case("rank3-2x3x97", C(6, 97, shape=(2, 3, 97)), close=_LN_CLOSE, interpret=f32),
-        Case("rank4-2x2x3x8", C(12, 8, shape=(2, 2, 3, 8)), close=_LN_CLOSE, interpret=f32),
+        Case("rank3-2x3x97", C(6, 97, shape=(2, 3, 97)), close=LAYER_NORM_CLOSE, interpret=f32),
+        Case("rank4-2x2x3x8", C(12, 8, shape=(2, 2, 3, 8)), close=LAYER_NORM_CLOSE, interpret=f32),
         Case("rank3-5x7x97", C(35, 97, shape=(5, 7, 97)), interpret=f32,
              close={torch.float32: Close(elementwise=(5e-5, 1e-5), vs_reference=(5e-5, 1e-5))}),
         # var = 0: y = bias and dx = 0 only through eps
-        Case("constant-rows-eps0.1", C(4, 16, layout="constant", eps=0.1), close=_LN_CLOSE, interpret=f32),
+        Case("constant-rows-eps0.1", C(4, 16, layout="constant", eps=0.1), close=LAYER_NORM_CLOSE, interpret=f32),
         Case("eps100", C(4, 16, eps=100.0), interpret=f32,
              close={torch.float32: Close(elementwise=(1e-5, 1e-5), vs_reference=(1e-5, 1e-5))}),
-        Case("transposed-x-strided-grad", C(33, 97, layout="transposed"), upstream=_strided_grad, close=_LN_CLOSE,
+        Case("transposed-x-strided-grad", C(33, 97, layout="transposed"), upstream=_strided_grad, close=LAYER_NORM_CLOSE,
              interpret=(torch.float32, torch.float16)),
         Case("unmergeable-view-expanded-grad", C(20, 97, layout="permuted"), upstream=_expanded_grad,
-             close=_LN_CLOSE, interpret=f32),
-        Case("strided-params", C(7, 97, layout="strided-params"), close=_LN_CLOSE, interpret=f32),
-        Case("rows2-n16411", C(2, 16411), close=_LN_CLOSE, interpret=f32),
+             close=LAYER_NORM_CLOSE, interpret=f32),
+        Case("strided-params", C(7, 97, layout="strided-params"), close=LAYER_NORM_CLOSE, interpret=f32),
+        Case("rows2-n16411", C(2, 16411), close=LAYER_NORM_CLOSE, interpret=f32),
     ]
     return tuple(cases)
 
@@ -250,7 +250,7 @@ def _attention_case(B, H, T, D, causal, layout=None, scale=1.0):
 # Bounds the Triton attention tests held, elementwise against the float64 reference and against
 # the reference run in the dtype: fp32 runs "ieee" dots (errors of a few ulps of O(1) values);
 # fp16 rounds inputs, P and dS to 11-bit mantissas.
-_ATTN_CLOSE = {torch.float32: Close(elementwise=(2e-5, 2e-5), vs_reference=(2e-5, 2e-5)),
+ATTENTION_CLOSE = {torch.float32: Close(elementwise=(2e-5, 2e-5), vs_reference=(2e-5, 2e-5)),
                torch.float16: Close(elementwise=(4e-3, 4e-3), vs_reference=(4e-3, 4e-3))}
 _ATTN_SEQ_LENS = (1, 2, 15, 17, 64, 100, 129)
 _ATTN_HEAD_DIMS = (1, 3, 8, 16, 24, 64, 80, 128)
@@ -279,18 +279,18 @@ def _attention_cases():
                 lo = (T, D) in ((1, 1), (17, 3), (64, 16), (100, 64), (129, 80))
                 dtypes = None if lo else all_dtypes if (T, D) in _ATTN_FP16 else (torch.float64, torch.float32)
                 cases.append(Case(f"{c}-T{T}-D{D}", _attention_case(2, 2, T, D, causal), heavy=not small,
-                                  dtypes=dtypes, close=_ATTN_CLOSE, interpret=_attention_interpret(T, D, lo)))
+                                  dtypes=dtypes, close=ATTENTION_CLOSE, interpret=_attention_interpret(T, D, lo)))
         A = _attention_case
         cases += [
             Case(f"{c}-qkv-view", A(2, 3, 37, 24, causal, layout="qkv"), interpret=False),
             Case(f"{c}-qkv-view-transposed-grad", A(2, 3, 37, 24, causal, layout="qkv"), upstream=_transposed_grad,
                  dtypes=(torch.float64, torch.float32), interpret=False),
             Case(f"{c}-qkv-view-strided-grad", A(2, 3, 33, 24, causal, layout="qkv"), upstream=_bthd_strided_grad,
-                 dtypes=all_dtypes, close=_ATTN_CLOSE, interpret=(torch.float32, torch.float16)),
+                 dtypes=all_dtypes, close=ATTENTION_CLOSE, interpret=(torch.float32, torch.float16)),
             Case(f"{c}-bthd-strided-grad", A(2, 3, 33, 24, causal, layout="bthd"), upstream=_bthd_strided_grad,
-                 dtypes=all_dtypes, close=_ATTN_CLOSE, interpret=(torch.float32, torch.float16)),
+                 dtypes=all_dtypes, close=ATTENTION_CLOSE, interpret=(torch.float32, torch.float16)),
             Case(f"{c}-expanded-grad", A(2, 2, 21, 8, causal), upstream=_expanded_grad,
-                 dtypes=(torch.float64, torch.float32), close=_ATTN_CLOSE, interpret=True),
+                 dtypes=(torch.float64, torch.float32), close=ATTENTION_CLOSE, interpret=True),
             # scores of several hundred: exp overflows without the running max
             Case(f"{c}-peaked-softmax", A(1, 2, 45, 16, causal, scale=6.0), dtypes=(torch.float64, torch.float32),
                  close={torch.float32: Close(elementwise=(1e-4, 1e-4))}, interpret=True),
@@ -492,11 +492,11 @@ def _embedding_close(dtype):
                  exact_zeros=True, exact_results=True)
 
 
-_EMB_CLOSE = {d: _embedding_close(d) for d in (torch.float32, torch.float16)}
+EMBEDDING_CLOSE = {d: _embedding_close(d) for d in (torch.float32, torch.float16)}
 # Long sums (512 rows on one id): in fp16 PyTorch's own 16-bit accumulation is far from the
 # exact sum, so the 16-bit bound is against the float64 reference only.
-_EMB_SUMS = {torch.float32: _EMB_CLOSE[torch.float32],
-             torch.float16: dataclasses.replace(_EMB_CLOSE[torch.float16], vs_reference=None)}
+_EMB_SUMS = {torch.float32: EMBEDDING_CLOSE[torch.float32],
+             torch.float16: dataclasses.replace(EMBEDDING_CLOSE[torch.float16], vs_reference=None)}
 
 
 def _embedding_cases():
@@ -520,22 +520,22 @@ def _embedding_cases():
     fp16 = {(3, 7, 9, 32, 8), (2, 5, 50, 97, 9), (2, 9, 20, 768, 12)}
     for B, T, V, C, P in [(1, 1, 9, 1, 4), (3, 7, 9, 32, 8), (4, 32, 9, 8, 32), (2, 5, 50, 97, 9),
                           (2, 9, 20, 768, 12), (8, 3, 2, 3, 3), (1, 40, 9, 128, 64)]:
-        cases.append(Case(f"B{B}-T{T}-V{V}-C{C}-P{P}", E(V, B, T, C, P), close=_EMB_CLOSE,
+        cases.append(Case(f"B{B}-T{T}-V{V}-C{C}-P{P}", E(V, B, T, C, P), close=EMBEDDING_CLOSE,
                           interpret=(torch.float32, torch.float16) if (B, T, V, C, P) in fp16 else (torch.float32,)))
     f32 = (torch.float32,)
     cases += [
-        Case("B3-T7-V9-C32-P8-int32", E(9, 3, 7, 32, 8, torch.int32), close=_EMB_CLOSE, interpret=f32),
+        Case("B3-T7-V9-C32-P8-int32", E(9, 3, 7, 32, 8, torch.int32), close=EMBEDDING_CLOSE, interpret=f32),
         # a split sum (tiny vocabulary: fixed pieces reduced afterwards) and a single program
         Case("all-equal-ids-V3", E(3, 16, 32, 32, 32, all_equal=2), close=_EMB_SUMS, interpret=f32),
         Case("all-equal-ids-V50", E(50, 16, 32, 32, 32, all_equal=49), close=_EMB_SUMS, interpret=f32),
         Case("transposed-ids-tables-permuted-grad", E(11, 3, 7, 40, 9, layout="transposed"), upstream=_permuted_grad,
-             close={d: dataclasses.replace(c, vs_reference=None) for d, c in _EMB_CLOSE.items()},
+             close={d: dataclasses.replace(c, vs_reference=None) for d, c in EMBEDDING_CLOSE.items()},
              interpret=(torch.float32, torch.float16)),
         Case("expanded-grad", E(9, 4, 6, 16, 6), upstream=_expanded_grad, interpret=f32,
-             close={torch.float32: dataclasses.replace(_EMB_CLOSE[torch.float32], vs_reference=None)}),
+             close={torch.float32: dataclasses.replace(EMBEDDING_CLOSE[torch.float32], vs_reference=None)}),
         # fp16 token table + fp32 position table: fp32 result, each gradient in its table's dtype
         Case("fp16-tokens-fp32-positions", E(9, 3, 7, 32, 8, pos_dtype=torch.float32), dtypes=(torch.float16,),
-             extra_dtypes=(torch.float32,), close=_EMB_CLOSE, interpret=True),
+             extra_dtypes=(torch.float32,), close=EMBEDDING_CLOSE, interpret=True),
         Case("fp32-tokens-fp64-positions-strided", E(11, 3, 20, 16, 20, pos_dtype=torch.float64,
                                                      layout="strided-ids"),
              dtypes=(torch.float32,), extra_dtypes=(torch.float64,), upstream=_transposed_grad, interpret=False),
