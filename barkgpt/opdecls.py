@@ -479,17 +479,21 @@ def _embedding_case(V, B, T, C, P, id_dtype=torch.int64, all_equal: Optional[int
     return make
 
 
+def embedding_sum_close(dtype):
+    """fp32 accumulation of at most a few thousand O(1) terms, then one rounding: 16-bit results
+    within one ulp of the exact sum rounded once (plus a small absolute term where the sum
+    cancels), fp32 results within the fp32 summation error; the results are the reference
+    rounded once; untouched rows exactly zero."""
+    ew = (5e-5, 1e-5) if dtype == torch.float32 else (1e-5, torch.finfo(dtype).eps)
+    return Close(elementwise=ew, rounded=True, exact_zeros=True, exact_results=True)
+
+
 def _embedding_close(dtype):
-    """The Triton embedding tests' bounds: fp32 accumulation of at most a few thousand O(1) terms,
-    then one rounding: 16-bit results within one ulp of the exact sum rounded once (plus a small
-    absolute term where the sum cancels), fp32 results within the fp32 summation error; the
-    results are the reference rounded once; against the reference run in the dtype (PyTorch
-    accumulates 16-bit embedding gradients in 16 bits on CPU) fp32 1e-5, 16-bit 2e-2 / 1e-2."""
-    if dtype == torch.float32:
-        return Close(elementwise=(5e-5, 1e-5), rounded=True, vs_reference=(1e-5, 1e-5), exact_zeros=True,
-                     exact_results=True)
-    return Close(elementwise=(1e-5, torch.finfo(dtype).eps), rounded=True, vs_reference=(2e-2, 1e-2),
-                 exact_zeros=True, exact_results=True)
+    """The Triton embedding tests' bounds: :func:`embedding_sum_close`, and against the reference
+    run in the dtype (PyTorch accumulates 16-bit embedding gradients in 16 bits on CPU) fp32
+    1e-5, 16-bit 2e-2 / 1e-2."""
+    vs = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-2)
+    return dataclasses.replace(embedding_sum_close(dtype), vs_reference=vs)
 
 
 EMBEDDING_CLOSE = {d: _embedding_close(d) for d in (torch.float32, torch.float16)}
