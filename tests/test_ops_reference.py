@@ -29,7 +29,7 @@ def test_layer_norm_ref_low_precision_keeps_dtype_fp32_math():
     torch.testing.assert_close(y, layer_norm_math(x.double(), w.double(), None).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("T, D", [(1, 1), (2, 3), (17, 16), (64, 8)])
+@pytest.mark.parametrize("T, D", [(1, 1), (2, 3), (17, 16), (64, 8), (300, 32)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_ref_matches_definition(T, D, causal):
     q, k, v = (torch.randn(2, 3, T, D, dtype=torch.float64) for _ in range(3))
