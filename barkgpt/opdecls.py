@@ -622,35 +622,79 @@ def _lce_check_targets(x, weight, targets, bias, ignore_index, reduction):
     check_targets(targets, weight.shape[0], ignore_index)
 
 
-def _lce_case(N, C, V, bias=True, ignore=0.2, all_ignored=False, shape=None, noncontig=False, red="mean"):
+def _lce_case(N, C, V, bias=True, ignore=0.2, all_ignored=False, shape=None, noncontig=False, red="mean",
+              ignore_index=-100, target_dtype=torch.int64, permuted=False):
+    """x (N, C) ~N(0, 1) (``noncontig``: a transposed view; ``permuted``: a (B, T, C) view of a
+    (B, C, T) buffer, ``shape`` = (B, T)), weight ~N(0, 1/C), bias ~N(0, 1/4); a fraction
+    ``ignore`` of the targets set to ``ignore_index`` (for an in-range ``ignore_index``, two
+    targets set to it)."""
     def make(dtype, device, gen):
         if noncontig:
             x = _randn(gen, C, N, dtype=dtype, device=device).t()
+        elif permuted:
+            x = _randn(gen, shape[0], C, shape[1], dtype=dtype, device=device).permute(0, 2, 1)
         else:
             x = _randn(gen, N, C, dtype=dtype, device=device)
         w = _randn(gen, V, C, dtype=dtype, device=device, scale=C ** -0.5)
         b = _randn(gen, V, dtype=dtype, device=device, scale=0.5) if bias else None
         t = torch.randint(0, V, (N,), generator=gen)
-        t[torch.rand(N, generator=gen) < ignore] = -100
+        if ignore_index >= 0:
+            t[torch.randperm(N, generator=gen)[:2]] = ignore_index
+        else:
+            t[torch.rand(N, generator=gen) < ignore] = ignore_index
         if all_ignored:
-            t.fill_(-100)
+            t.fill_(ignore_index)
         if shape is not None:
-            x, t = x.reshape(*shape, C), t.reshape(shape)
-        return x, w, t.to(device), b, -100, red
+            t = t.reshape(shape)
+            if not permuted:
+                x = x.reshape(*shape, C)
+        return x, w, t.to(device=device, dtype=target_dtype), b, ignore_index, red
     return make
 
 
+# The fused loss tests' bounds: the error relative to the largest magnitude of the expected tensor
+# (no floor of 1: the gradients are small). fp32: fp32 math throughout; 16-bit on cpp: inputs
+# converted once, fp32 math, gradients rounded once; fp16 on triton: the logits chunk and its
+# gradient are stored in fp16 (as with cuBLAS in fp16).
+LCE_CLOSE = {
+    torch.float32: Close(relative=2e-5),
+    torch.float16: (Close(relative=8e-3, backends=("cpp",)), Close(relative=1.5e-2, backends=("triton",))),
+    torch.bfloat16: Close(relative=8e-3, backends=("cpp",)),
+}
+
+
 def _lce_cases():
-    cases = [Case("N1-C8-V1", _lce_case(1, 8, 1, ignore=0.0)),
-             Case("N5-C8-V9", _lce_case(5, 8, 9)),
-             Case("N37-C16-V9-nobias-sum", _lce_case(37, 16, 9, bias=False, red="sum")),
-             Case("N33-C16-V257", _lce_case(33, 16, 257)),
-             Case("N11-C8-V9-all-ignored", _lce_case(11, 8, 9, all_ignored=True)),
-             Case("N15-C16-V257-noncontig", _lce_case(15, 16, 257, noncontig=True)),
-             Case("B3-T5-C8-V9-rank3", _lce_case(15, 8, 9, shape=(3, 5))),
-             Case("N300-C32-V257", _lce_case(300, 32, 257), heavy=True),
-             Case("N3-C32-V50304", _lce_case(3, 32, 50304, ignore=0.0), heavy=True)]
-    return tuple(cases)
+    L = _lce_case
+    cases = [Case("N1-C8-V1", L(1, 8, 1, ignore=0.0)),
+             Case("N5-C8-V9", L(5, 8, 9)),
+             Case("N37-C16-V9-nobias-sum", L(37, 16, 9, bias=False, red="sum")),
+             Case("N33-C16-V257", L(33, 16, 257)),
+             Case("N11-C8-V9-all-ignored", L(11, 8, 9, all_ignored=True)),
+             Case("N15-C16-V257-noncontig", L(15, 16, 257, noncontig=True)),
+             Case("B3-T5-C8-V9-rank3", L(15, 8, 9, shape=(3, 5))),
+             Case("N300-C32-V257", L(300, 32, 257), heavy=True),
+             Case("N3-C32-V50304", L(3, 32, 50304, ignore=0.0), heavy=True)]
+    # The fused loss tests' shapes at the kernels' own chunking: V = 1, 9, 257 and 50304 with few
+    # rows, bias or not, "mean" and "sum", a fifth of the targets ignored (the interpreter runs
+    # the ones the Triton tests ran).
+    for N, C, V in ((1, 8, 1), (5, 8, 9), (33, 16, 257), (3, 32, 50304), (2, 16, 50304)):
+        for bias in (True, False):
+            for red in LCE_REDUCTIONS:
+                interp = (False if (N, C, V) == (3, 32, 50304) else
+                          (torch.float32, torch.float16) if (N, C, V, bias, red) == (33, 16, 257, True, "mean") else
+                          False if (N, C, V) == (33, 16, 257) else (torch.float32,))
+                cases.append(Case(f"N{N}-C{C}-V{V}-{'bias' if bias else 'nobias'}-{red}-ignore0.2",
+                                  L(N, C, V, bias=bias, red=red), heavy=V > 1000, interpret=interp))
+    cases += [
+        Case("N11-C8-V9-all-ignored-sum", L(11, 8, 9, all_ignored=True, red="sum"), interpret=(torch.float32,)),
+        # x a (5, 3, 16) view no stride flattens into rows, int32 targets, an in-range ignore_index
+        Case("B5-T3-C16-V257-permuted-int32-ignore7", L(15, 16, 257, bias=False, shape=(5, 3), permuted=True,
+                                                        ignore_index=7, target_dtype=torch.int32),
+             interpret=(torch.float32,)),
+        Case("N6-C16-V257-noncontig-nobias", L(6, 16, 257, bias=False, noncontig=True, ignore=0.0),
+             interpret=(torch.float32,)),
+    ]
+    return tuple(Case(**{**c.__dict__, "close": LCE_CLOSE}) for c in cases)
 
 
 LINEAR_CROSS_ENTROPY = declare_op(OpDecl(

@@ -99,6 +99,8 @@ class Close:
       is exactly 0.
     * ``exact_results``: the op's results (not the gradients) equal ``e`` rounded once to
       their dtype, bit for bit.
+    * ``backends``: the backends the bound holds for (None: all), where kernels differ in what
+      they keep in the dtype (a logits chunk stored in fp16 or in fp32).
     """
 
     elementwise: Optional[Tuple[float, float]] = None
@@ -108,6 +110,7 @@ class Close:
     vs_reference: Optional[Tuple[float, float]] = None
     exact_zeros: bool = False
     exact_results: bool = False
+    backends: Optional[Tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +119,8 @@ class Case:
     arguments. ``heavy`` cases are skipped on slow (interpreted) backends.
 
     ``tolerance``: per dtype, a bound tighter than the declaration's for this case (the smaller
-    one is used; a case never loosens the declaration). ``close``: per dtype, :class:`Close`
-    bounds checked as well. ``upstream(result, generator)``: the upstream gradient for a result
+    one is used; a case never loosens the declaration). ``close``: per dtype, a :class:`Close` (or a
+    tuple of them) checked as well. ``upstream(result, generator)``: the upstream gradient for a result
     (a layout other than contiguous: strided, transposed, expanded), default ``randn_like``.
     ``interpret``: on interpreted backends (Triton on CPU) True runs the case, a tuple of dtypes
     runs it in those dtypes only, False skips it, None leaves it to the suite's sample of the
@@ -129,7 +132,7 @@ class Case:
     heavy: bool = False
     dtypes: Optional[Tuple[torch.dtype, ...]] = None  # None: every dtype of the declaration
     tolerance: Optional[Mapping[torch.dtype, float]] = None
-    close: Optional[Mapping[torch.dtype, Close]] = None
+    close: Optional[Mapping[torch.dtype, Any]] = None  # a Close or a tuple of them per dtype
     upstream: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
     interpret: Any = None  # None, True, False or a tuple of dtypes
     extra_dtypes: Tuple[torch.dtype, ...] = ()

@@ -81,7 +81,11 @@ def _inputs(decl, case, dtype, backend, seed=0):
 
 _grad_inputs = oracle.grad_inputs
 _as_tuple = oracle.as_tuple
-_run = oracle.run
+
+
+def _run(fn, decl, args, upstream):
+    return oracle.run(decl, fn, args, upstream)
+
 _upstream = oracle.upstream_for
 
 
@@ -91,7 +95,7 @@ def test_op_matches_reference(op, backend, dtype, case):
     fn = getattr(ops, op)
     args = _inputs(decl, case, dtype, backend)
     oracle.check_op(op, lambda *a: fn(*a, backend=backend), args, dtype, upstream=case.upstream,
-                    tolerance=case.tolerance, bounds=case.close)
+                    tolerance=case.tolerance, bounds=case.close, backend=backend)
 
 
 # ---- the kernel ops: opcheck, the schema, the C++ eager fast path --------------------------------
