@@ -125,12 +125,14 @@ def bounds_for(bounds, dtype, backend=None):
     return [c for c in (b if isinstance(b, tuple) else (b,)) if c.backends is None or backend in c.backends]
 
 
-def check_op(op, fn, args, dtype, *, upstream=None, tolerance=None, bounds=None, backend=None, seed=1):
+def check_op(op, fn, args, dtype, *, upstream=None, tolerance=None, bounds=None, backend=None, seed=1,
+             declared=True):
     """``fn(*args)`` (the op's returned results) and the gradients of its differentiable inputs
     against the declaration's reference in float64. ``dtype`` picks the declared tolerance;
     ``tolerance`` (tighter, per dtype), ``bounds`` (registry.Close or a tuple of them per dtype;
     ``backend`` picks those that name it) and ``upstream`` (a layout maker) are a case's.
-    Returns (results, gradients)."""
+    ``declared=False`` leaves out the declared tolerance, for a bound of another kind at sizes
+    the declaration's cases do not reach (the GPU tests' GPT-2 head). Returns (results, gradients)."""
     decl = registry.OPS[op]
     args = leaves(decl, args)
     outs = as_tuple(fn(*args))
@@ -165,7 +167,8 @@ def check_op(op, fn, args, dtype, *, upstream=None, tolerance=None, bounds=None,
         assert g.dtype == x.dtype, f"{n}: dtype {g.dtype} != {x.dtype}"
         assert g.device == x.device, f"{n}: device {g.device} != {x.device}"
     for i, (name, g, w, r) in enumerate(zip(names, got, want, own)):
-        close(g, w, tol(g), name)
+        if declared:
+            close(g, w, tol(g), name)
         for c in checks:
             check_close(g, w, c, name, r, result=i < len(outs))
     return outs, grads

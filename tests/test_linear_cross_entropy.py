@@ -1,12 +1,17 @@
-"""Fused linear + cross-entropy (barkgpt.ops.linear_cross_entropy) on every backend.
+"""Fused linear + cross-entropy (barkgpt.ops.linear_cross_entropy): what the registry's cases do not
+cover.
 
-The loss and every gradient (x, weight, bias) with a random upstream gradient, against a
-textbook float64 oracle (reference.linear_cross_entropy_math), on awkward shapes: V = 1, 9, 257
-and 50304 with few rows, N not a multiple of any chunk, all targets ignored, bias and no bias,
-non-contiguous x, "mean" and "sum". Also: opcheck, torch.compile(fullgraph=True), bitwise equal
-repeated backward, evaluation without gradient work, the errors for bad targets and arguments,
-and the model's fused loss path against the unfused one. The Triton kernels run in the
-interpreter on CPU (conftest.py sets TRITON_INTERPRET=1 without a GPU); shapes stay small there.
+The loss and every gradient against the float64 reference on the awkward shapes (V = 1, 9, 257
+and 50304 with few rows, bias and not, "mean" and "sum", all targets ignored, a non-contiguous
+x of any rank, int32 targets, an in-range ignore_index) at the kernels' own chunking are registry
+cases (tests/test_ops.py runs barkgpt/opdecls.py's linear_cross_entropy cases on every backend,
+the interpreter included, with the bounds these tests held, opdecls.LCE_CLOSE). Here: forced chunk
+sizes (N not a multiple of the chunk) and the default chunking, float64 gradcheck, bitwise equal
+repeated backward, evaluation without gradient work, the unit upstream gradient, the errors for
+bad targets and arguments, memory, opcheck, torch.compile(fullgraph=True), the reference against
+its textbook form, and the model's fused loss path against the unfused one. The Triton kernels
+run in the interpreter on CPU (conftest.py sets TRITON_INTERPRET=1 without a GPU); shapes stay
+small there.
 """
 
 import importlib
@@ -17,15 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from barkgpt import BarkGPT, GPTConfig, ops
+from barkgpt.opdecls import LCE_CLOSE
 from barkgpt.reference import linear_cross_entropy_math, linear_cross_entropy_ref
+from barkgpt.registry import Close
+
+import oracle
 
 HAS_CPP = os.environ.get("BARKGPT_NO_CPP", "") in ("", "0")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# Max error allowed, relative to the largest magnitude of the expected tensor.
-# fp32: fp32 math throughout. bf16/fp16 on cpp: inputs converted once, fp32 math, dx rounded once.
-# fp16 on triton: the logits chunk and its gradient are stored in fp16 (as with cuBLAS in fp16).
-TOL = {"fp32": 2e-5, "half_cpp": 8e-3, "half_triton": 1.5e-2}
 
 
 def _cpp():
@@ -62,22 +66,11 @@ def _run(fn, x, w, b, t, g, **kw):
     return (loss,) + tuple(grads) + ((None,) if bs is None else ())
 
 
-def _oracle(x, w, b, t, g, reduction="mean", ignore_index=-100):
-    d = (lambda v: None if v is None else v.detach().to("cpu", torch.float64))
-    return _run(lambda *a, **k: linear_cross_entropy_math(*a, ignore_index=ignore_index, reduction=reduction),
-                d(x), d(w), d(b), t.cpu(), g.double().cpu())
-
-
-def _check(got, want, tol, names=("loss", "dx", "dweight", "dbias")):
-    for name, a, e in zip(names, got, want):
-        if e is None:
-            assert a is None, name
-            continue
-        a, e = a.detach().to("cpu", torch.float64), e.detach()
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        scale = e.abs().max().item() if e.numel() else 0.0
-        err = (a - e).abs().max().item() if e.numel() else 0.0
-        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} * {scale:.3g}"
+def _check(fn, x, w, b, t, backend, ignore_index=-100, reduction="mean", bounds=LCE_CLOSE, **kw):
+    """fn(x, w, t, b, ignore_index=, reduction=) and its gradients against the declaration's
+    reference (float64): the declared tolerance and the fused loss cases' bounds for ``backend``."""
+    oracle.check_op("linear_cross_entropy", lambda x, w, t, b, ii, red: fn(x, w, t, b, ignore_index=ii, reduction=red),
+                    [x, w, t, b, ignore_index, reduction], x.dtype, bounds=bounds, backend=backend, **kw)
 
 
 def _cpp_call(chunk_rows=0):
@@ -94,102 +87,50 @@ def _ops_call(backend):
     return lambda x, w, t, b, **kw: ops.linear_cross_entropy(x, w, t, b, backend=backend, **kw)
 
 
-# (N, C, V, chunk_rows): chunk_rows 0 is the kernels' own choice; the others split N unevenly.
-CASES = [(1, 8, 1, 0), (7, 8, 1, 3), (5, 8, 9, 0), (37, 16, 9, 8), (33, 16, 257, 0), (33, 16, 257, 7),
-         (3, 32, 50304, 0), (2, 8, 50304, 1)]
+# (N, C, V, chunk_rows): chunks that split N unevenly (the kernels' own choice, chunk_rows 0, is
+# the registry's).
+CASES = [(7, 8, 1, 3), (37, 16, 9, 8), (33, 16, 257, 7), (2, 8, 50304, 1)]
 
 
 @pytest.mark.parametrize("N,C,V,rows", CASES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cpp_matches_float64_oracle(N, C, V, rows, bias, reduction):
+def test_cpp_forced_chunks(N, C, V, rows, bias, reduction):
     x, w, b, t = _inputs(N, C, V, bias=bias, ignore=0.2)
-    g = torch.randn(())
-    got = _run(_cpp_call(rows), x, w, b, t, g, reduction=reduction)
-    assert got[0].dtype == torch.float32 and got[0].dim() == 0
-    _check(got, _oracle(x, w, b, t, g, reduction), TOL["fp32"])
+    _check(_cpp_call(rows), x, w, b, t, "cpp", reduction=reduction)
 
 
 def test_cpp_default_chunking_several_chunks():
     # V = 50304 makes the default chunk 80 rows: 200 rows are chunks of 80, 80 and 40.
     x, w, b, t = _inputs(200, 8, 50304, ignore=0.1)
-    g = torch.randn(())
-    _check(_run(_cpp_call(0), x, w, b, t, g), _oracle(x, w, b, t, g), TOL["fp32"])
+    _check(_cpp_call(0), x, w, b, t, "cpp")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,C,V,rows", [(37, 16, 9, 8), (33, 16, 257, 0), (3, 32, 50304, 0)])
-def test_cpp_half_inputs(dtype, N, C, V, rows):
-    x, w, b, t = _inputs(N, C, V, dtype=dtype, ignore=0.2)
-    g = torch.randn(())
-    got = _run(_cpp_call(rows), x, w, b, t, g)
-    assert got[0].dtype == torch.float32
-    assert got[1].dtype == got[2].dtype == got[3].dtype == dtype
-    _check(got, _oracle(x, w, b, t, g), TOL["half_cpp"])
+def test_cpp_half_inputs_forced_chunks(dtype):
+    x, w, b, t = _inputs(37, 16, 9, dtype=dtype, ignore=0.2)
+    _check(_cpp_call(8), x, w, b, t, "cpp")
 
 
 def test_cpp_float64():
     x, w, b, t = _inputs(19, 8, 13, dtype=torch.float64, ignore=0.2)
-    g = torch.randn(())
-    got = _run(_cpp_call(4), x, w, b, t, g)
-    assert got[0].dtype == torch.float64
-    _check(got, _oracle(x, w, b, t, g), 1e-12)
+    _check(_cpp_call(4), x, w, b, t, "cpp", bounds={torch.float64: Close(relative=1e-12)})
     xs, ws, bs = (v.detach().clone().requires_grad_() for v in (x, w, b))
     assert torch.autograd.gradcheck(lambda a, c, d: _cpp().linear_cross_entropy(a, c, t, d, chunk_rows=4),
                                     (xs, ws, bs))
 
 
-@pytest.mark.parametrize("N,C,V,rows", [(1, 8, 1, 0), (5, 8, 9, 0), (37, 16, 9, 8), (33, 16, 257, 7),
-                                        (2, 16, 50304, 0)])
+@pytest.mark.parametrize("N,C,V,rows", [(37, 16, 9, 8), (33, 16, 257, 7)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_triton_matches_float64_oracle(N, C, V, rows, bias, reduction):
+def test_triton_forced_chunks(N, C, V, rows, bias, reduction):
     x, w, b, t = _inputs(N, C, V, bias=bias, device=DEVICE, ignore=0.2)
-    g = torch.randn((), device=DEVICE)
-    got = _run(_tri_call(rows), x, w, b, t, g, reduction=reduction)
-    assert got[0].dtype == torch.float32 and got[0].dim() == 0
-    _check(got, _oracle(x, w, b, t, g, reduction), TOL["fp32"])
+    _check(_tri_call(rows), x, w, b, t, "triton", reduction=reduction)
 
 
-@pytest.mark.parametrize("N,C,V,rows", [(37, 16, 9, 8), (33, 16, 257, 0)])
-def test_triton_fp16(N, C, V, rows):
-    x, w, b, t = _inputs(N, C, V, dtype=torch.float16, device=DEVICE, ignore=0.2)
-    g = torch.randn((), device=DEVICE)
-    got = _run(_tri_call(rows), x, w, b, t, g)
-    assert got[1].dtype == got[2].dtype == got[3].dtype == torch.float16
-    _check(got, _oracle(x, w, b, t, g), TOL["half_triton"])
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_all_targets_ignored_gives_zero_loss_and_zero_grads(backend, reduction):
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
-    x, w, b, t = _inputs(11, 8, 9, device=dev)
-    t.fill_(-100)
-    got = _run(_ops_call(backend), x, w, b, t, torch.randn((), device=dev), reduction=reduction)
-    for v in got:
-        assert torch.isfinite(v).all() and (v == 0).all()
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-def test_non_contiguous_x_any_rank_int32_targets_custom_ignore_index(backend):
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
-    xb = torch.randn(5, 16, 3, device=dev)
-    x = xb.permute(0, 2, 1)  # (5, 3, 16), not mergeable into rows without a copy
-    w = torch.randn(257, 16, device=dev) / 4
-    t = torch.randint(0, 257, (5, 3), device=dev, dtype=torch.int32)
-    t[1, 2] = t[4, 0] = 7  # ignore_index 7: an in-range class that is ignored
-    g = torch.randn((), device=dev)
-    got = _run(_ops_call(backend), x, w, None, t, g, ignore_index=7)
-    want = _oracle(x, w, None, t.long(), g, ignore_index=7)
-    _check(got, want, TOL["fp32"])
-    xt = torch.randn(16, 6, device=dev).t()  # transposed 2-D view
-    tt = torch.randint(0, 257, (6,), device=dev)
-    _check(_run(_ops_call(backend), xt, w, None, tt, g), _oracle(xt, w, None, tt, g), TOL["fp32"])
+def test_triton_fp16_forced_chunks():
+    x, w, b, t = _inputs(37, 16, 9, dtype=torch.float16, device=DEVICE, ignore=0.2)
+    _check(_tri_call(8), x, w, b, t, "triton")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -308,8 +249,7 @@ def test_unit_upstream_gradient_and_retain_graph(backend):
         assert torch.equal(leaf.grad, 2 * g)
     for g, k in zip((gx1, gw1, gb1), keep):
         assert torch.equal(g, k)
-    want = _oracle(x, w, b, t, torch.tensor(1.0))
-    _check((loss, gx1, gw1, gb1), want, TOL["fp32"])
+    _check(_ops_call(backend), x, w, b, t, backend, upstream=lambda o, gen: torch.ones_like(o))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -385,22 +325,35 @@ def test_torch_compile_fullgraph(backend):
         _cpp()
     dev = "cpu" if backend == "cpp" else DEVICE
     x, w, b, t = _inputs(21, 16, 257, device=dev, ignore=0.2)
-    g = torch.randn((), device=dev)
 
-    def fn(x, w, t, b):
-        return ops.linear_cross_entropy(x, w, t, b, backend=backend)
+    def fn(x, w, t, b, ignore_index, reduction):
+        return ops.linear_cross_entropy(x, w, t, b, ignore_index, reduction, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    _check(_run(compiled, x, w, b, t, g), _oracle(x, w, b, t, g), TOL["fp32"])
+    _check(compiled, x, w, b, t, backend)
 
 
-def test_reference_matches_f_cross_entropy_and_oracle():
-    x, w, b, t = _inputs(30, 8, 9, ignore=0.3)
-    got = linear_cross_entropy_ref(x, w, t, b)
-    assert torch.allclose(got, F.cross_entropy(x @ w.t() + b, t), atol=1e-6)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("reduction, ignore_index, all_ignored", [("mean", -100, False), ("sum", -100, False),
+                                                                    ("mean", 7, False), ("mean", -100, True)])
+def test_reference_matches_f_cross_entropy_and_textbook_form(dtype, tol, reduction, ignore_index, all_ignored):
+    # The oracle's own test: the declaration's reference (the registry's float64 oracle) against
+    # the log-sum-exp written out by hand (reference.linear_cross_entropy_math) in float64.
+    x, w, b, t = _inputs(30, 8, 9, dtype=dtype, ignore=0.3)
+    if ignore_index >= 0:
+        t[t == -100] = ignore_index
+    if all_ignored:
+        t.fill_(ignore_index)
+    kw = dict(ignore_index=ignore_index, reduction=reduction)
+    if not all_ignored:
+        want = F.cross_entropy(x @ w.t() + b, t, **kw)
+        assert torch.allclose(linear_cross_entropy_ref(x, w, t, b, **kw), want, atol=1e-6)
     g = torch.randn(())
-    _check(_run(lambda *a, **k: linear_cross_entropy_ref(*a, **k), x, w, b, t, g), _oracle(x, w, b, t, g),
-           TOL["fp32"])
+    got = _run(lambda *a, **k: linear_cross_entropy_ref(*a, **k), x, w, b, t, g, **kw)
+    d64 = [v.detach().double() for v in (x, w, b)]
+    want = _run(lambda *a, **k: linear_cross_entropy_math(*a, **k), d64[0], d64[1], d64[2], t, g.double(), **kw)
+    for name, a, e in zip(("loss", "dx", "dweight", "dbias"), got, want):
+        oracle.check_close(a, e, Close(relative=tol), name)
 
 
 # ---- GPU only: bf16, the GPT-2 head, compiled, memory ---------------------------------------------
@@ -410,11 +363,8 @@ def test_reference_matches_f_cross_entropy_and_oracle():
 @pytest.mark.parametrize("N", [1000, 4099])
 def test_triton_gpu_gpt2_head(dtype, N):
     x, w, b, t = _inputs(N, 768, 50304, dtype=dtype, bias=False, device="cuda", ignore=0.05)
-    g = torch.randn((), device="cuda")
-    got = _run(_ops_call("triton"), x, w, None, t, g)
-    want = _oracle(x, w, None, t, g)
-    tol = TOL["fp32"] * 50 if dtype == torch.float32 else 3e-2  # TF32-free cuBLAS fp32; half logits
-    _check(got, want, tol)
+    tol = 2e-5 * 50 if dtype == torch.float32 else 3e-2  # TF32-free cuBLAS fp32; half logits
+    _check(_ops_call("triton"), x, w, None, t, "triton", bounds={dtype: Close(relative=tol)}, declared=False)
 
 
 @pytest.mark.gpu
@@ -439,9 +389,9 @@ def test_triton_gpu_memory_is_a_fraction_of_eager():
 @pytest.mark.gpu
 def test_triton_gpu_compiled_inductor():
     x, w, b, t = _inputs(300, 64, 1000, device="cuda", ignore=0.1)
-    g = torch.randn((), device="cuda")
-    fn = torch.compile(lambda x, w, t, b: ops.linear_cross_entropy(x, w, t, b, backend="triton"), fullgraph=True)
-    _check(_run(fn, x, w, b, t, g), _oracle(x, w, b, t, g), TOL["fp32"] * 50)
+    fn = torch.compile(lambda x, w, t, b, **kw: ops.linear_cross_entropy(x, w, t, b, backend="triton", **kw),
+                       fullgraph=True)
+    _check(fn, x, w, b, t, "triton", bounds={torch.float32: Close(relative=2e-5 * 50)}, declared=False)
 
 
 # ---- the model ---------------------------------------------------------------------------------
