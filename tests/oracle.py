@@ -151,7 +151,7 @@ def check_op(op, fn, args, dtype, *, upstream=None, tolerance=None, bounds=None,
     # a tensor kept in a lower precision than the case's dtype (fp32 weights of fp64 activations)
     # is held to that precision's tolerance
     def tol(t):
-        return max(base, decl.tolerance.get(t.dtype, 0.0))
+        return base if t.dtype == dtype else max(base, decl.tolerance.get(t.dtype, 0.0))
 
     with torch.no_grad():
         want_dtypes = [o.dtype for o in as_tuple(decl.reference(*[a.detach() if isinstance(a, torch.Tensor) else a

@@ -98,6 +98,60 @@ def test_op_matches_reference(op, backend, dtype, case):
                     tolerance=case.tolerance, bounds=case.close, backend=backend)
 
 
+def _fails(fn):
+    try:
+        fn()
+    except AssertionError:
+        return True
+    return False
+
+
+def test_case_bounds_catch_what_the_declared_tolerance_lets_through():
+    """Each registry.Close knob rejects an error the declaration's max-norm tolerance accepts
+    (so the per-case bounds are really checked), and accepts the exact answer."""
+    from barkgpt.registry import Close
+
+    e = torch.tensor([0.0, 1e-3, -2.0, 1000.0], dtype=torch.float64)
+    ok = e.clone()
+    off = e.clone()
+    off[1] += 1e-3  # 1e-6 relative to the largest value: within the declared 1e-5 * 1000
+    oracle.close(off, e, 1e-5, "x")
+    bound = Close(elementwise=(1e-4, 1e-4))
+    assert not _fails(lambda: oracle.check_close(ok, e, bound, "x"))
+    assert _fails(lambda: oracle.check_close(off, e, bound, "x"))
+    assert _fails(lambda: oracle.check_close(off, e, Close(relative=1e-7), "x"))
+    assert not _fails(lambda: oracle.check_close(ok, e, Close(relative=0.0), "x"))
+    # against the reference in the case's dtype, and the slack its own error buys
+    own = e.clone()
+    own[2] += 0.5
+    assert _fails(lambda: oracle.check_close(ok, e, Close(vs_reference=(1e-3, 0.0)), "x", own))
+    assert _fails(lambda: oracle.check_close(off, e, Close(elementwise=(1e-4, 0.0)), "x", own))
+    assert not _fails(lambda: oracle.check_close(off, e, Close(elementwise=(1e-4, 0.0), ill_conditioned=1.0), "x", own))
+    # exact zeros, results equal to one rounding, rounded elementwise bounds
+    tiny = e.clone()
+    tiny[0] = 1e-30
+    assert _fails(lambda: oracle.check_close(tiny, e, Close(exact_zeros=True), "x"))
+    third = torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    once = third.to(torch.float16)
+    twice = once + torch.tensor([0.0, 1e-3], dtype=torch.float16)  # one ulp off
+    assert not _fails(lambda: oracle.check_close(once, third, Close(exact_results=True), "y", result=True))
+    assert _fails(lambda: oracle.check_close(twice, third, Close(exact_results=True), "y", result=True))
+    assert not _fails(lambda: oracle.check_close(twice, third, Close(exact_results=True), "dy", result=False))
+    assert not _fails(lambda: oracle.check_close(once, third, Close(elementwise=(0.0, 0.0), rounded=True), "y"))
+    assert _fails(lambda: oracle.check_close(once, third, Close(elementwise=(0.0, 0.0)), "y"))
+    # a bound that names backends holds for those only; a case tolerance only tightens
+    fp16 = (Close(relative=1.0, backends=("cpp",)), Close(relative=2.0))
+    assert oracle.bounds_for({torch.float16: fp16}, torch.float16, "triton") == [fp16[1]]
+    assert oracle.bounds_for({torch.float16: fp16}, torch.float16, "cpp") == list(fp16)
+    x = torch.randn(3, 8)
+    w = torch.ones(8)
+    noisy = lambda x, w, b, eps: ops.layer_norm(x, w, b, eps, backend="torch") * (1 + 1e-6)  # noqa: E731
+    oracle.check_op("layer_norm", noisy, [x, w, None, 1e-5], torch.float32)
+    with pytest.raises(AssertionError, match="max error"):
+        oracle.check_op("layer_norm", noisy, [x, w, None, 1e-5], torch.float32, tolerance={torch.float32: 1e-7})
+    oracle.check_op("layer_norm", noisy, [x, w, None, 1e-5], torch.float32, tolerance={torch.float32: 1.0})
+
+
 # ---- the kernel ops: opcheck, the schema, the C++ eager fast path --------------------------------
 
 def _kernel_params():
