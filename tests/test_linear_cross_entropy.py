@@ -356,6 +356,20 @@ def test_reference_matches_f_cross_entropy_and_textbook_form(dtype, tol, reducti
         oracle.check_close(a, e, Close(relative=tol), name)
 
 
+def test_reference_takes_any_rank_strided_x_and_int32_targets():
+    # The torch backend (the reference) on the layout the kernels' registry case uses: x a (5, 3,
+    # 16) view no stride flattens, int32 targets, an in-range ignore_index.
+    x = torch.randn(5, 16, 3, dtype=torch.float64).permute(0, 2, 1)
+    w = torch.randn(257, 16, dtype=torch.float64) / 4
+    t = torch.randint(0, 257, (5, 3), dtype=torch.int32)
+    t[1, 2] = t[4, 0] = 7
+    g = torch.randn((), dtype=torch.float64)
+    got = _run(lambda *a, **k: linear_cross_entropy_ref(*a, **k), x, w, None, t, g, ignore_index=7)
+    want = _run(lambda *a, **k: linear_cross_entropy_math(*a, **k), x, w, None, t.long(), g, ignore_index=7)
+    for name, a, e in zip(("loss", "dx", "dweight"), got, want):
+        oracle.check_close(a, e, Close(relative=1e-12), name)
+
+
 # ---- GPU only: bf16, the GPT-2 head, compiled, memory ---------------------------------------------
 
 @pytest.mark.gpu
