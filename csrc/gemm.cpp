@@ -204,7 +204,7 @@ void few_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, b
 
 // oneDNN only pays above a little work: below it, creating or finding its primitive costs more
 // than the product (measured with benchmarks/gemm_bench.py).
-constexpr int64_t kMinOneDnnWork = int64_t(1) << 15;
+constexpr int64_t kMinOneDnnWork = int64_t(1) << 19;
 
 }  // namespace
 
