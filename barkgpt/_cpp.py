@@ -258,6 +258,29 @@ _ops = torch.ops.barkgpt_cpp
 # BARKGPT_CPU_CACHE_MB while the library loads, where a warning would bypass Python's.
 LOAD_WARNING: Optional[str] = _ops.output_cache_env_problem() or None
 
+GEMM_CHOICES = ("auto", "onednn", "aten")
+
+
+def _apply_gemm_env() -> Optional[str]:
+    """Apply BARKGPT_CPU_GEMM (csrc/gemm.h: where the kernels' fp32 products go); returns why it
+    was ignored, or None."""
+    choice = os.environ.get("BARKGPT_CPU_GEMM", "").strip().lower()
+    if not choice:
+        return None
+    if choice not in GEMM_CHOICES:
+        return (f"BARKGPT_CPU_GEMM={choice!r} ignored: use one of {', '.join(GEMM_CHOICES)}; "
+                f"the cpp kernels use {_ops.gemm_library()}")
+    try:
+        _ops.gemm_set_library(choice)
+    except RuntimeError as e:
+        return f"BARKGPT_CPU_GEMM={choice!r} ignored ({str(e).splitlines()[0]}); the cpp kernels use {_ops.gemm_library()}"
+    return None
+
+
+_gemm_problem = _apply_gemm_env()
+if _gemm_problem:
+    LOAD_WARNING = f"{LOAD_WARNING}; {_gemm_problem}" if LOAD_WARNING else _gemm_problem
+
 
 def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cpu":
@@ -283,7 +306,7 @@ def _register() -> None:
     # raise IndexError inside the C++ embedding kernel (same message as check_token_ids),
     # compiled or not, before any table row is read.
     kernels = [(opdecls.LAYER_NORM, None), (opdecls.ATTENTION, None), (opdecls.EMBEDDING_ADD, opdecls.promote_tables),
-               (opdecls.CACHED_ATTENTION, None)]
+               (opdecls.CACHED_ATTENTION, None), (opdecls.LINEAR, None)]
     for decl, prepare in kernels:
         has_bwd = decl.backward is not None
         eager = getattr(_ops, decl.name).default if _op_registered(decl.name) else None
@@ -331,3 +354,4 @@ layer_norm = implementation("layer_norm", "cpp").call
 attention = implementation("attention", "cpp").call
 embedding_add = implementation("embedding_add", "cpp").call
 cached_attention = implementation("cached_attention", "cpp").call
+linear = implementation("linear", "cpp").call

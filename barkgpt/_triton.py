@@ -14,13 +14,13 @@ from typing import Optional
 
 import torch
 
-from . import kernels, opdecls
+from . import kernels, opdecls, reference
 from .kernels import attention as _attention
 from .kernels import cached_attention as _cached_attention
 from .kernels import embedding as _embedding
 from .kernels import layer_norm as _layer_norm
 from .kernels import linear_cross_entropy as _lce
-from .registry import register_impl, register_kernels
+from .registry import Impl, register_impl, register_kernels
 
 _NS = "barkgpt_triton"
 
@@ -105,3 +105,9 @@ _lce_impl = register_kernels(opdecls.LINEAR_CROSS_ENTROPY, "triton", _NS, _lce.l
                              failure=kernel_failure)
 _lce_declared = _lce_impl.call
 register_impl(dataclasses.replace(_lce_impl, call=linear_cross_entropy))
+
+
+# linear: on the GPU the products belong to cuBLAS (what F.linear calls); a Triton GEMM would not
+# beat it at these shapes, so the triton backend's linear is torch's.
+register_impl(Impl("linear", "triton", reference.linear_ref,
+                   (torch.float16, torch.bfloat16, torch.float32, torch.float64)))

@@ -647,6 +647,8 @@ def _cmd_info(_a) -> int:
             missing = [op for op in registry.OPS if registry.implementation(op, b) is None]
             print(f"{dev:5s} {b:7s} available" + (f" (lacks {', '.join(missing)})" if missing else ""))
         print(f"{dev:5s} auto -> {ops.resolve_backend(None, dev)}")
+    if ops.cpu_gemm_library() is not None:
+        print(f"cpu   cpp matrix products: {ops.cpu_gemm_library()} (BARKGPT_CPU_GEMM=auto|onednn|aten)")
     print("ops: " + ", ".join(f"{op} [{', '.join(b for b in ops.BACKENDS if registry.implementation(op, b))}]"
                               for op in registry.OPS))
     return 0

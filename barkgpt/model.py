@@ -45,6 +45,21 @@ class _Runtime:
         self.backend = backend
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict keys) whose product goes through ops.linear: on
+    the cpp backend oneDNN or the few-row decode kernel instead of MKL (csrc/gemm.h). Under
+    autocast it is F.linear, so autocast's casts apply as to any nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rt: _Runtime):
+        super().__init__(in_features, out_features, bias=bias)
+        self.rt = rt
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias, backend=self.rt.backend)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1), via ops.layer_norm."""
 
@@ -65,8 +80,8 @@ class SelfAttention(nn.Module):
         self.n_head = config.n_head
         self.causal = config.causal
         # q, k, v packed in one projection like nn.MultiheadAttention's in_proj ([Wq; Wk; Wv]).
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.qkv = Linear(config.n_embd, 3 * config.n_embd, config.bias, rt)
+        self.proj = Linear(config.n_embd, config.n_embd, config.bias, rt)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rt = rt
 
@@ -91,10 +106,10 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rt: _Runtime):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
-        self.proj = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, config.ffn_dim, config.bias, rt)
+        self.proj = Linear(config.ffn_dim, config.n_embd, config.bias, rt)
         self.dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.activation = config.activation
@@ -117,7 +132,7 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, rt)
         self.attn = SelfAttention(config, rt)
         self.norm2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, rt)
-        self.ff = FeedForward(config)
+        self.ff = FeedForward(config, rt)
 
     def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
         if self.norm_first:  # GPT-2: x + f(LN(x))
@@ -175,7 +190,7 @@ class BarkGPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([Block(config, self.rt) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, self.rt)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Linear(config.n_embd, config.vocab_size, False, self.rt)
         if config.tie_embeddings:
             self.head.weight = self.token_emb.weight
         self.apply(self._init_weights)

@@ -569,6 +569,87 @@ EMBEDDING_ADD = declare_op(OpDecl(
 ))
 
 
+# ---- linear ----------------------------------------------------------------------------------
+
+def check_linear(x, weight, bias=None) -> None:
+    op = "linear"
+    tensor("x", x), tensor("weight", weight)
+    if bias is not None:
+        tensor("bias", bias)
+    same_device(op, x=x, weight=weight, bias=bias)
+    float_tensor(op, "x", x), float_tensor(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: x must have shape (..., {weight.shape[1]}) for weight of shape "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    if bias is not None:
+        float_tensor(op, "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{op}: x, weight and bias must have one dtype, got {x.dtype}, {weight.dtype}"
+                        + (f" and {bias.dtype}" if bias is not None else ""))
+
+
+def _linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_bwd_fake(grad_out, x, weight, bias):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            (bias if bias is not None else weight).new_empty((weight.shape[0],) if bias is not None else (0,)))
+
+
+def _linear_case(rows, k, n, bias=True, shape=None, noncontig=False):
+    def make(dtype, device, gen):
+        x = _randn(gen, rows, 2 * k if noncontig else k, dtype=dtype, device=device)
+        if noncontig:
+            x = x[:, ::2]
+        if shape is not None:
+            x = x.reshape(*shape, k)
+        w = _randn(gen, n, k, dtype=dtype, device=device, scale=k ** -0.5)
+        b = _randn(gen, n, dtype=dtype, device=device) if bias else None
+        return x, w, b
+    return make
+
+
+def _linear_cases():
+    # rows 1..8 take the C++ few-row kernel (decode), more rows the GEMM; widths not multiples of
+    # its 16 lanes, one-element products, and the model's layouts (rank 3, a strided view)
+    sizes = [(1, 1, 1), (1, 7, 3), (1, 768, 40), (3, 17, 33), (8, 100, 65), (9, 16, 16),
+             (64, 32, 96), (33, 257, 19)]
+    cases = [Case(f"rows{r}-k{k}-n{n}", _linear_case(r, k, n), heavy=r * k * n > 100000) for r, k, n in sizes]
+    cases += [Case("nobias-rows5-k40-n24", _linear_case(5, 40, 24, bias=False)),
+              Case("nobias-rows70-k40-n24", _linear_case(70, 40, 24, bias=False)),
+              Case("rank3-B2-T6", _linear_case(12, 24, 72, shape=(2, 6))),
+              Case("noncontig-rows4", _linear_case(4, 20, 12, noncontig=True)),
+              Case("noncontig-rows30", _linear_case(30, 20, 12, noncontig=True)),
+              Case("rows0", _linear_case(0, 8, 5))]
+    return tuple(cases)
+
+
+LINEAR = declare_op(OpDecl(
+    name="linear",
+    doc="""``x @ weight.T + bias`` (``F.linear``): ``x`` (..., in), ``weight`` (out, in), ``bias`` (out,)
+    or None, one dtype. The cpp backend's products go through oneDNN or its few-row kernel
+    (``barkgpt.ops.cpu_gemm_library``).""",
+    args=(Arg("x", "Tensor", grad=True), Arg("weight", "Tensor", grad=True), Arg("bias", "Tensor?", None, grad=True)),
+    results=("out",), returns=1,
+    check=check_linear,
+    reference=reference.linear_ref,
+    fake=_linear_fake,
+    backward=Backward(args=("x", "weight", "bias"), grads=("x", "weight", "bias"), fake=_linear_bwd_fake),
+    flops=lambda x, weight, bias=None, mode="fwd+bwd": (
+        (2.0 if mode == "fwd" else 4.0 if mode == "bwd" else 6.0) * (x.numel() // max(1, x.shape[-1])) * weight.numel()),
+    bytes=lambda x, weight, bias=None, mode="fwd+bwd": (
+        (x.numel() + weight.numel() + (x.numel() // max(1, x.shape[-1])) * weight.shape[0]) * x.element_size()
+        * (1 if mode == "fwd" else 2 if mode == "bwd" else 3)),
+    tolerance=TOLERANCE,
+    cases=_linear_cases(),
+))
+
+
 # ---- linear_cross_entropy --------------------------------------------------------------------
 
 LCE_REDUCTIONS = ("mean", "sum")

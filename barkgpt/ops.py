@@ -35,7 +35,7 @@ from ._checks import FLOAT_DTYPES
 from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
-           "resolve_backend", "cpu_cache_info", "empty_cpu_cache"] + list(registry.OPS)
+           "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
 AUTO_NAMES = ("auto", "", None)
@@ -274,6 +274,16 @@ def cpu_cache_info() -> Dict[str, int]:
     if "cpp" not in _loaded:
         return dict.fromkeys(_CPU_CACHE_FIELDS, 0)
     return dict(zip(_CPU_CACHE_FIELDS, torch.ops.barkgpt_cpp.output_cache_info()))
+
+
+def cpu_gemm_library() -> Optional[str]:
+    """Where the cpp kernels send their fp32 matrix products: ``"onednn"`` or ``"aten"`` (MKL's
+    sgemm), or None while the cpp backend has not been loaded. oneDNN is chosen when it can run
+    here; ``BARKGPT_CPU_GEMM=aten`` (or ``onednn``), set before barkgpt loads the backend, forces
+    one (csrc/gemm.h says why oneDNN is preferred)."""
+    if "cpp" not in _loaded:
+        return None
+    return torch.ops.barkgpt_cpp.gemm_library()
 
 
 def empty_cpu_cache() -> None:

@@ -76,6 +76,11 @@ def embedding_add_ref(idx: torch.Tensor, tok_weight: torch.Tensor, pos_weight: t
     return F.embedding(idx, tok_weight) + pos_weight[:T]
 
 
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias``: torch's own ``F.linear``."""
+    return F.linear(x, weight, bias)
+
+
 def linear_cross_entropy_ref(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                              reduction: str = "mean") -> torch.Tensor:

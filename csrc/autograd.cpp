@@ -1,4 +1,4 @@
-// Eager fast path: barkgpt_cpp::layer_norm / attention / embedding_add, differentiable in C++.
+// Eager fast path: barkgpt_cpp::layer_norm / attention / embedding_add / linear, differentiable in C++.
 //
 // The kernel ops (*_fwd, *_bwd) get their fake kernels and autograd formulas from Python
 // (barkgpt/_cpp.py, torch.library.register_autograd); torch.compile traces those. In eager
@@ -83,6 +83,18 @@ Tensor2 emb_bwd(const Tensor& g, const Tensor& idx, c10::SymInt V, c10::SymInt P
   return op_handle<Sig>(slot, "barkgpt_cpp::embedding_add_bwd").call(g, idx, std::move(V), std::move(P));
 }
 
+Tensor lin_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  using Sig = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::linear_fwd").call(x, w, b);
+}
+
+Tensor3 lin_bwd(const Tensor& g, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  using Sig = Tensor3(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&);
+  static std::atomic<c10::TypedOperatorHandle<Sig>*> slot{nullptr};
+  return op_handle<Sig>(slot, "barkgpt_cpp::linear_bwd").call(g, x, w, b);
+}
+
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
                         const std::optional<Tensor>& b, double eps) {
@@ -142,6 +154,30 @@ struct EmbeddingAddFn : public torch::autograd::Function<EmbeddingAddFn> {
   }
 };
 
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
+                        const std::optional<Tensor>& b) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool has_bias = b.has_value() && b->defined();
+    ctx->save_for_backward({x, w, has_bias ? *b : Tensor()});
+    ctx->saved_data["has_bias"] = has_bias;
+    return lin_fwd(x, w, b);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto s = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    std::optional<Tensor> b = has_bias ? std::optional<Tensor>(s[2]) : std::nullopt;
+    auto [dx, dw, db] = lin_bwd(grads[0], s[0], s[1], b);
+    return {dx, dw, has_bias ? db : Tensor()};
+  }
+};
+
+Tensor linear_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  return LinearFn::apply(x, w, b);
+}
+
 Tensor layer_norm_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
                            double eps) {
   return LayerNormFn::apply(x, w, b, eps);
@@ -171,16 +207,19 @@ TORCH_LIBRARY_FRAGMENT(barkgpt_cpp, m) {
   m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, bool causal) -> Tensor");
   m.def("embedding_add(Tensor idx, Tensor tok_weight, Tensor pos_weight) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(barkgpt_cpp, Autograd, m) {
   m.impl("layer_norm", &barkgpt::layer_norm_autograd);
   m.impl("attention", &barkgpt::attention_autograd);
   m.impl("embedding_add", &barkgpt::embedding_add_autograd);
+  m.impl("linear", &barkgpt::linear_autograd);
 }
 
 TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("layer_norm", &barkgpt::layer_norm_plain);
   m.impl("attention", &barkgpt::attention_plain);
   m.impl("embedding_add", &barkgpt::emb_fwd);
+  m.impl("linear", &barkgpt::lin_fwd);
 }

@@ -15,10 +15,9 @@
 // chunk in order, the per-row losses are summed in row order in double. Targets other than
 // ignore_index outside [0, V) raise IndexError before anything is computed.
 #include "common.h"
+#include "gemm.h"
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 
@@ -33,7 +32,7 @@ namespace {
 // About this many bytes of logits per chunk: the gradient GEMMs then read the chunk back from
 // cache, and a chunk of at least kMinChunkRows rows keeps those GEMMs efficient (each chunk
 // streams W through the cache three times, so tiny chunks are memory-bound on W and dW).
-constexpr int64_t kChunkBytes = int64_t(16) << 20;
+constexpr int64_t kChunkBytes = int64_t(48) << 20;
 constexpr int64_t kMinChunkRows = 64;
 
 int64_t chunk_rows_for(int64_t N, int64_t V, int64_t elem, int64_t requested) {
@@ -154,10 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     if (C == 0) {
       if (has_bias) zc.copy_(b.unsqueeze(0).expand({r, V}));
       else zc.zero_();
-    } else if (has_bias) {
-      at::addmm_out(zc, b, xc, Wt);
     } else {
-      at::mm_out(zc, xc, Wt);
+      if (has_bias) zc.copy_(b.unsqueeze(0).expand({r, V}));
+      gemm_out(zc, xc, Wt, has_bias ? 1.0 : 0.0);
     }
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_rows", [&] {
       scalar_t* zp = zc.mutable_data_ptr<scalar_t>();
@@ -170,14 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     if (!grad) continue;
     if (C > 0) {
       if (dx_direct) {
-        at::Tensor dxc = dx.narrow(0, r0, r);
-        at::mm_out(dxc, zc, W);
+        gemm_out(dx.narrow(0, r0, r), zc, W);
       } else {
         at::Tensor dxc = dx_buf.narrow(0, 0, r);
-        at::mm_out(dxc, zc, W);
+        gemm_out(dxc, zc, W);
         dx.narrow(0, r0, r).copy_(dxc);
       }
-      dW.addmm_(zc.t(), xc);
+      gemm_out(dW, zc.t(), xc, 1.0);
     }
     if (has_bias) dB.add_(zc.sum(0));
   }

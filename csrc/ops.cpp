@@ -43,6 +43,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& dx, const at::Tensor& dweight,
     const at::Tensor& dbias);
 
+at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias);
+
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
 void output_cache_release();
@@ -50,6 +56,14 @@ std::string output_cache_env_problem();
 void output_cache_set_limit(int64_t bytes);
 int64_t output_stream_set_min_bytes(int64_t bytes);
 at::Tensor output_empty(at::IntArrayRef sizes);
+
+// Which library fp32 products go to (gemm.cpp).
+std::string gemm_library();
+std::string gemm_set_library(c10::string_view choice);
+void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta);
+void gemm_out_op(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  gemm_out(out, a, b, beta);
+}
 
 // The torch version these kernels were compiled against (barkgpt/_cpp.py checks it).
 std::string build_info() { return std::string("torch ") + TORCH_VERSION; }
@@ -83,7 +97,15 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   m.def("linear_cross_entropy_fwd_ex(Tensor x, Tensor weight, Tensor targets, Tensor? bias, "
         "int ignore_index, str reduction, bool compute_grad, int chunk_rows) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
+  // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter
+  // takes "auto", "onednn" or "aten" and returns the library now in use.
+  m.def("gemm_library() -> str", &barkgpt::gemm_library);
+  m.def("gemm_set_library(str choice) -> str", &barkgpt::gemm_set_library);
+  // out = beta * out + a @ b through that library (for tests and benchmarks/gemm_bench.py).
+  m.def("gemm_out(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
   // [idle bytes, idle blocks, reuses, new mappings, limit bytes, bytes in live outputs]
   m.def("output_cache_info() -> int[]", &barkgpt::output_cache_info);
   m.def("output_cache_release() -> ()", &barkgpt::output_cache_release);
@@ -98,6 +120,9 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
 }
 
 TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
+  m.impl("gemm_out", &barkgpt::gemm_out_op);
+  m.impl("linear_fwd", &barkgpt::linear_fwd_cpu);
+  m.impl("linear_bwd", &barkgpt::linear_bwd_cpu);
   m.impl("layer_norm_fwd", &barkgpt::layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &barkgpt::layer_norm_bwd_cpu);
   m.impl("attention_fwd", &barkgpt::attention_fwd_cpu);
