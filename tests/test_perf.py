@@ -115,6 +115,18 @@ def test_probe_measures_a_real_matmul_rate():
     assert 4.2e6 < rate < 4.2e15
 
 
+def test_probe_onednn_candidate_computes_the_same_product():
+    """The peak probe also times oneDNN (what the cpp backend's products use): that candidate must
+    compute a @ b, not a @ b.T, or the peak would be of another product."""
+    mm = perf._onednn_matmul()
+    if mm is None:  # a torch without oneDNN: the probe times torch.mm only
+        assert not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return
+    a, b = torch.randn(37, 50), torch.randn(50, 21)
+    assert torch.allclose(mm(a, b), a @ b, atol=1e-5)
+    assert "oneDNN" in perf._cpu_peak_key(torch.float32)
+
+
 def test_training_reports_mfu_on_cpu_against_the_measured_peak(peak_cache, tmp_path):
     import json
     import os
