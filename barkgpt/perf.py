@@ -134,7 +134,7 @@ def _peak_cache_path() -> str:
 
 def _cpu_peak_key(dtype: torch.dtype) -> str:
     return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | " \
-           f"{_CPU_PEAK_DTYPES[dtype]} | best of ATen and oneDNN"
+           f"best of ATen and oneDNN | {_CPU_PEAK_DTYPES[dtype]}"
 
 
 def _onednn_matmul():
