@@ -769,9 +769,12 @@ class GraphStep:
         opt = state.optimizer
         A = self.x.shape[0]
         saved = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
+        # (capturable only while capturing: AdamW refuses a capture without it, and warns when
+        # a capturable instance steps outside one, as the warm-up does)
+        capturing = self.cuda and torch.cuda.is_current_stream_capturing()
         for g in opt.param_groups:  # the captured update reads the lr tensor (set before each replay)
             g["lr"] = self.lr
-            g["capturable"] = g.get("capturable", False) or self.cuda
+            g["capturable"] = g.get("capturable", False) or capturing
         try:
             opt.zero_grad(set_to_none=True)  # the backward writes fresh gradients (graph memory)
             loss_sum, gnorm = forward_backward(run, state, list(self.x), list(self.y), self.scalars[:A],
