@@ -170,6 +170,21 @@ def test_graph_run_resumes_bitwise(tmp_path, fake):
         _same_checkpoints(out, tmp_path / "full")
 
 
+def test_interrupt_saves_at_the_step_boundary(tmp_path, fake):
+    """Ctrl-C in a graph run saves the last whole step, and --resume goes on exactly."""
+    def interrupt(step, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    kw = dict(_common(tmp_path), save_every=0)
+    out = str(tmp_path / "g")
+    with pytest.raises(KeyboardInterrupt):
+        barkgpt.train(out=out, cuda_graph=True, on_step=interrupt, **kw)
+    assert latest_checkpoint(out).endswith("step_00000004")
+    full = barkgpt.train(out=str(tmp_path / "e"), **kw)
+    assert barkgpt.train(out=out, resume=True, cuda_graph=True, **FAST).losses == full.losses
+
+
 def test_nonfinite_step_is_cancelled_inside_the_graph(tmp_path, fake, monkeypatch):
     """on_nonfinite="skip": the captured update is cancelled on the device (found_inf), as the
     eager fused update is; "stop" names the step when the numbers are read."""
@@ -316,3 +331,42 @@ def test_real_api_refuses_a_cpu_device():
 
 def test_resume_may_switch_the_mode():
     assert "cuda_graph" in train_mod.RESUME_MAY_CHANGE
+
+
+# ---- on a GPU (benchmarks/run_gpu.sh's tests phase) ----------------------------------------------
+
+def _gpu_common(dtype, **kw):
+    model = barkgpt.GPTConfig.preset("bark-tiny", dropout=0.1).to_dict()
+    return dict(model=model, steps=8, batch_size=16, grad_accum=2, warmup_steps=3, eval_every=4, save_every=4,
+                device="cuda", dtype=dtype, **dict(FAST, backend=None), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gpu_captured_run_equals_the_eager_run(tmp_path, dtype):
+    """The real capture (Triton kernels, cuBLAS, fused AdamW, dropout from the graph-safe
+    generator) trains exactly as the eager loop: same losses, weights and checkpoints."""
+    eager = barkgpt.train(out=str(tmp_path / "eager"), **_gpu_common(dtype))
+    graph = barkgpt.train(out=str(tmp_path / "graph"), cuda_graph=True, **_gpu_common(dtype))
+    assert graph.losses == eager.losses, (graph.losses, eager.losses)
+    assert graph.val_history == eager.val_history
+    for a, b in zip(graph.model.state_dict().values(), eager.model.state_dict().values()):
+        assert torch.equal(a, b)
+    _same_checkpoints(tmp_path / "graph", tmp_path / "eager")
+
+
+@pytest.mark.gpu
+def test_gpu_captured_run_resumes_bitwise(tmp_path):
+    full = barkgpt.train(out=str(tmp_path / "full"), cuda_graph=True, **_gpu_common("bfloat16"))
+
+    def crash(step, loss):
+        if step == 6:
+            raise Crash()
+
+    out = str(tmp_path / "part")
+    with pytest.raises(Crash):
+        barkgpt.train(out=out, cuda_graph=True, on_step=crash, **_gpu_common("bfloat16"))
+    resumed = barkgpt.train(out=out, resume=True, cuda_graph=True, **dict(FAST, backend=None))
+    assert resumed.losses == full.losses
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
