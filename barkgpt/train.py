@@ -749,8 +749,8 @@ class GraphStep:
     The replay writes [loss, grad norm] into a static tensor; each step keeps a copy, read at
     the log/eval/save boundaries like the eager loop's. The weights, optimizer state, step
     counts and RNG states are the run's own tensors, updated in place: checkpoints and resume
-    are the eager run's. Every batch must have the first one's shape; token ids are checked
-    on the host batches (the embedding kernel cannot report a bad id from inside a graph)."""
+    are the eager run's. Every batch must have the first one's shape; token ids and targets
+    are checked on the host batches (inside a graph the kernels cannot report a bad one)."""
 
     def __init__(self, run: Run, state: TrainState, api):
         self.run, self.state, self.api = run, state, api
@@ -798,10 +798,15 @@ class GraphStep:
         run = self.run
         xs = torch.stack([x for x, _ in batches])
         ys = torch.stack([y for _, y in batches])
-        vocab = self.state.model.config.vocab_size
-        if xs.numel() and (int(xs.min()) < 0 or int(xs.max()) >= vocab):
-            bad = int(xs.min()) if int(xs.min()) < 0 else int(xs.max())
-            raise IndexError(f"token id {bad} is out of range for a vocabulary of {vocab}")
+        # Checked here, on the host copies: inside a graph the kernels can only mask bad ids.
+        vocab, ignore = self.state.model.config.vocab_size, run.dataset.ignore_index
+        bad_x = xs[(xs < 0) | (xs >= vocab)]
+        if bad_x.numel():
+            raise IndexError(f"token id {int(bad_x[0])} is out of range for a vocabulary of {vocab}")
+        bad_y = ys[((ys < 0) | (ys >= vocab)) & (ys != ignore)]
+        if bad_y.numel():
+            raise IndexError(f"target {int(bad_y[0])} is out of range for {vocab} classes "
+                             f"(or ignore_index={ignore})")
         host = torch.tensor([c * run.world.size / n_total for c in counts] + [float(c) for c in counts]
                             + [n_total], dtype=torch.float32)
         if self.x is None:
@@ -829,7 +834,7 @@ class GraphStep:
                     f"{'s' if run.cfg.grad_accum > 1 else ''}) after {graphs.WARMUP_STEPS} warm-up runs")
             interrupts.begin_update(state.step + 1)  # the warm-up touches the gradients: nothing is saved
             self.captured()
-            run.say(f"cuda_graph: captured and ran the first step in {time.perf_counter() - t0:.1f}s")
+            run.say(f"cuda_graph: warmed up and captured in {time.perf_counter() - t0:.1f}s")
         else:
             interrupts.begin_update(state.step + 1)
             self.captured()

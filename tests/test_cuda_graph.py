@@ -272,6 +272,22 @@ def test_out_of_range_token_id_is_refused_on_the_host(tmp_path, fake, monkeypatc
         barkgpt.train(out=str(tmp_path / "g"), cuda_graph=True, **_common(tmp_path))
 
 
+def test_out_of_range_target_is_refused_on_the_host(tmp_path, fake, monkeypatch):
+    """Inside a graph the loss kernel would treat such a target as ignored: refused before."""
+    real_draw = train_mod.draw_batches
+
+    def bad(run, state):
+        batches, counts, n_total = real_draw(run, state)
+        x, y = batches[-1]
+        y = y.clone()
+        y[1, 2] = -7
+        return batches[:-1] + [(x, y)], counts, n_total
+
+    monkeypatch.setattr(train_mod, "draw_batches", bad)
+    with pytest.raises(IndexError, match="target -7 is out of range for 256 classes"):
+        barkgpt.train(out=str(tmp_path / "g"), cuda_graph=True, **_common(tmp_path))
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 def test_cpu_is_refused_clearly_before_the_run_starts(tmp_path):
