@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from . import perf
 from . import plot
 from . import distributed
+from . import graphs
 from .config import PRESETS, GPTConfig, default_eval_tokens, default_warmup, train_defaults
 from .data import BarkCorpus, load_dataset
 from .model import BarkGPT
@@ -40,7 +41,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 # Settings a resumed run may change; everything else must match the checkpoint.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "keep_last", "log_every", "progress", "sample",
-                     "device", "backend", "compile", "on_nonfinite", "eval_tokens", "eval_batches")
+                     "device", "backend", "compile", "cuda_graph", "on_nonfinite", "eval_tokens", "eval_batches")
 
 
 class TrainingError(RuntimeError):
@@ -86,6 +87,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     compile: bool = False
+    # Capture the training step in a CUDA graph and replay it (one launch per step instead of
+    # hundreds): an execution detail, the run's state is the same (barkgpt/graphs.py)
+    cuda_graph: bool = False
     deterministic: bool = False
     on_nonfinite: str = "stop"  # or "skip": drop the step and go on
     progress: bool = True  # a progress bar on a terminal; plain log lines otherwise (or when False)
@@ -139,6 +143,11 @@ class TrainConfig:
             raise TrainingError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise TrainingError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise TrainingError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if self.compile and self.cuda_graph:
+            raise TrainingError("compile and cuda_graph (--compile, --cuda-graph) cannot be combined: "
+                                "pick one (cuda_graph replays our kernels as they are)")
         if self.on_nonfinite not in ("stop", "skip"):
             raise TrainingError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.init_from is not None:
@@ -344,10 +353,13 @@ class Run:
     tokens_per_sec: float = 0.0  # as of the last step
     skipped: int = 0
     pending: List[StepResult] = dataclasses.field(default_factory=list)  # steps whose numbers are unread
+    graph: Optional[GraphStep] = None  # cuda_graph: the captured training step
 
     def amp(self):
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
+        if self.graph is not None:  # autocast's weight cache cannot live inside a captured graph
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def due(self, step: int, every: int) -> bool:
@@ -397,6 +409,12 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
         state.restore(resumed, device)
         say(f"resuming {os.path.abspath(cfg.out)} from step {state.step}")
 
+    api = None
+    if cfg.cuda_graph:  # refused here, before the run directory is made
+        api = graph_api(device)
+        problem = cuda_graph_problem(api, world, amp_dtype, state.optimizer)
+        if problem:
+            raise TrainingError(f"cuda_graph (--cuda-graph) cannot run here: {problem}")
     ddp_model = world.wrap(model, device)  # `model` itself when there is one process
     run = Run(cfg=cfg, world=world, device=device, amp_dtype=amp_dtype, dataset=dataset,
               fwd=torch.compile(ddp_model) if cfg.compile else ddp_model, ddp_model=ddp_model,
@@ -443,6 +461,10 @@ def setup(cfg: TrainConfig, world: distributed.World, resumed: Optional[Dict[str
                        mininterval=0.5)
     if resumed:
         run.last_ckpt = world.run_on_main(lambda: ckpt.latest_checkpoint(run.out_dir))
+    if cfg.cuda_graph:
+        run.graph = GraphStep(run, state, api)
+        say("cuda_graph: the training step is captured in a CUDA graph at the first step and replayed "
+            "after it; evaluation runs outside the graph")
     state.capture_rng(device)
     return run, state
 
@@ -569,6 +591,8 @@ def train_step(run: Run, state: TrainState, interrupts: Optional[Interrupts] = N
     lr = lr_at(state.step, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
+    if run.graph is not None:
+        return run.graph.step(lr, interrupts)
     stats = accumulate_gradients(run, state)
     loss_sum, stop = stats["loss_sum"].float(), interrupts.requested
     if world.enabled:
@@ -636,24 +660,41 @@ def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]
     micro-batch's mean is weighted by its share of those targets (pad targets differ from
     batch to batch), times world.size as DDP averages the ranks' gradients. Returns device
     tensors (read nothing back): {"loss_sum", "n_total" (a float), "grad_norm"}."""
-    cfg, world, device, dataset = run.cfg, run.world, run.device, run.dataset
+    batches, counts, n_total = draw_batches(run, state)
+    xs = [x.to(run.device, non_blocking=True) for x, _ in batches]
+    ys = [y.to(run.device, non_blocking=True) for _, y in batches]
+    weights = [c * run.world.size / n_total for c in counts]
+    loss_sum, gnorm = forward_backward(run, state, xs, ys, weights, counts)
+    return {"loss_sum": loss_sum, "n_total": n_total, "grad_norm": gnorm}
+
+
+def draw_batches(run: Run, state: TrainState) -> tuple:
+    """The step's micro-batches (host tensors) from the data stream, their real-target counts
+    and the count over all micro-batches and ranks (at least 1): (batches, counts, n_total)."""
+    cfg, world, dataset = run.cfg, run.world, run.dataset
     world.seed_dropout(state.data_gen)
     batches = [world.local_batch(dataset, cfg.batch_size, state.data_gen) for _ in range(cfg.grad_accum)]
     # counted on the host batches (numpy): no read from the device
     counts = [int(np.count_nonzero(y.numpy() != dataset.ignore_index)) for _, y in batches]
     n_total = float(sum(counts))
     if world.enabled:  # the real targets of all ranks (read: the micro-batch weights are Python numbers)
-        n_total = world.sum_(torch.tensor(n_total, dtype=torch.float64, device=device)).item()
-    n_total = max(n_total, 1.0)
-    loss_sum = torch.zeros((), device=device)
-    for micro, (x, y) in enumerate(batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        weight = counts[micro] * world.size / n_total
+        n_total = world.sum_(torch.tensor(n_total, dtype=torch.float64, device=run.device)).item()
+    return batches, counts, max(n_total, 1.0)
+
+
+def forward_backward(run: Run, state: TrainState, xs, ys, weights, counts) -> tuple:
+    """The device work of a step before the update: forward and backward of each micro-batch
+    (inputs ``xs``, targets ``ys`` on the device; loss weight and real-target count per
+    micro-batch, Python numbers or device scalars), then unscale and clip. Returns (loss_sum,
+    grad_norm) on the device. The eager step and the CUDA-graph step (GraphStep) both run it."""
+    cfg, world, dataset = run.cfg, run.world, run.dataset
+    loss_sum = torch.zeros((), device=run.device)
+    for micro, (x, y) in enumerate(zip(xs, ys)):
         # Under DDP, gradients are averaged across ranks on the last micro-step only.
-        with world.grad_sync(run.ddp_model, micro == cfg.grad_accum - 1):
+        with world.grad_sync(run.ddp_model, micro == len(xs) - 1):
             with run.amp():
                 _, loss = run.fwd(x, y, dataset.ignore_index)
-            state.scaler.scale(loss * weight).backward()
+            state.scaler.scale(loss * weights[micro]).backward()
         loss_sum += loss.detach().float() * counts[micro]
     state.scaler.unscale_(state.optimizer)
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
@@ -661,7 +702,146 @@ def accumulate_gradients(run: Run, state: TrainState) -> Dict[str, torch.Tensor]
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     else:
         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    return {"loss_sum": loss_sum, "n_total": n_total, "grad_norm": gnorm}
+    return loss_sum, gnorm
+
+
+def graph_api(device: torch.device):
+    """The CUDA-graph operations for ``device`` (tests substitute a stand-in)."""
+    return graphs.CudaGraphs(device)
+
+
+def cuda_graph_problem(api, world: distributed.World, amp_dtype: torch.dtype, optimizer) -> Optional[str]:
+    """Why the training step cannot be captured in a CUDA graph here (None: it can)."""
+    problem = api.unsupported()
+    if problem:
+        return problem + " (drop --cuda-graph)"
+    if world.enabled:
+        return ("not with several processes: DDP's gradient all-reduce and the per-step stop vote "
+                "run outside a graph; drop --cuda-graph or train on one process")
+    if amp_dtype == torch.float16:
+        return ("float16's loss scaler reads the GPU every step; use --dtype bfloat16 (the default on "
+                "GPUs that have it) or float32")
+    if not all(g.get("fused") for g in optimizer.param_groups):
+        return "it needs the fused AdamW (which cancels a non-finite step on the device)"
+    return None
+
+
+def _lr_tensor_dtype(device: torch.device) -> torch.dtype:
+    """The most precise learning-rate tensor the fused AdamW accepts on ``device`` (a throwaway
+    update on a dummy parameter tells)."""
+    p = torch.zeros(1, device=device, requires_grad=True)
+    p.grad = torch.zeros(1, device=device)
+    try:
+        torch.optim.AdamW([p], lr=torch.tensor(1e-3, dtype=torch.float64, device=device), fused=True).step()
+        return torch.float64
+    except (RuntimeError, TypeError, ValueError):
+        return torch.float32
+
+
+class GraphStep:
+    """The training step as a CUDA graph (``cuda_graph=True``): the same work as the eager
+    train_step (forward_backward, the non-finite check, the fused update cancelled on the
+    device by ``found_inf``), captured at the first step and replayed at every step.
+
+    Before each replay the host copies in what changes from step to step: the micro-batches
+    (static input/target buffers), their loss weights and target counts, and the learning rate
+    (a device tensor the captured optimizer reads: the schedule goes on without re-capture).
+    The replay writes [loss, grad norm] into a static tensor; each step keeps a copy, read at
+    the log/eval/save boundaries like the eager loop's. The weights, optimizer state, step
+    counts and RNG states are the run's own tensors, updated in place: checkpoints and resume
+    are the eager run's. Every batch must have the first one's shape; token ids and targets
+    are checked on the host batches (inside a graph the kernels cannot report a bad one)."""
+
+    def __init__(self, run: Run, state: TrainState, api):
+        self.run, self.state, self.api = run, state, api
+        self.captured = graphs.CapturedStep(self._body, api)
+        self.x = self.y = self.scalars = None
+        device = run.device
+        # float64 where the fused AdamW takes it: the eager step passes lr as a Python float
+        # (double), and a float32 lr would round it (the updates would differ in the last bits).
+        self.lr = torch.zeros((), dtype=_lr_tensor_dtype(device), device=device)
+        self.values = torch.zeros(2, dtype=torch.float32, device=device)
+        self.cuda = device.type == "cuda"
+
+    def _body(self, skip_update: bool) -> None:
+        """One step on the static buffers; ``skip_update`` (the warm-up) cancels the update."""
+        run, state = self.run, self.state
+        opt = state.optimizer
+        A = self.x.shape[0]
+        saved = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
+        # (capturable only while capturing: AdamW refuses a capture without it, and warns when
+        # a capturable instance steps outside one, as the warm-up does)
+        capturing = self.cuda and torch.cuda.is_current_stream_capturing()
+        for g in opt.param_groups:  # the captured update reads the lr tensor (set before each replay)
+            g["lr"] = self.lr
+            g["capturable"] = g.get("capturable", False) or capturing
+        try:
+            opt.zero_grad(set_to_none=True)  # the backward writes fresh gradients (graph memory)
+            loss_sum, gnorm = forward_backward(run, state, list(self.x), list(self.y), self.scalars[:A],
+                                               self.scalars[A:2 * A])
+            values = torch.stack([loss_sum / self.scalars[2 * A], gnorm.float()])
+            if skip_update:
+                opt.found_inf = torch.ones((), dtype=torch.float32, device=run.device)
+            else:  # as the eager step: no update where the loss or the gradient norm is not finite
+                opt.found_inf = (~torch.isfinite(values).all()).float()
+            try:
+                state.scaler.step(opt)
+            finally:
+                opt.__dict__.pop("found_inf", None)
+            self.values.copy_(values)
+        finally:
+            for g, (lr, capturable) in zip(opt.param_groups, saved):  # the state_dict stays the eager one's
+                g["lr"], g["capturable"] = lr, capturable
+
+    def _load(self, batches, counts, n_total: float, lr: float) -> None:
+        """Copy the step's inputs into the static buffers (no read from the device)."""
+        run = self.run
+        xs = torch.stack([x for x, _ in batches])
+        ys = torch.stack([y for _, y in batches])
+        # Checked here, on the host copies: inside a graph the kernels can only mask bad ids.
+        vocab, ignore = self.state.model.config.vocab_size, run.dataset.ignore_index
+        bad_x = xs[(xs < 0) | (xs >= vocab)]
+        if bad_x.numel():
+            raise IndexError(f"token id {int(bad_x[0])} is out of range for a vocabulary of {vocab}")
+        bad_y = ys[((ys < 0) | (ys >= vocab)) & (ys != ignore)]
+        if bad_y.numel():
+            raise IndexError(f"target {int(bad_y[0])} is out of range for {vocab} classes "
+                             f"(or ignore_index={ignore})")
+        host = torch.tensor([c * run.world.size / n_total for c in counts] + [float(c) for c in counts]
+                            + [n_total], dtype=torch.float32)
+        if self.x is None:
+            self.x = torch.empty_like(xs, device=run.device)
+            self.y = torch.empty_like(ys, device=run.device)
+            self.scalars = torch.empty_like(host, device=run.device)
+        elif xs.shape != self.x.shape or ys.shape != self.y.shape:
+            raise TrainingError(f"cuda_graph replays one shape of batch: this step's batches are {tuple(xs.shape)}, "
+                                f"the captured ones {tuple(self.x.shape)}; drop --cuda-graph for this data")
+        if self.cuda:  # pinned: the copies do not wait for the host
+            xs, ys, host = xs.pin_memory(), ys.pin_memory(), host.pin_memory()
+        self.x.copy_(xs, non_blocking=True)
+        self.y.copy_(ys, non_blocking=True)
+        self.scalars.copy_(host, non_blocking=True)
+        self.lr.fill_(lr)
+
+    def step(self, lr: float, interrupts: Interrupts) -> StepResult:
+        """train_step for a captured step: load, replay, account (as the eager fused path)."""
+        run, state = self.run, self.state
+        batches, counts, n_total = draw_batches(run, state)
+        self._load(batches, counts, n_total, lr)
+        if not self.captured.captured:
+            t0 = time.perf_counter()
+            run.say(f"cuda_graph: capturing the training step ({run.cfg.grad_accum} micro-step"
+                    f"{'s' if run.cfg.grad_accum > 1 else ''}) after {graphs.WARMUP_STEPS} warm-up runs")
+            interrupts.begin_update(state.step + 1)  # the warm-up touches the gradients: nothing is saved
+            self.captured()
+            run.say(f"cuda_graph: warmed up and captured in {time.perf_counter() - t0:.1f}s")
+        else:
+            interrupts.begin_update(state.step + 1)
+            self.captured()
+        result = StepResult(step=state.step + 1, lr=lr, values=self.values.clone(), stop=interrupts.requested)
+        run.pending.append(result)
+        state.end_step(run.device)
+        return result
 
 
 RECENT_STEPS = 20  # the recent tokens/s is over this many steps (compilation drops out of it)
@@ -675,9 +855,9 @@ def log_step(run: Run, state: TrainState, result: StepResult) -> None:
     tps = run.tok_done / elapsed if elapsed > 0 else 0.0
     if run.first_step_s is None:
         run.first_step_s = elapsed
-        if run.cfg.compile:  # the first step compiled: time and rates from the second step on
+        if run.cfg.compile or run.cfg.cuda_graph:  # the first step compiled or captured: rates from the second on
             run.recent.clear()
-            if run.bar is not None:
+            if run.bar is not None and run.cfg.compile:
                 run.bar.set_postfix_str(f"compiled in {elapsed:.1f}s", refresh=False)
     # tokens of the steps taken (read or not: the rate needs no read of the device)
     run.recent.append((now, (result.step - (run.resumed_from or 0)) * run.tokens_per_step))

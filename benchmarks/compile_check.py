@@ -53,6 +53,8 @@ acfg = importlib.import_module("barkgpt.kernels._attention_config")
 ln = importlib.import_module("barkgpt.kernels.layer_norm")
 emb = importlib.import_module("barkgpt.kernels.embedding")
 kutils = importlib.import_module("barkgpt.kernels._utils")
+lce = importlib.import_module("barkgpt.kernels.linear_cross_entropy")
+cached = importlib.import_module("barkgpt.kernels.cached_attention")
 
 KB = 1024
 # Shared memory one block may use (opt-in maximum), per compute capability.
@@ -284,12 +286,88 @@ def embedding_cases(quick: bool) -> List[Case]:
     return cases
 
 
+def linear_cross_entropy_cases(quick: bool) -> List[Case]:
+    """The fused linear + cross-entropy row kernel: every column block the launcher can pick
+    (``next_power_of_2(V)`` capped at ``_MAX_BLOCK_V``, warps from ``warps_for``), with and without
+    the gradient pass, in each dtype the logits chunk can have (fp16, bf16, fp32). V is odd below
+    the cap (unaligned rows, masked tail) and GPT-2's padded 50304 at it. ``--quick``: the largest
+    block with the gradient pass, bf16 and fp32."""
+    cases = []
+    blocks = [lce._MAX_BLOCK_V] if quick else [1 << i for i in range(lce._MAX_BLOCK_V.bit_length())]
+    dtypes = ("bf16", "fp32") if quick else ("fp16", "bf16", "fp32")
+    f32, i64 = torch.float32, torch.int64
+    for block_v in blocks:
+        vocabs = [50304, 50257] if block_v == lce._MAX_BLOCK_V else [block_v // 2 + 1 if block_v > 1 else 1]
+        warps = kutils.warps_for(block_v, 8)  # the launcher's choice
+        for dtype_name in dtypes:
+            dt = DTYPES[dtype_name]
+            for v in (vocabs[:1] if quick else vocabs):
+                for grad in ((True,) if quick else (True, False)):
+                    cases.append(Case("_linear_cross_entropy_fwd_kernel",
+                                      f"V={v} block {block_v} w{warps}{'' if grad else ' loss only'}", dtype_name,
+                                      lce._linear_cross_entropy_fwd_kernel, (dt, i64, f32, f32, v, v, -100),
+                                      dict(GRAD=grad, BLOCK_V=block_v, num_warps=warps)))
+    return cases
+
+
+def cached_attention_cases(quick: bool) -> List[Case]:
+    """Flash-decoding against a K/V cache: the split kernel at every padded head dim with the
+    launcher's tiles (BLOCK_M 16; key tile, warps and stages from ``split_tiles``, per dtype),
+    for a decode step (Tq = 1) and a prefill (Tq = 100, left-padded batch: HAS_START), a head
+    dim that is not a power of two too, in fp16, bf16 and fp32; the combine kernel at every
+    split count (1..MAX_SPLITS) and padded head dim. ``--quick``: D=128 and 256, bf16 and fp32,
+    decode with HAS_START, and the largest combine."""
+    cases = []
+    dtypes = ("bf16", "fp32") if quick else ("fp16", "bf16", "fp32")
+    pads = (128, 256) if quick else tuple(_HEAD_DIMS)
+    f32, i64 = torch.float32, torch.int64
+    S, tq_prefill, offset = 2048, 100, 1000
+    for pad in pads:
+        pow2, other = _HEAD_DIMS[pad]
+        block_d = acfg.padded_head_dim(pow2)
+        block_m = 16
+        variants = [(pow2, 1, True)] if quick else [(pow2, 1, False), (pow2, tq_prefill, True), (other, 1, True)]
+        for dtype_name in dtypes:
+            dt = DTYPES[dtype_name]
+            block_n, warps, stages = cached.split_tiles(block_d, dt)
+            for d, tq, has_start in variants:
+                # q: a (B, T, H, D) projection viewed as (B, H, T, D); the cache contiguous (B, H, S, D).
+                q_strides = (tq * _H * d, d, _H * d, 1)
+                kv_strides = (_H * S * d, S * d, d, 1)
+                split_len = 4 * block_n
+                rows = 4 * _H * tq
+                args = (dt, dt, dt, i64 if has_start else dt, f32, f32, f32, *q_strides, *kv_strides, *kv_strides,
+                        _H, tq, d, offset, split_len, rows, 1.4426950408889634 / d ** 0.5)
+                label = (f"D={d}{'' if block_d == d else f'(pad {block_d})'} Tq={tq}{' start' if has_start else ''} "
+                         f"{block_m}x{block_n} w{warps} s{stages}")
+                cases.append(Case("_cached_attention_fwd_kernel", label, dtype_name,
+                                  cached._cached_attention_fwd_kernel, args,
+                                  dict(HAS_START=has_start, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                                       PRECISION="ieee" if dt == torch.float32 else "tf32", num_warps=warps,
+                                       num_stages=stages)))
+            splits = [cached.MAX_SPLITS] if quick else [1 << i for i in range(cached.MAX_SPLITS.bit_length())]
+            for block_s in splits:
+                n_splits = max(1, block_s - 1) if block_s > 2 else block_s
+                warps_c = cached.combine_warps(block_d)
+                cases.append(Case("_cached_attention_combine_kernel",
+                                  f"D={pow2} splits {n_splits} (block {block_s}) w{warps_c}", dtype_name,
+                                  cached._cached_attention_combine_kernel,
+                                  (f32, f32, f32, dt, n_splits, 4 * _H, pow2),
+                                  dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps_c)))
+    return cases
+
+
 def all_cases(quick: bool) -> Dict[int, List[Case]]:
-    """Cases per architecture. ``--quick`` compiles the LayerNorm / embedding / partial-sum
-    kernels for sm_90 only: they hold a few dozen registers and little shared memory anywhere."""
-    shared = layer_norm_cases(quick) + sum_partials_cases(quick) + embedding_cases(quick)
+    """Cases per architecture. ``--quick`` compiles the LayerNorm / embedding / partial-sum /
+    linear cross-entropy kernels for sm_90 only: they hold a few dozen registers and little
+    shared memory anywhere."""
+    shared = (layer_norm_cases(quick) + sum_partials_cases(quick) + embedding_cases(quick)
+              + linear_cross_entropy_cases(quick))
     archs = QUICK_ARCHS if quick else tuple(ARCHS)
-    return {cc: attention_cases(cc, quick) + (shared if not quick or cc == 90 else []) for cc in archs}
+    # Cached attention's tiles are fixed (no per-architecture table) but hold D-wide fp32
+    # accumulators like the training kernels: every architecture, --quick too.
+    return {cc: attention_cases(cc, quick) + cached_attention_cases(quick) + (shared if not quick or cc == 90 else [])
+            for cc in archs}
 
 
 # ---- report ---------------------------------------------------------------------------------

@@ -11,7 +11,9 @@
 # 2. targets: the benchmark cases issue 20's targets are stated for: attention head dims 64/128 at
 #    T = 1k..8k against SDPA flash/cuDNN (and the head dims SDPA refuses), LayerNorm widths
 #    8..4096, embedding add, the GPT-2 small training step against torch.compile, the bark
-#    presets eager vs CUDA graph; written as gpu-targets.{json,md,png};
+#    presets eager vs CUDA graph (the benchmark's captured step, and `barkgpt.train` itself
+#    with and without cuda_graph: steps/s of the whole loop and whether the losses agree,
+#    benchmarks/test_bench_train_modes.py); written as gpu-targets.{json,md,png};
 # 3. rest: every other benchmark case, as gpu-rest.{json,md,png}.
 # Each benchmark phase stops starting cases when its share of the budget is spent, and every
 # measurement is appended to gpu-records.jsonl the moment it is taken, so a run that is killed
@@ -141,10 +143,10 @@ fi
 # ---- selections (pytest -k over the benchmark ids) ----------------------------------------------
 ATTN_TARGETS="test_attention and ((xD64-causal or xD128-causal) and not xT256x and (barkgpt-triton or sdpa) and not sdpa-math and not sdpa-efficient or xD1-causal or xD4-causal)"
 TRAIN_TARGETS="test_training_step and (gpt2-auto or gpt2-torch or gpt2-compile or bark-tiny or bark-auto or bark-torch or bark-cudagraph)"
-TARGETS="test_bench_copy or test_bench_layer_norm or test_bench_embedding or ($ATTN_TARGETS) or ($TRAIN_TARGETS)"
+TARGETS="test_bench_copy or test_bench_layer_norm or test_bench_embedding or ($ATTN_TARGETS) or ($TRAIN_TARGETS) or test_train_modes"
 REST="not ($TARGETS)"
 if [ "$DRY" = 1 ]; then  # the CPU's shapes have other ids: a few cheap cases per phase
-    TARGETS="test_bench_copy or (test_layer_norm and fwd-eager) or (test_training_step and bark-tiny-torch)"
+    TARGETS="test_bench_copy or (test_layer_norm and fwd-eager) or (test_training_step and bark-tiny-torch) or (test_train_modes and bark-tiny)"
     REST="test_embedding_add and B64xT32xV9xC8-fwd-eager"
     GPU_TESTS=tests/test_gpu_readiness.py  # no gpu-marked test there: pytest's "nothing collected" (5)
 else

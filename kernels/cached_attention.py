@@ -121,6 +121,30 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Key tile, warps and pipeline depth of the split kernel per padded head dim, compiled for
+# sm_80/86/89/90 by benchmarks/compile_check.py (no spill, shared memory within 99 KB). fp32
+# "ieee" dots keep whole operand tiles in registers and its K/V tiles are twice as wide as 16-bit
+# ones: the 16-bit tiles with 3 stages need 140 KB at D=128 (over sm_86/89's 99 KB) and spill
+# 60 words on sm_90 (and 2 words at D=8, 24, 256 on some), so fp32 gets smaller tiles, mostly
+# with 2 stages; at D=256 only (16, 4 warps, 3 stages) compiles cleanly on all four. Checked
+# under triton 3.9 and 3.6 (the 64-key fp32 tile spills 2 words at D=8 on sm_80 and D=24 on
+# sm_90 under 3.6).
+_TILES_16BIT = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 8, 3), 256: (32, 8, 3)}
+_TILES_FP32 = {16: (32, 4, 2), 32: (32, 4, 2), 64: (64, 4, 2), 128: (32, 8, 2), 256: (16, 4, 3)}
+_INTERPRET_TILE = (16, 4, 1)  # the interpreter: small key tiles keep CPU tests fast
+
+
+def split_tiles(block_d: int, dtype: torch.dtype, interpret: bool = False):
+    """(BLOCK_N, num_warps, num_stages) of the split kernel for padded head dim ``block_d``."""
+    if interpret:
+        return _INTERPRET_TILE
+    return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
+
+
+def combine_warps(block_d: int) -> int:
+    return 1 if block_d <= 64 else 4
+
+
 def _num_splits(programs: int, keys: int, block_n: int, device: torch.device) -> int:
     """Enough key splits for about two programs per SM, each split at least one key tile."""
     want = triton.cdiv(2 * sm_count(device), max(programs, 1))
@@ -138,7 +162,7 @@ def cached_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, star
     keys = offset + Tq
     block_d = _cfg.padded_head_dim(D)
     block_m = 16  # tl.dot's minimum; a decode step uses one row of it
-    block_n = 16 if interpret_mode() else (64 if block_d <= 128 else 32)
+    block_n, warps, stages = split_tiles(block_d, q.dtype, interpret_mode())
     n_m = triton.cdiv(Tq, block_m)
     if num_splits is None:
         num_splits = _num_splits(B * H * n_m, keys, block_n, q.device)
@@ -157,12 +181,12 @@ def cached_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, star
             *q.stride(), *k.stride(), *v.stride(),
             H, Tq, D, offset, split_len, rows, LOG2E / math.sqrt(D),
             HAS_START=has_start, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            PRECISION=_precision(q.dtype), num_warps=4 if block_d <= 64 else 8,
+            PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
         )
         _cached_attention_combine_kernel[(rows,)](
             acc, m, lsum, out, num_splits, rows, D,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 4,
+            num_warps=combine_warps(block_d),
         )
     return out
 

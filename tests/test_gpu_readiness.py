@@ -60,8 +60,9 @@ def test_tiles_differ_per_architecture_where_the_table_says():
         assert kcfg.tile_config(kind, pad, 8192, dtype, False, arch=90) == kcfg._GPU_TABLE[(kind, pad, width)]
 
 
-@pytest.mark.parametrize("arch", [86])
-def test_arch_tiles_compute_the_right_thing(monkeypatch, arch):
+@pytest.mark.parametrize("arch, dtype, D, causal", [(86, torch.float16, 128, True),
+                                                    (86, torch.float32, 32, False)])  # the 2-warp fp32 dK/dV tile
+def test_arch_tiles_compute_the_right_thing(monkeypatch, arch, dtype, D, causal):
     """The per-architecture tiles, run in the interpreter, against the reference."""
     real = kcfg.tile_config
     used = []
@@ -72,16 +73,19 @@ def test_arch_tiles_compute_the_right_thing(monkeypatch, arch):
         return cfg
 
     monkeypatch.setattr(kcfg, "tile_config", lambda *a, arch=None: table(*a))
-    q, k, v, do = (torch.randn(1, 2, 150, 128, device=DEVICE, dtype=torch.float16) for _ in range(4))
+    q, k, v, do = (torch.randn(1, 2, 150, D, device=DEVICE, dtype=dtype) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = ops.attention(q, k, v, causal=True, backend="triton")
+    out = ops.attention(q, k, v, causal=causal, backend="triton")
     out.backward(do)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=causal)
     ref.backward(do.double())
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
     for got, want in ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
-        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
     assert len(used) == 3
+    if dtype == torch.float32 and D == 32:
+        assert kcfg.TileConfig(16, 32, 2, 1) in used  # sm_80/86/89's dK/dV tile that does not spill
 
 
 @pytest.mark.parametrize("causal", [True, False])

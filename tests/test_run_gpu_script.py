@@ -38,8 +38,12 @@ def test_dry_run_all_phases(tmp_path):
     # ...and every measurement was streamed as it was taken.
     lines = [json.loads(x) for x in (tmp_path / "gpu-records.jsonl").read_text().splitlines()]
     groups = {r["group"] for r in lines}
-    assert {"copy", "layer_norm", "training", "embedding_add"} <= groups, groups
+    assert {"copy", "layer_norm", "training", "embedding_add", "train_mode"} <= groups, groups
     assert all(r.get("median_s") or r.get("status") for r in lines)
+    # barkgpt.train itself, eager and with cuda_graph (refused without CUDA, and recorded so)
+    modes = {r["provider"]: r for r in lines if r["group"] == "train_mode"}
+    assert modes["eager"]["status"] == "ok" and modes["eager"]["steps_per_s"] > 0
+    assert modes["cuda-graph"]["status"].startswith("refused: cuda_graph (--cuda-graph) cannot run here")
     assert (tmp_path / "gpu-tests.log").exists()
 
 
