@@ -618,7 +618,7 @@ def _linear_cases():
     # rows 1..8 take the C++ few-row kernel (decode), more rows the GEMM; widths not multiples of
     # its 16 lanes, one-element products, and the model's layouts (rank 3, a strided view)
     sizes = [(1, 1, 1), (1, 7, 3), (1, 768, 40), (3, 17, 33), (8, 100, 65), (9, 16, 16),
-             (64, 32, 96), (33, 257, 19)]
+             (64, 32, 96), (33, 257, 19), (260, 256, 256)]  # the last one: oneDNN (>= 2^24)
     cases = [Case(f"rows{r}-k{k}-n{n}", _linear_case(r, k, n), heavy=r * k * n > 100000) for r, k, n in sizes]
     cases += [Case("nobias-rows5-k40-n24", _linear_case(5, 40, 24, bias=False)),
               Case("nobias-rows70-k40-n24", _linear_case(70, 40, 24, bias=False)),

@@ -212,9 +212,13 @@ void few_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, b
   });
 }
 
-// oneDNN only pays above a little work: below it, creating or finding its primitive costs more
-// than the product (measured with benchmarks/gemm_bench.py).
-constexpr int64_t kMinOneDnnWork = int64_t(1) << 19;
+// oneDNN only pays above some work. Alone, a product of the bark presets (2048 x 32 x 96) ran
+// faster through oneDNN (benchmarks/gemm_bench.py; below ~2^19 multiply-adds its ~10 us per call
+// lose), but the bark preset's whole training step was slower with them there (median step
+// 5.9 ms against 4.6 ms with this threshold and 4.9 ms before oneDNN, fresh processes, 5 rounds
+// interleaved, benchmarks/preset_steps.py): from 2^24 on (small, bark-article, gpt2, the fused
+// loss's chunks) it wins in the step as well.
+constexpr int64_t kMinOneDnnWork = int64_t(1) << 24;
 
 }  // namespace
 

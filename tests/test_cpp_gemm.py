@@ -38,8 +38,10 @@ def _operand(rows, cols, transposed, dtype=torch.float32, gen=None):
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype)
 
 
-# (m, k, n): below and above the size where oneDNN takes over, one-row (decode) and thin shapes
-SHAPES = [(1, 1, 1), (3, 5, 2), (7, 33, 5), (1, 768, 300), (64, 32, 9), (240, 96, 130), (33, 257, 64)]
+# (m, k, n): below and above the size where oneDNN takes over (2^24 multiply-adds: the last two),
+# one-row (decode) and thin shapes
+SHAPES = [(1, 1, 1), (3, 5, 2), (7, 33, 5), (1, 768, 300), (8, 100, 65), (64, 32, 9), (240, 96, 130),
+          (33, 257, 64), (256, 257, 256), (9, 2049, 1000)]
 
 
 @pytest.mark.parametrize("lib", LIBS)
@@ -108,7 +110,7 @@ def test_fused_loss_same_on_each_library(lib):
     repeatable (the chunking and the accumulation order do not depend on the library's threads)."""
     OPS.gemm_set_library(lib)
     g = torch.Generator().manual_seed(5)
-    N, C, V = 300, 48, 1000
+    N, C, V = 300, 64, 1000  # every product above oneDNN's threshold (2^24 multiply-adds)
     x = torch.randn(N, C, generator=g, dtype=torch.float64)
     w = torch.randn(V, C, generator=g, dtype=torch.float64) * 0.1
     t = torch.randint(0, V, (N,), generator=g)
