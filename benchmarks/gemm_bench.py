@@ -1,9 +1,11 @@
 """python benchmarks/gemm_bench.py [--threads N] [--reps R]
 
-Where barkgpt's C++ kernels send their fp32 matrix products (csrc/gemm.h): ATen (MKL's sgemm)
-or oneDNN, timed on the products the model and the fused loss make. Each line: the product,
-its shape, the median time per call of each library and oneDNN's speed-up. Same process,
-libraries interleaved per round. Time it on a quiet machine."""
+Where barkgpt's C++ kernels send their fp32 matrix products (csrc/gemm.h), timed on the products
+the model and the fused loss make: "aten" is BARKGPT_CPU_GEMM=aten (every product to ATen: MKL's
+sgemm), "barkgpt" the default routing (oneDNN from 2^24 multiply-adds, the few-row kernel for
+<= 8 rows against a transposed weight, ATen below; the "path" column says which). Each line: the
+product, the median time per call of each and the speed-up. Same process, interleaved per round.
+Time it on a quiet machine."""
 import argparse
 import statistics
 import time
@@ -45,9 +47,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     ops = torch.ops.barkgpt_cpp
-    libs = ["aten", "onednn"]
+    libs = ["aten", "auto"]
     print(f"torch {torch.__version__}, {a.threads} threads; auto picks {ops.gemm_set_library('auto')}")
-    print(f"{'product':42s} {'aten':>10s} {'onednn':>10s} {'speed-up':>9s}")
+    print(f"{'product':42s} {'aten':>10s} {'barkgpt':>10s} {'speed-up':>9s}  path")
     for name, m, k, n, at, bt, beta in SHAPES:
         x, w = operands(m, k, n, at, bt)
         out = torch.zeros(m, n)
@@ -65,8 +67,10 @@ def main(argv=None):
                     ops.gemm_out(out, x, w, beta)
                 times[lib].append((time.perf_counter() - t0) / calls)
         med = {lib: statistics.median(v) for lib, v in times.items()}
-        print(f"{name:42s} {med['aten'] * 1e6:8.0f}us {med['onednn'] * 1e6:8.0f}us "
-              f"{med['aten'] / med['onednn']:8.2f}x", flush=True)
+        # mirrors gemm_out's routing (csrc/gemm.cpp), for the reader of the table
+        path = ("few-row" if m <= 8 and bt else "oneDNN" if m * k * n >= 2 ** 24 else "ATen")
+        print(f"{name:42s} {med['aten'] * 1e6:8.0f}us {med['auto'] * 1e6:8.0f}us "
+              f"{med['aten'] / med['auto']:8.2f}x  {path}", flush=True)
     ops.gemm_set_library("auto")
 
 
