@@ -70,13 +70,18 @@ def _bthd_strided_grad(o, gen):
 
 # ---- layer_norm ------------------------------------------------------------------------------
 
-def check_layer_norm(x, weight, bias=None, eps=1e-5) -> None:
-    op = "layer_norm"
+def _check_x_weight_bias(op, x, weight, bias) -> None:
+    """Tensors, one device, floating x and weight (bias, when given, is checked by the op)."""
     tensor("x", x), tensor("weight", weight)
     if bias is not None:
         tensor("bias", bias)
     same_device(op, x=x, weight=weight, bias=bias)
     float_tensor(op, "x", x), float_tensor(op, "weight", weight)
+
+
+def check_layer_norm(x, weight, bias=None, eps=1e-5) -> None:
+    op = "layer_norm"
+    _check_x_weight_bias(op, x, weight, bias)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
     n = x.shape[-1]
@@ -573,11 +578,7 @@ EMBEDDING_ADD = declare_op(OpDecl(
 
 def check_linear(x, weight, bias=None) -> None:
     op = "linear"
-    tensor("x", x), tensor("weight", weight)
-    if bias is not None:
-        tensor("bias", bias)
-    same_device(op, x=x, weight=weight, bias=bias)
-    float_tensor(op, "x", x), float_tensor(op, "weight", weight)
+    _check_x_weight_bias(op, x, weight, bias)
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:

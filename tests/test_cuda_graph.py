@@ -257,35 +257,32 @@ def test_batch_of_another_shape_is_refused(tmp_path, fake, monkeypatch):
         barkgpt.train(out=str(tmp_path / "g"), cuda_graph=True, **_common(tmp_path))
 
 
-def test_out_of_range_token_id_is_refused_on_the_host(tmp_path, fake, monkeypatch):
+def _train_with_one_bad_value(tmp_path, monkeypatch, micro, part, where, value):
+    """barkgpt.train in graph mode with micro-batch ``micro``'s inputs (part 0) or targets (part 1)
+    holding ``value`` at ``where``."""
     real_draw = train_mod.draw_batches
 
     def bad(run, state):
         batches, counts, n_total = real_draw(run, state)
-        x, y = batches[0]
-        x = x.clone()
-        x[0, 0] = 256
-        return [(x, y)] + batches[1:], counts, n_total
+        pair = [t.clone() for t in batches[micro]]
+        pair[part][where] = value
+        batches = list(batches)
+        batches[micro] = tuple(pair)
+        return batches, counts, n_total
 
     monkeypatch.setattr(train_mod, "draw_batches", bad)
+    barkgpt.train(out=str(tmp_path / "g"), cuda_graph=True, **_common(tmp_path))
+
+
+def test_out_of_range_token_id_is_refused_on_the_host(tmp_path, fake, monkeypatch):
     with pytest.raises(IndexError, match="token id 256 is out of range for a vocabulary of 256"):
-        barkgpt.train(out=str(tmp_path / "g"), cuda_graph=True, **_common(tmp_path))
+        _train_with_one_bad_value(tmp_path, monkeypatch, 0, 0, (0, 0), 256)
 
 
 def test_out_of_range_target_is_refused_on_the_host(tmp_path, fake, monkeypatch):
     """Inside a graph the loss kernel would treat such a target as ignored: refused before."""
-    real_draw = train_mod.draw_batches
-
-    def bad(run, state):
-        batches, counts, n_total = real_draw(run, state)
-        x, y = batches[-1]
-        y = y.clone()
-        y[1, 2] = -7
-        return batches[:-1] + [(x, y)], counts, n_total
-
-    monkeypatch.setattr(train_mod, "draw_batches", bad)
     with pytest.raises(IndexError, match="target -7 is out of range for 256 classes"):
-        barkgpt.train(out=str(tmp_path / "g"), cuda_graph=True, **_common(tmp_path))
+        _train_with_one_bad_value(tmp_path, monkeypatch, -1, 1, (1, 2), -7)
 
 
 # ---- refusals ---------------------------------------------------------------------------------
