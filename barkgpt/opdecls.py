@@ -214,13 +214,17 @@ LAYER_NORM = declare_op(OpDecl(
 
 # ---- attention -------------------------------------------------------------------------------
 
-def check_attention(q, k, v, causal=True) -> None:
-    op = "attention"
+def _check_qkv_4d(op, q, k, v) -> None:
     for n, t in (("q", q), ("k", k), ("v", v)):
         tensor(n, t)
         float_tensor(op, n, t)
         if t.dim() != 4:
             raise ValueError(f"{op}: {n} must have shape (B, H, T, D), got {tuple(t.shape)}")
+
+
+def check_attention(q, k, v, causal=True) -> None:
+    op = "attention"
+    _check_qkv_4d(op, q, k, v)
     same_device(op, q=q, k=k, v=v)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -329,11 +333,7 @@ ATTENTION = declare_op(OpDecl(
 
 def check_cached_attention(q, k, v, start=None, offset=0) -> None:
     op = "cached_attention"
-    for n, t in (("q", q), ("k", k), ("v", v)):
-        tensor(n, t)
-        float_tensor(op, n, t)
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {n} must have shape (B, H, T, D), got {tuple(t.shape)}")
+    _check_qkv_4d(op, q, k, v)
     same_device(op, q=q, k=k, v=v, start=start)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

@@ -152,13 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     const int64_t r = std::min(R, N - r0);
     at::Tensor xc = x.narrow(0, r0, r).to(acc);
     at::Tensor zc = buf.narrow(0, 0, r);
-    if (C == 0) {
-      if (has_bias) zc.copy_(b.unsqueeze(0).expand({r, V}));
-      else zc.zero_();
-    } else {
-      if (has_bias) zc.copy_(b.unsqueeze(0).expand({r, V}));
-      gemm_out(zc, xc, Wt, has_bias ? 1.0 : 0.0);
-    }
+    if (has_bias) zc.copy_(b.unsqueeze(0).expand({r, V}));
+    gemm_out(zc, xc, Wt, has_bias ? 1.0 : 0.0);  // C == 0: zeros, or the bias
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_rows", [&] {
       scalar_t* zp = zc.mutable_data_ptr<scalar_t>();
       scalar_t* lp = row_loss.mutable_data_ptr<scalar_t>() + r0;

@@ -38,6 +38,14 @@ def _cpp():
     return importlib.import_module("barkgpt._cpp")
 
 
+def _device_for(backend):
+    """The device a backend's test runs on (loading the cpp backend, or skipping without it)."""
+    if backend == "cpp":
+        _cpp()
+        return "cpu"
+    return DEVICE
+
+
 def _tri():
     return importlib.import_module("barkgpt._triton")
 
@@ -135,9 +143,7 @@ def test_triton_fp16_forced_chunks():
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_repeated_backward_is_bitwise_equal(backend):
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
+    dev = _device_for(backend)
     x, w, b, t = _inputs(45, 16, 257, device=dev, ignore=0.1)
     g = torch.randn((), device=dev)
     call = _cpp_call(8) if backend == "cpp" else _tri_call(8)
@@ -151,9 +157,7 @@ def test_repeated_backward_is_bitwise_equal(backend):
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("bad", [9, 1000, -1, -101])
 def test_out_of_range_targets_raise(backend, bad):
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
+    dev = _device_for(backend)
     x, w, b, t = _inputs(6, 8, 9, device=dev)
     t[4] = bad
     with pytest.raises(IndexError, match=f"target {bad} is out of range for 9 classes"):
@@ -175,8 +179,7 @@ def test_out_of_range_target_raises_under_compile():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_bad_arguments_get_clear_errors(backend):
-    if backend == "cpp":
-        _cpp()
+    _device_for(backend)
     x, w, b, t = _inputs(6, 8, 9)
     lce = ops.linear_cross_entropy
     with pytest.raises(ValueError, match=r"weight must have shape \(V, 8\)"):
@@ -235,9 +238,7 @@ def test_unit_upstream_gradient_and_retain_graph(backend):
     # loss.backward() (upstream 1) hands the saved gradients on without a copy: accumulating
     # twice with retain_graph must still give exactly twice the gradient, and the first
     # backward's result must not change when the second runs.
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
+    dev = _device_for(backend)
     x, w, b, t = _inputs(30, 8, 257, device=dev, ignore=0.1)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     loss = ops.linear_cross_entropy(x, w, t, b, backend=backend)
@@ -257,8 +258,7 @@ def test_fwd_bwd_extra_memory_is_far_below_the_weight_size(backend):
     # Peak RSS growth of one warm fwd+bwd in a fresh process, minus the weight gradient: the
     # chunk buffer and dx only. Autograd's materialized zero gradients for the unused outputs
     # (dx, dweight, dbias) used to add a weight-sized tensor here.
-    if backend == "cpp":
-        _cpp()
+    _device_for(backend)
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     from helpers import run_python
@@ -300,10 +300,9 @@ def _opcheck_samples(device):
 def test_opcheck_declared_kernels(backend):
     from barkgpt import registry
 
-    if backend == "cpp":
-        _cpp()
+    dev = _device_for(backend)
     impl = registry.implementation("linear_cross_entropy", backend)
-    for args in _opcheck_samples("cpu" if backend == "cpp" else DEVICE):
+    for args in _opcheck_samples(dev):
         torch.library.opcheck(impl.forward, args)
         _, dx, dw, db = impl.forward(*args)
         torch.library.opcheck(impl.backward, (torch.randn(()), dx.detach(), dw.detach(), db.detach()))
@@ -321,9 +320,7 @@ def test_opcheck_cpp_options_kernel():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_torch_compile_fullgraph(backend):
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
+    dev = _device_for(backend)
     x, w, b, t = _inputs(21, 16, 257, device=dev, ignore=0.2)
 
     def fn(x, w, t, b, ignore_index, reduction):
@@ -421,8 +418,7 @@ def _model_grads(model, idx, tgt, **kw):
 @pytest.mark.parametrize("tie", [True, False])
 def test_model_fused_loss_equals_unfused(backend, tie):
     # float64 model: the fused and the plain path agree to rounding.
-    if backend == "cpp":
-        _cpp()
+    _device_for(backend)
     cfg = GPTConfig(vocab_size=300, n_embd=32, n_head=2, n_layer=2, block_size=16,
                     tie_embeddings=tie, dropout=0.0)
     model = BarkGPT(cfg, backend=backend).double()
@@ -443,9 +439,7 @@ def test_model_fused_loss_equals_unfused(backend, tie):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_model_fused_loss_equals_unfused_fp32(backend):
-    if backend == "cpp":
-        _cpp()
-    dev = "cpu" if backend == "cpp" else DEVICE
+    dev = _device_for(backend)
     cfg = GPTConfig(vocab_size=257, n_embd=32, n_head=2, n_layer=1, block_size=8, dropout=0.0)
     model = BarkGPT(cfg, backend=backend).to(dev)
     idx = torch.randint(0, 257, (2, 8), device=dev)

@@ -99,11 +99,20 @@ except KeyboardInterrupt:
 def test_ctrl_c_finishes_the_step_saves_and_resumes_bitwise(tmp_path, reference_run, dropout_config):
     # The first SIGINT is honoured at the step boundary it arrives at: a checkpoint there, and a
     # resume that ends exactly like the uninterrupted run.
+    _interrupt_then_resume(tmp_path, reference_run, CTRL_C_RUN, dropout_config, 130,
+                           ["stopping at the next step boundary", "interrupted: saved"])
+
+
+def _interrupt_then_resume(tmp_path, reference_run, script, config, returncode, messages):
+    """Run ``script`` (a run that signals itself mid-training), expect it to exit with
+    ``returncode`` saying ``messages`` with one checkpoint at step 10, resume it, and compare
+    with the uninterrupted run."""
     out = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, "-c", CTRL_C_RUN, dropout_config, out], env=ENV, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", script, config, out], env=ENV, capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 130, r.stderr
-    assert "stopping at the next step boundary" in r.stderr and "interrupted: saved" in r.stderr
+    assert r.returncode == returncode, r.stderr
+    for m in messages:
+        assert m in r.stderr, r.stderr
     assert [s for s, _ in list_checkpoints(out)] == [10]
     subprocess.run(TRAIN + ["--out", out, "--resume"], env=ENV, check=True, capture_output=True)
     _assert_same_run(out, reference_run)
@@ -462,15 +471,8 @@ SIGTERM_RUN = CTRL_C_RUN.replace("signal.SIGINT", "signal.SIGTERM").replace("exc
 
 def test_sigterm_finishes_the_step_saves_and_resumes_bitwise(tmp_path, reference_run, dropout_config):
     # 18.16: SIGTERM (timeout, Slurm, container stops) killed the run without saving
-    out = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, "-c", SIGTERM_RUN, dropout_config, out], env=ENV, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 143, r.stderr
-    assert "SIGTERM" in r.stderr and "stopping at the next step boundary" in r.stderr
-    assert "terminated (SIGTERM): saved" in r.stderr
-    assert [s for s, _ in list_checkpoints(out)] == [10]
-    subprocess.run(TRAIN + ["--out", out, "--resume"], env=ENV, check=True, capture_output=True)
-    _assert_same_run(out, reference_run)
+    _interrupt_then_resume(tmp_path, reference_run, SIGTERM_RUN, dropout_config, 143,
+                           ["SIGTERM", "stopping at the next step boundary", "terminated (SIGTERM): saved"])
 
 
 def test_sigterm_to_the_cli_saves_and_exits_non_zero(tmp_path):
