@@ -379,7 +379,11 @@ class BarkGPT(nn.Module):
         pass ``block_size`` the cache is rebuilt from the last ``block_size`` tokens at every
         step, which is what the uncached model sees. ``use_cache=False`` runs the whole window
         through the model for every token (non-causal models always do: a new token changes
-        every earlier position's output)."""
+        every earlier position's output).
+
+        On CPU with the cpp backend the weights of 2 MiB and more are moved once into memory
+        advised for huge pages (same values and Parameter objects;
+        ``barkgpt.ops.use_cpu_hugepages``, which ``BARKGPT_CPU_HUGEPAGES=0`` turns off)."""
         from .generate import sample_next
 
         if idx.dim() == 1:
@@ -390,6 +394,8 @@ class BarkGPT(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         B, T0 = idx.shape
         lengths = self._prompt_lengths(prompt_lengths, B, T0)
+        if self.token_emb.weight.device.type == "cpu" and self.resolved_backend() == "cpp":
+            ops.use_cpu_hugepages(self)  # each step streams every weight: 2 MiB pages stream faster
         was_training = self.training
         self.eval()
         try:

@@ -35,7 +35,8 @@ from ._checks import FLOAT_DTYPES
 from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
-           "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library"] + list(registry.OPS)
+           "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library",
+           "use_cpu_hugepages"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
 AUTO_NAMES = ("auto", "", None)
@@ -284,6 +285,34 @@ def cpu_gemm_library() -> Optional[str]:
     if "cpp" not in _loaded:
         return None
     return torch.ops.barkgpt_cpp.gemm_library()
+
+
+def use_cpu_hugepages(module: torch.nn.Module, min_bytes: int = 2 << 20) -> int:
+    """Move ``module``'s CPU floating-point parameters of at least ``min_bytes`` into memory
+    advised for transparent huge pages (csrc/outputs.cpp), in place: same values, same
+    ``Parameter`` objects (ties, optimizers and hooks keep working), only ``p.data`` changes.
+    A decode step streams every weight once; huge pages made that stream 10-25% faster on the
+    machine barkgpt is developed on. ``generate`` calls this on CPU with the cpp backend. Needs
+    the cpp backend's library (loads it). Returns the bytes moved (0 when there is nothing to
+    move, the cpp backend is unavailable, the system has no transparent huge pages, or
+    ``BARKGPT_CPU_HUGEPAGES=0``). Parameters already moved stay."""
+    if os.environ.get("BARKGPT_CPU_HUGEPAGES", "1").strip() == "0" or not _load("cpp"):
+        return 0
+    lib = torch.ops.barkgpt_cpp
+    if lib.hugepage_mode() in ("", "never"):
+        return 0
+    moved = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            t = p.data
+            if (t.device.type != "cpu" or not t.is_floating_point() or t.nbytes < min_bytes
+                    or not t.is_contiguous() or lib.is_hugepage_backed(t)):
+                continue
+            new = lib.hugepage_empty(list(t.shape), t.dtype)
+            new.copy_(t)
+            p.data = new
+            moved += t.nbytes
+    return moved
 
 
 def empty_cpu_cache() -> None:

@@ -56,6 +56,11 @@ std::string output_cache_env_problem();
 void output_cache_set_limit(int64_t bytes);
 int64_t output_stream_set_min_bytes(int64_t bytes);
 at::Tensor output_empty(at::IntArrayRef sizes);
+// Huge-page memory for long-lived tensors such as weights (outputs.cpp).
+std::string hugepage_mode();
+at::Tensor hugepage_empty(at::IntArrayRef sizes, at::ScalarType dtype);
+bool is_hugepage_backed(const at::Tensor& t);
+int64_t hugepage_bytes();
 
 // Which library fp32 products go to (gemm.cpp).
 std::string gemm_library();
@@ -117,6 +122,14 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   m.def("output_stream_set_min_bytes(int bytes) -> int", &barkgpt::output_stream_set_min_bytes);
   // For tests: an uninitialized fp32 tensor from the same source as the kernels' outputs.
   m.def("output_empty(int[] size) -> Tensor", &barkgpt::output_empty);
+  // Uninitialized CPU memory in 2 MiB-aligned blocks advised for transparent huge pages, for
+  // weights that decode streams (barkgpt.ops.use_cpu_hugepages); freed when the tensor dies.
+  m.def("hugepage_empty(int[] size, ScalarType dtype) -> Tensor", &barkgpt::hugepage_empty);
+  m.def("is_hugepage_backed(Tensor t) -> bool", &barkgpt::is_hugepage_backed);
+  // "always", "madvise", "never", or "" (unknown): the kernel's transparent huge page mode.
+  m.def("hugepage_mode() -> str", &barkgpt::hugepage_mode);
+  // Bytes mapped by hugepage_empty and not yet freed.
+  m.def("hugepage_bytes() -> int", &barkgpt::hugepage_bytes);
 }
 
 TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
