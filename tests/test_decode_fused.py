@@ -260,6 +260,14 @@ def test_the_op_alone_runs_and_writes_the_caches():
     assert out.data_ptr() != a["x"].data_ptr()
 
 
+@pytest.mark.parametrize("bias, norm_first, T", [(True, True, 1), (False, False, 3)])
+def test_opcheck(bias, norm_first, T):
+    # the schema (the caches mutated, nothing aliased), the fake kernel, the dispatcher
+    a = _args(bias=bias, T=T)
+    a.update(norm_first=norm_first, start=torch.tensor([1, 0]))
+    torch.library.opcheck(torch.ops.barkgpt_cpp.decode_layers.default, tuple(a.values()))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: a["weights"].pop(), "expected 24 weights"),
     (lambda a: a.update(bias=False), "expected 12 weights"),
