@@ -372,10 +372,10 @@ class BarkGPT(nn.Module):
         to differentiate, no dropout acting, not under torch.compile, and plain blocks (the
         classes of this file, no forward hooks). Collected at every call (a few us per layer):
         parameters replaced since the last step are always the ones used."""
-        if not self.fused_decode or os.environ.get("BARKGPT_FUSED_DECODE", "").strip().lower() in (
-                "0", "false", "no", "off"):
+        if torch.compiler.is_compiling() or not self.fused_decode or os.environ.get(
+                "BARKGPT_FUSED_DECODE", "").strip().lower() in ("0", "false", "no", "off"):
             return None
-        if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
                 or cache.k.dtype != x.dtype or cache.v.dtype != x.dtype or cache.k.device.type != "cpu"):
             return None
         if not ops.decode_layers_available(self.rt.backend, x.device, x.dtype):
@@ -383,7 +383,8 @@ class BarkGPT(nn.Module):
         glob = nn.modules.module
         if glob._global_forward_hooks or glob._global_forward_pre_hooks:
             return None
-        bias, training = self.config.bias, self.training
+        c = self.config
+        bias, training = c.bias, self.training
         weights = []
         for blk in self.layers._modules.values():
             if type(blk) is not Block:
@@ -403,11 +404,18 @@ class BarkGPT(nn.Module):
                     return None
             if training and any(d.p > 0 for d in drops):
                 return None
+            # the settings the op takes once for all blocks, as each block holds them
+            if (blk.norm_first != c.norm_first or attn.n_head != c.n_head or ff.activation != c.activation
+                    or norms[0].eps != c.layer_norm_eps or norms[1].eps != c.layer_norm_eps):
+                return None
             for mod in (norms[0], linears[0], linears[1], norms[1], linears[2], linears[3]):
                 p = mod._parameters
+                b = p.get("bias")
+                if (b is not None) != bias:  # a bias set or removed by hand
+                    return None
                 weights.append(p["weight"])
                 if bias:
-                    weights.append(p["bias"])
+                    weights.append(b)
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             return None
         return weights

@@ -189,6 +189,19 @@ def test_fallbacks_take_the_module_loop(calls, monkeypatch):
         assert calls["calls"] == 4
 
 
+def test_not_under_torch_compile(monkeypatch):
+    # torch.compile traces the module loop (its ops have fake kernels and formulas); asked while
+    # tracing, the model declines the fused op
+    m = _model()
+    cache = KVCache(m.config, 1, torch.float32, "cpu")
+    cache.length = 2
+    x = torch.randn(1, 1, m.config.n_embd)
+    with torch.no_grad():
+        assert m._fused_decode_weights(x, cache) is not None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert m._fused_decode_weights(x, cache) is None
+
+
 def test_forward_hooks_and_replaced_modules_take_the_module_loop(calls):
     m = _model()
     seen = []
@@ -200,6 +213,20 @@ def test_forward_hooks_and_replaced_modules_take_the_module_loop(calls):
     with torch.no_grad():
         _one_step(m)
     assert calls["calls"] == 1
+    # settings or biases changed by hand on one module: the loop, which honours them
+    for change, undo in [(lambda: setattr(m.layers[1].norm2, "eps", 1e-3), lambda: setattr(m.layers[1].norm2, "eps", 1e-5)),
+                         (lambda: setattr(m.layers[0].ff, "activation", "relu"),
+                          lambda: setattr(m.layers[0].ff, "activation", "gelu")),
+                         (lambda: setattr(m.layers[1].attn.proj, "bias", None), None)]:
+        change()
+        with torch.no_grad():
+            got = _one_step(m)
+            assert calls["calls"] == 1
+            m.fused_decode = False
+            assert torch.equal(got, _one_step(m))
+            m.fused_decode = True
+        if undo is not None:
+            undo()
     # a subclass may compute something else: not fused
     m.layers[0].ff.fc.__class__ = type("MyLinear", (type(m.layers[0].ff.fc),), {})
     with torch.no_grad():
