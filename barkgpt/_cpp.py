@@ -334,6 +334,17 @@ if not getattr(_ops, "_barkgpt_lce_fake", False):  # registrations live as long 
 _lce_kernel = _ops.linear_cross_entropy_fwd_ex.default
 
 
+# decode_layers (csrc/decode.cpp, barkgpt.ops.decode_layers): inference only, no autograd; its
+# output has x's shape and dtype (the caches are written in place, as the schema says).
+def _decode_layers_fake(x, weights, k_cache, v_cache, start, offset, n_head, bias, norm_first, activation, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+if not getattr(_ops, "_barkgpt_decode_fake", False):
+    torch.library.register_fake(f"{_NS}::decode_layers", _decode_layers_fake)
+    _ops._barkgpt_decode_fake = True
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
@@ -348,10 +349,76 @@ class BarkGPT(nn.Module):
             check_token_ids(idx, self.config.vocab_size)
             x = F.embedding(idx, self.token_emb.weight) + F.embedding(pos, self.pos_emb.weight)
         x = self.drop(x)  # (B, T, C)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i)
+        # The prompt without padding takes plain causal attention (SelfAttention): the module loop.
+        weights = None if off == 0 and cache.start is None else self._fused_decode_weights(x, cache)
+        if weights is not None:  # every block in one C++ call, bitwise the loop below
+            c = self.config
+            x = ops.decode_layers(x, weights, cache.k, cache.v, cache.start, off, c.n_head, c.bias,
+                                  c.norm_first, c.activation, c.layer_norm_eps)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cache, i)
         cache.length = off + T
         return self.head(self.ln_f(x[:, -1:]))[:, 0]  # (B, V): the head on the last position only
+
+    # Cached generation steps on the cpp backend run all blocks in one C++ call (ops.decode_layers,
+    # csrc/decode.cpp) instead of ~20 Python module calls and torch ops per block. False here (on
+    # the class or a model), or the environment variable BARKGPT_FUSED_DECODE=0, keeps the loop.
+    fused_decode: bool = True
+
+    def _fused_decode_weights(self, x: torch.Tensor, cache: KVCache) -> Optional[list]:
+        """The blocks' parameters in ops.decode_layers' order when it computes exactly what the
+        module loop would, else None: the cpp backend for the blocks' ops, no autocast, nothing
+        to differentiate, no dropout acting, not under torch.compile, and plain blocks (the
+        classes of this file, no forward hooks). Collected at every call (a few us per layer):
+        parameters replaced since the last step are always the ones used."""
+        if torch.compiler.is_compiling() or not self.fused_decode or os.environ.get(
+                "BARKGPT_FUSED_DECODE", "").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+                or cache.k.dtype != x.dtype or cache.v.dtype != x.dtype or cache.k.device.type != "cpu"):
+            return None
+        if not ops.decode_layers_available(self.rt.backend, x.device, x.dtype):
+            return None
+        glob = nn.modules.module
+        if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+            return None
+        c = self.config
+        bias, training = c.bias, self.training
+        weights = []
+        for blk in self.layers._modules.values():
+            if type(blk) is not Block:
+                return None
+            m = blk._modules
+            attn, ff = m["attn"], m["ff"]
+            am, fm = attn._modules, ff._modules
+            norms = (m["norm1"], m["norm2"])
+            linears = (am["qkv"], am["proj"], fm["fc"], fm["proj"])
+            drops = (am["resid_dropout"], fm["dropout"], fm["resid_dropout"])
+            if (type(attn) is not SelfAttention or type(ff) is not FeedForward
+                    or any(type(n) is not LayerNorm for n in norms) or any(type(lin) is not Linear for lin in linears)
+                    or any(type(d) is not nn.Dropout for d in drops)):
+                return None
+            for mod in (blk, attn, ff) + norms + linears + drops:
+                if mod._forward_hooks or mod._forward_pre_hooks:
+                    return None
+            if training and any(d.p > 0 for d in drops):
+                return None
+            # the settings the op takes once for all blocks, as each block holds them
+            if (blk.norm_first != c.norm_first or attn.n_head != c.n_head or ff.activation != c.activation
+                    or norms[0].eps != c.layer_norm_eps or norms[1].eps != c.layer_norm_eps):
+                return None
+            for mod in (norms[0], linears[0], linears[1], norms[1], linears[2], linears[3]):
+                p = mod._parameters
+                b = p.get("bias")
+                if (b is not None) != bias:  # a bias set or removed by hand
+                    return None
+                weights.append(p["weight"])
+                if bias:
+                    weights.append(b)
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return None
+        return weights
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,

@@ -36,7 +36,7 @@ from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
            "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library",
-           "use_cpu_hugepages"] + list(registry.OPS)
+           "use_cpu_hugepages", "decode_layers", "decode_layers_available"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
 AUTO_NAMES = ("auto", "", None)
@@ -322,3 +322,40 @@ def empty_cpu_cache() -> None:
         torch.ops.barkgpt_cpp.output_cache_release()
 
 
+# ---- the cpp backend's fused decode step (csrc/decode.cpp) ----------------------------------------
+# Not a declared op: inference only, no autograd, no reference of its own. Its reference is the
+# model's module loop, which it equals bitwise (tests/test_decode_fused.py). BarkGPT.forward_cached
+# uses it where that loop would run layer_norm, linear and cached_attention on the cpp backend.
+_DECODE_OPS = ("layer_norm", "linear", "cached_attention")
+
+
+def decode_layers_available(backend: Optional[str], device, dtype: torch.dtype) -> bool:
+    """Whether ``decode_layers`` can stand in for the blocks' ops: the cpp backend is loaded and is
+    what layer_norm, linear and cached_attention resolve to for ``backend`` (a name or None: auto)
+    on ``device`` with inputs of ``dtype``. False where resolving raises (the module loop then
+    raises the same error)."""
+    if _device_type(device) != "cpu":
+        return False
+    try:
+        impls = [_implementation(op, backend, "cpu", (dtype,)) for op in _DECODE_OPS]
+    except (BackendUnavailable, TypeError, ValueError):
+        return False
+    return "cpp" in _loaded and all(impl.backend == "cpp" for impl in impls)
+
+
+def decode_layers(x: torch.Tensor, weights: Sequence[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  start: Optional[torch.Tensor], offset: int, n_head: int, bias: bool, norm_first: bool,
+                  activation: str, eps: float) -> torch.Tensor:
+    """Every block of a cached generation step in one C++ call (cpp backend, CPU, inference only).
+
+    ``x`` (B, T, C): the step's embedded tokens at positions ``offset ..``; ``weights``: each
+    layer's norm1, attn.qkv, attn.proj, norm2, ff.fc, ff.proj weights in that order, each followed
+    by its bias when ``bias`` (12 per layer with biases, 6 without); ``k_cache``/``v_cache``
+    (n_layer, B, n_head, S, head_dim) receive the step's keys and values in place; ``start`` (B,)
+    or None: each row's first real position (left padding). Returns the hidden states (B, T, C)
+    before ln_f, bitwise what the blocks' forward gives in eval mode on the cpp backend. Bad
+    shapes, counts or dtypes raise RuntimeError."""
+    if "cpp" not in _loaded and not _load("cpp"):
+        raise BackendUnavailable(f"decode_layers needs the cpp backend, which failed to load ({_load_errors['cpp']})")
+    return torch.ops.barkgpt_cpp.decode_layers(x, list(weights), k_cache, v_cache, start, int(offset), int(n_head),
+                                               bool(bias), bool(norm_first), activation, float(eps))

@@ -49,6 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
                                                               const at::Tensor& weight,
                                                               const std::optional<at::Tensor>& bias);
 
+// Every block of a cached generation step in one call (decode.cpp).
+at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const std::optional<at::Tensor>& start, int64_t offset,
+                             int64_t n_head, bool bias, bool norm_first, c10::string_view activation, double eps);
+
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
 void output_cache_release();
@@ -103,6 +108,11 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
         "int ignore_index, str reduction, bool compute_grad, int chunk_rows) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Inference only: all n_layer blocks of a cached generation step (csrc/decode.cpp documents the
+  // order of weights); writes the step's keys/values into the caches, returns the hidden states
+  // before ln_f.
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? start, "
+        "int offset, int n_head, bool bias, bool norm_first, str activation, float eps) -> Tensor");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter
@@ -141,6 +151,7 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("attention_fwd", &barkgpt::attention_fwd_cpu);
   m.impl("attention_bwd", &barkgpt::attention_bwd_cpu);
   m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
+  m.impl("decode_layers", &barkgpt::decode_layers_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);
