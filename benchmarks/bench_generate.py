@@ -13,7 +13,11 @@ batch (B * new tokens) over the whole generate call (prefill included). Before t
 step's logits of all three are compared (same weights) and the greedy tokens of the cached and
 uncached paths and of transformers are compared; the agreement is reported (random weights give
 near-flat distributions, where a 1e-6 difference may flip a near tie late in a sequence).
-Writes generate-<device>-<size>.{json,md} into --out. Runs under pytest too
+On CPU each row also gives the rate at which a cached decode streams the weights (their bytes
+times the new tokens over the call's time: a batch-1 step reads every weight once) and, next to
+it, the machine's memory read rate measured in the same process just before (the sum of a 512 MiB
+tensor, best of 5). The cached path's speed follows that rate; on a shared VM it moved by 30%
+between processes. Writes generate-<device>-<size>.{json,md} into --out. Runs under pytest too
 (benchmarks/test_bench_generate.py).
 """
 
@@ -95,6 +99,17 @@ def _median_time(fn, reps: int, device: str) -> float:
     return statistics.median(times)
 
 
+def memory_read_gbs(mib: int = 512, reps: int = 5) -> float:
+    """GB/s of summing a ``mib`` MiB fp32 CPU tensor with torch's threads: best of ``reps``."""
+    x = torch.ones(mib << 18)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def run(size: str = "small", device: str = "cpu", batches=(1, 8), reps=None, uncached_batches=None) -> Dict[str, Any]:
     p = SIZES[size]
     reps = reps or p["reps"]
@@ -133,8 +148,13 @@ def run(size: str = "small", device: str = "cpu", batches=(1, 8), reps=None, unc
 
         toks_c = cached()
         row: Dict[str, Any] = {"batch": B}
+        if not device.startswith("cuda"):
+            row["memory_read_gbs"] = memory_read_gbs()
         t_c = _median_time(cached, reps, device)
         row.update(cached_tok_s=B * n / t_c)
+        if not device.startswith("cuda"):
+            weight_bytes = sum(p.numel() * p.element_size() for p in bark.parameters())
+            row["cached_weight_gbs"] = weight_bytes * n / t_c / 1e9
         if hf is not None:
             toks_h = transformers_generate()
             t_h = _median_time(transformers_generate, reps, device)
@@ -161,7 +181,8 @@ def write(result: Dict[str, Any], folder: str) -> str:
              f"{result['device']}, torch {result['torch']}, transformers {result.get('transformers', '?')}, "
              f"{result['threads']} threads, barkgpt backend {result['backend']}", "",
              "| batch | cached tok/s | transformers tok/s | x transformers (>= 1.5) | uncached tok/s | x uncached (>= 10) "
-             "| tokens = transformers | tokens = uncached |", "|---|---|---|---|---|---|---|---|"]
+             "| tokens = transformers | tokens = uncached | weights GB/s (memory read GB/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     def f(r, key, fmt):
         return "-" if key not in r else fmt % r[key]
 
@@ -169,7 +190,8 @@ def write(result: Dict[str, Any], folder: str) -> str:
         lines.append(f"| {r['batch']} | {r['cached_tok_s']:.1f} | {f(r, 'transformers_tok_s', '%.1f')} | "
                      f"{f(r, 'vs_transformers', '%.2f')} | {f(r, 'uncached_tok_s', '%.2f')} | "
                      f"{f(r, 'vs_uncached', '%.1f')} | {f(r, 'tokens_equal_transformers', '%.3f')} | "
-                     f"{f(r, 'tokens_equal_uncached', '%.3f')} |")
+                     f"{f(r, 'tokens_equal_uncached', '%.3f')} | {f(r, 'cached_weight_gbs', '%.1f')} "
+                     f"({f(r, 'memory_read_gbs', '%.1f')}) |")
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return base
