@@ -101,7 +101,9 @@ class SelfAttention(nn.Module):
             if off == 0 and cache.start is None:  # a prompt with no padding: plain causal attention
                 y = ops.attention(q, k, v, causal=True, backend=self.rt.backend)
             else:
-                y = ops.cached_attention(q, kc, vc, cache.start, off, backend=self.rt.backend)
+                # Under autocast q comes out of the projection in the autocast dtype while the cache
+                # keeps the model's (the copies above cast k and v into it): q follows the cache.
+                y = ops.cached_attention(q.to(kc.dtype), kc, vc, cache.start, off, backend=self.rt.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 

@@ -58,6 +58,27 @@ def test_cached_logits_equal_the_uncached_model_on_the_same_window(norm_first):
         lengths += 1
 
 
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "triton"])
+def test_generate_under_cpu_autocast(backend):
+    # An fp32 model under bf16 autocast: the projections give bf16 q, k, v while the cache keeps
+    # fp32 (this raised "q, k, v must share a dtype" in the cached steps). Each step's logits
+    # must be the uncached model's on the same tokens, to bf16 accuracy.
+    m = _model(backend, block_size=16)
+    idx = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([4, 2])  # row 1 is left-padded: every step attends against the cache
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(idx, 8, greedy=True, prompt_lengths=lengths)
+        assert out.shape == (2, 12) and torch.equal(out, m.generate(idx, 8, greedy=True, prompt_lengths=lengths))
+        step = m._cached_logits(2, lengths.clone())
+        nxt = None
+        for i in range(8):
+            got = step(out[:, :4 + i], nxt).float()
+            want = torch.cat([m(out[b:b + 1, 4 - int(L):4 + i])[:, -1] for b, L in enumerate(lengths)]).float()
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=0.05, atol=0.1 * float(want.abs().max()))
+            nxt = out[:, 4 + i]
+
+
 def test_one_prefill_then_one_token_per_step_and_one_cache():
     m = _model("torch", block_size=16)
     widths, caches = [], []
