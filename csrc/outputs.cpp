@@ -129,20 +129,29 @@ struct Block {
   std::multimap<size_t, Block*>::iterator by_size;
 };
 
-class OutputCache final : public c10::Allocator {
+// A c10::Allocator whose allocate(n) is Derived::take(n) (allocate's signature changed in torch 2.3).
+template <typename Derived>
+class TakeAllocator : public c10::Allocator {
  public:
-  OutputCache() : cap_(default_cap()) {}
-
-  bool enabled() const { return cap_.load(std::memory_order_relaxed) > 0; }
-
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
-  c10::DataPtr allocate(size_t n) override { return take(n); }
+  c10::DataPtr allocate(size_t n) override { return static_cast<Derived*>(this)->take(n); }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 #else
-  c10::DataPtr allocate(size_t n) const override { return const_cast<OutputCache*>(this)->take(n); }
+  c10::DataPtr allocate(size_t n) const override {
+    return const_cast<Derived*>(static_cast<const Derived*>(this))->take(n);
+  }
 #endif
+};
+
+class OutputCache final : public TakeAllocator<OutputCache> {
+  friend class TakeAllocator<OutputCache>;
+
+ public:
+  OutputCache() : cap_(default_cap()) {}
+
+  bool enabled() const { return cap_.load(std::memory_order_relaxed) > 0; }
 
   // A freed output's block joins the idle set; the oldest idle blocks are unmapped to keep the
   // set within the cap (a block larger than the cap by itself is unmapped at once).
@@ -306,17 +315,10 @@ const bool g_fork_handlers_registered =
 void OutputCache::delete_ptr(void* ptr) { cache().give_back(ptr); }
 
 // Memory for long-lived tensors, each block its own mapping advised for huge pages (see the top).
-class HugePageAllocator final : public c10::Allocator {
- public:
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
-  c10::DataPtr allocate(size_t n) override { return take(n); }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-#else
-  c10::DataPtr allocate(size_t n) const override { return const_cast<HugePageAllocator*>(this)->take(n); }
-#endif
+class HugePageAllocator final : public TakeAllocator<HugePageAllocator> {
+  friend class TakeAllocator<HugePageAllocator>;
 
+ public:
   static void delete_ptr(void* ptr);
 
   void give_back(void* ptr) {
