@@ -345,6 +345,16 @@ if not getattr(_ops, "_barkgpt_decode_fake", False):
     _ops._barkgpt_decode_fake = True
 
 
+# head_screen (csrc/head_screen.cpp, barkgpt.ops.head_topk_logits): inference only, (B, V) fp32.
+def _head_screen_fake(x, w16):
+    return x.new_empty((x.shape[0], w16.shape[0]))
+
+
+if not getattr(_ops, "_barkgpt_head_screen_fake", False):
+    torch.library.register_fake(f"{_NS}::head_screen", _head_screen_fake)
+    _ops._barkgpt_head_screen_fake = True
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:

@@ -54,6 +54,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const 
                              const at::Tensor& v_cache, const std::optional<at::Tensor>& start, int64_t offset,
                              int64_t n_head, bool bias, bool norm_first, c10::string_view activation, double eps);
 
+// Approximate head logits x @ w16^T from an fp16 copy of the head (head_screen.cpp).
+at::Tensor head_screen_cpu(const at::Tensor& x, const at::Tensor& w16);
+
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
 void output_cache_release();
@@ -113,6 +116,9 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // before ln_f.
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? start, "
         "int offset, int n_head, bool bias, bool norm_first, str activation, float eps) -> Tensor");
+  // Inference only: x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T -> (B, V) fp32, the screen of
+  // barkgpt.ops.head_topk_logits (csrc/head_screen.cpp).
+  m.def("head_screen(Tensor x, Tensor w16) -> Tensor");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter
@@ -152,6 +158,7 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("attention_bwd", &barkgpt::attention_bwd_cpu);
   m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
   m.impl("decode_layers", &barkgpt::decode_layers_cpu);
+  m.impl("head_screen", &barkgpt::head_screen_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);

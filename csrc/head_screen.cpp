@@ -1,0 +1,119 @@
+// The screen of the output head for greedy / top-k decoding (barkgpt.ops.head_topk_logits).
+//
+// out (B, V) fp32 = x (B, C) fp32 @ w16^T, w16 (V, C) fp16: approximate logits from a half-size
+// copy of the head. A decode step is memory-bound and the head is its largest weight (GPT-2:
+// 50257 x 768 fp32 = 154 MB of the 494 MB a step streams); in fp16 it streams half the bytes.
+// The caller bounds |exact - approximate| per row (barkgpt/ops.py derives the bound) and
+// recomputes exactly only the rows that can reach the top k.
+//
+// Like the few-row fp32 kernel (gemm.cpp): each output is one dot product in 16 fixed lanes over
+// C (lane l takes c = l, l + 16, ...), then a tree of 4 adds; threads split V; R rows of w16
+// share each load of x. Deterministic, and every term goes through at most ceil(C/16) + 4
+// roundings (the bound in ops.py assumes at most C + 5). fp16 -> fp32 is exact.
+#include "common.h"
+
+#include <c10/util/Exception.h>
+
+namespace barkgpt {
+namespace {
+
+template <int M, int R>
+void screen_tile(const float* x, int64_t ldx, const c10::Half* w, int64_t ldw, float* out, int64_t ldo, int64_t K,
+                 int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+  __m512 acc[R][M];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  auto step = [&](int64_t i, __mmask16 mask) {
+    __m512 wv[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(w + (n + r) * ldw + i)));
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + i);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) step(i, __mmask16(0xFFFF));
+  if (i < K) step(i, __mmask16((1u << (K - i)) - 1u));
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) out[m * ldo + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+#else
+  constexpr int L = 16;
+  float acc[R][M][L] = {};
+  int64_t i = 0;
+  for (; i + L <= K; i += L) {
+    for (int r = 0; r < R; ++r) {
+      float wf[L];
+      const c10::Half* wr = w + (n + r) * ldw + i;
+      for (int l = 0; l < L; ++l) wf[l] = static_cast<float>(wr[l]);
+      for (int m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx + i;
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[r][m][l] += xr[l] * wf[l];
+      }
+    }
+  }
+  for (int l = 0; i + l < K; ++l)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        acc[r][m][l] += x[m * ldx + i + l] * static_cast<float>(w[(n + r) * ldw + i + l]);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      fold_lanes<L / 2>(acc[r][m]);
+      out[m * ldo + n + r] = acc[r][m][0];
+    }
+#endif
+}
+
+template <int M>
+void screen_rows(const float* x, int64_t ldx, const c10::Half* w, int64_t ldw, float* out, int64_t ldo, int64_t K,
+                 int64_t n0, int64_t n1) {
+  constexpr int R = M <= 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) screen_tile<M, R>(x, ldx, w, ldw, out, ldo, K, n);
+  for (; n < n1; ++n) screen_tile<M, 1>(x, ldx, w, ldw, out, ldo, K, n);
+}
+
+}  // namespace
+
+at::Tensor head_screen_cpu(const at::Tensor& x, const at::Tensor& w16) {
+  TORCH_CHECK(x.dim() == 2 && w16.dim() == 2 && x.size(1) == w16.size(1),
+              "head_screen: x must be (B, C) and w16 (V, C), got ", x.sizes(), " and ", w16.sizes());
+  TORCH_CHECK(x.device().is_cpu() && w16.device().is_cpu(), "head_screen: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w16.scalar_type() == at::kHalf,
+              "head_screen: x must be float32 and w16 float16, got ", x.scalar_type(), " and ",
+              w16.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = w16.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "head_screen: 1 to 8 rows of x, got ", M);
+  TORCH_CHECK(x.stride(1) == 1 && w16.stride(1) == 1, "head_screen: x and w16 need contiguous rows");
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (N == 0) return out;
+  if (K == 0) return out.zero_();
+  const float* xp = x.const_data_ptr<float>();
+  const c10::Half* wp = w16.const_data_ptr<c10::Half>();
+  float* o = out.mutable_data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldw = w16.stride(0), ldo = out.stride(0);
+  // about 64 KiB of w16 per task
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+#define BARKGPT_SCREEN(m) \
+  case m: screen_rows<m>(xp, ldx, wp, ldw, o, ldo, K, n0, n1); break;
+      BARKGPT_SCREEN(1) BARKGPT_SCREEN(2) BARKGPT_SCREEN(3) BARKGPT_SCREEN(4)
+      BARKGPT_SCREEN(5) BARKGPT_SCREEN(6) BARKGPT_SCREEN(7) BARKGPT_SCREEN(8)
+#undef BARKGPT_SCREEN
+      default: break;
+    }
+  });
+  return out;
+}
+
+}  // namespace barkgpt
