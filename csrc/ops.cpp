@@ -73,6 +73,7 @@ int64_t hugepage_bytes();
 // Which library fp32 products go to (gemm.cpp).
 std::string gemm_library();
 std::string gemm_set_library(c10::string_view choice);
+bool gemm_few_rows();
 void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta);
 void gemm_out_op(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
   gemm_out(out, a, b, beta);
@@ -125,6 +126,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // takes "auto", "onednn" or "aten" and returns the library now in use.
   m.def("gemm_library() -> str", &barkgpt::gemm_library);
   m.def("gemm_set_library(str choice) -> str", &barkgpt::gemm_set_library);
+  // Whether products of <= 8 fp32 rows go to the few-row kernel (false after "aten").
+  m.def("gemm_few_rows() -> bool", &barkgpt::gemm_few_rows);
   // out = beta * out + a @ b through that library (for tests and benchmarks/gemm_bench.py).
   m.def("gemm_out(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
   // [idle bytes, idle blocks, reuses, new mappings, limit bytes, bytes in live outputs]
