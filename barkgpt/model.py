@@ -157,6 +157,10 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
         self.start: Optional[torch.Tensor] = None
+        # Set by generate when its draws need only each row's head_top_k largest logits (1:
+        # greedy): forward_cached may then return logits exact at a superset of those and -inf
+        # elsewhere (ops.head_topk_logits). None: the full logits.
+        self.head_top_k: Optional[int] = None
 
     @property
     def capacity(self) -> int:
@@ -359,7 +363,53 @@ class BarkGPT(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, cache, i)
         cache.length = off + T
-        return self.head(self.ln_f(x[:, -1:]))[:, 0]  # (B, V): the head on the last position only
+        h = self.ln_f(x[:, -1:])  # (B, 1, C): the head runs on the last position only
+        k = cache.head_top_k
+        if k is not None and self._screens_head(h):
+            return ops.head_topk_logits(h[:, 0], self.head.weight, k, self.head_screen_cache(),
+                                        backend=self.rt.backend)  # (B, V), -inf outside the top-k candidates
+        return self.head(h)[:, 0]  # (B, V)
+
+    # Greedy and top-k generation on the cpp backend screen the vocabulary with a half-size fp16
+    # copy of the head and recompute exactly only the rows that can be among the top k
+    # (ops.head_topk_logits): the tokens are those of the full head, bitwise, and a decode step
+    # streams half the head's bytes. False here (on the class or a model), or the environment
+    # variable BARKGPT_HEAD_SCREEN=0, keeps the full head. Vocabularies below
+    # head_screen_min_vocab or 8 * n_embd keep it too (a small head costs little to stream).
+    head_screen: bool = True
+    head_screen_min_vocab: int = 4096
+
+    def head_screen_cache(self) -> "ops.HeadScreen":
+        """The fp16 copy of the head used by greedy / top-k generation (created empty on first use,
+        filled on the first screened step, rebuilt whenever the head weight changes; never in the
+        state_dict). Its ``nbytes`` is the memory it holds; ``clear()`` frees it."""
+        screen = self.__dict__.get("_head_screen")
+        if screen is None:
+            screen = ops.HeadScreen()
+            self.__dict__["_head_screen"] = screen
+        return screen
+
+    def _screens_head(self, h: torch.Tensor) -> bool:
+        """Whether the head of this cached step may be screened (ops.head_topk_logits): switched
+        on, a plain bias-free head with no hooks, a vocabulary large enough to pay, fp32 on CPU
+        with linear on the cpp backend's few-row kernel, no autocast, nothing to differentiate,
+        not under torch.compile."""
+        if torch.compiler.is_compiling() or not self.head_screen or os.environ.get(
+                "BARKGPT_HEAD_SCREEN", "").strip().lower() in ("0", "false", "no", "off"):
+            return False
+        head = self.head
+        V, C = head.weight.shape
+        if (type(head) is not Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks
+                or V < self.head_screen_min_vocab or V < 8 * C):
+            return False
+        glob = nn.modules.module
+        if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+            return False
+        if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            return False
+        return ops.head_topk_available(self.rt.backend, h.device, h.dtype)
 
     # Cached generation steps on the cpp backend run all blocks in one C++ call (ops.decode_layers,
     # csrc/decode.cpp) instead of ~20 Python module calls and torch ops per block. False here (on
@@ -467,7 +517,11 @@ class BarkGPT(nn.Module):
         self.eval()
         try:
             if use_cache and self.config.causal:
-                next_logits = self._cached_logits(B, lengths)
+                # the draws need only each row's k largest logits: the head may be screened
+                V = self.config.vocab_size
+                head_k = 1 if greedy or temperature == 0 else (
+                    top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and 0 < top_k < V else None)
+                next_logits = self._cached_logits(B, lengths, head_k)
             else:
                 next_logits = self._uncached_logits(lengths)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -517,9 +571,10 @@ class BarkGPT(nn.Module):
 
         return next_logits
 
-    def _cached_logits(self, B: int, lengths: torch.Tensor):
+    def _cached_logits(self, B: int, lengths: torch.Tensor, head_top_k: Optional[int] = None):
         w = self.token_emb.weight
         cache = KVCache(self.config, B, w.dtype, w.device)
+        cache.head_top_k = head_top_k
         bs = self.config.block_size
 
         def prefill(idx):

@@ -37,7 +37,7 @@ from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
            "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library",
            "use_cpu_hugepages", "decode_layers", "decode_layers_available", "HeadScreen",
-           "head_topk_logits"] + list(registry.OPS)
+           "head_topk_logits", "head_topk_available"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
 AUTO_NAMES = ("auto", "", None)
@@ -483,6 +483,16 @@ def _few_row_head(backend: Optional[str]) -> bool:
     except (BackendUnavailable, TypeError, ValueError):
         return False
     return impl.backend == "cpp" and "cpp" in _loaded and bool(torch.ops.barkgpt_cpp.gemm_few_rows())
+
+
+def head_topk_available(backend: Optional[str], device, dtype: torch.dtype) -> bool:
+    """Whether :func:`head_topk_logits` can screen inputs of ``dtype`` on ``device`` for a head
+    whose linear() resolves with ``backend`` (a name or None: auto): fp32 on CPU with linear on the
+    cpp backend's few-row kernel. Loads the cpp backend."""
+    if _device_type(device) != "cpu" or dtype != torch.float32:
+        return False
+    _load("cpp")
+    return _few_row_head(backend)
 
 
 # A row with more candidates than V / this takes the full head for the call (a flat or
