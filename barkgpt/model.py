@@ -159,8 +159,10 @@ class KVCache:
         self.start: Optional[torch.Tensor] = None
         # Set by generate when its draws need only each row's head_top_k largest logits (1:
         # greedy): forward_cached may then return logits exact at a superset of those and -inf
-        # elsewhere (ops.head_topk_logits). None: the full logits.
+        # elsewhere (ops.head_topk_logits, with the fp16 copy of the head in head_screen). None:
+        # the full logits.
         self.head_top_k: Optional[int] = None
+        self.head_screen: Optional[ops.HeadScreen] = None
 
     @property
     def capacity(self) -> int:
@@ -366,7 +368,9 @@ class BarkGPT(nn.Module):
         h = self.ln_f(x[:, -1:])  # (B, 1, C): the head runs on the last position only
         k = cache.head_top_k
         if k is not None and self._screens_head(h):
-            return ops.head_topk_logits(h[:, 0], self.head.weight, k, self.head_screen_cache(),
+            if cache.head_screen is None:
+                cache.head_screen = ops.HeadScreen()
+            return ops.head_topk_logits(h[:, 0], self.head.weight, k, cache.head_screen,
                                         backend=self.rt.backend)  # (B, V), -inf outside the top-k candidates
         return self.head(h)[:, 0]  # (B, V)
 
@@ -376,18 +380,11 @@ class BarkGPT(nn.Module):
     # streams half the head's bytes. False here (on the class or a model), or the environment
     # variable BARKGPT_HEAD_SCREEN=0, keeps the full head. Vocabularies below
     # head_screen_min_vocab or 8 * n_embd keep it too (a small head costs little to stream).
+    # The copy belongs to one generate call (its KVCache): made at the first screened step, freed
+    # when generate returns. Kept across calls, it would have to notice every change of the
+    # weights, and fused optimizer steps do not bump the version counter it could key on.
     head_screen: bool = True
     head_screen_min_vocab: int = 4096
-
-    def head_screen_cache(self) -> "ops.HeadScreen":
-        """The fp16 copy of the head used by greedy / top-k generation (created empty on first use,
-        filled on the first screened step, rebuilt whenever the head weight changes; never in the
-        state_dict). Its ``nbytes`` is the memory it holds; ``clear()`` frees it."""
-        screen = self.__dict__.get("_head_screen")
-        if screen is None:
-            screen = ops.HeadScreen()
-            self.__dict__["_head_screen"] = screen
-        return screen
 
     def _screens_head(self, h: torch.Tensor) -> bool:
         """Whether the head of this cached step may be screened (ops.head_topk_logits): switched

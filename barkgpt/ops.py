@@ -405,8 +405,9 @@ class HeadScreen:
     :func:`head_topk_logits`. A cache, not model state: never in a state_dict or a checkpoint
     (pickling or copying it keeps none of its tensors). Rebuilt whenever the weight it was built
     from changes: another tensor, or the same tensor modified in place (an optimizer step,
-    ``load_state_dict``), as seen by its version counter. Writes through ``weight.data`` bypass
-    that counter: call :meth:`clear` after them.
+    ``load_state_dict``), as seen by its version counter. Writes through ``weight.data`` and
+    fused optimizer steps (torch's ``fused=True`` AdamW leaves the counter unchanged) bypass it:
+    call :meth:`clear` after them. ``BarkGPT.generate`` uses a new one for every call.
 
     ``stats``: calls, calls ``screened``, calls that took the ``full`` head, ``candidates`` summed
     over screened calls (rows recomputed exactly), and ``builds`` of the copy."""
@@ -450,19 +451,17 @@ class HeadScreen:
         w = weight.detach()
         V, C = w.shape
         n = C + 5
-        if n * 2.0 ** -24 >= 0.5 or not bool(torch.isfinite(w).all()):
-            self._key = key
+        self._key = key
+        if n * 2.0 ** -24 >= 0.5:
             return False
         g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
-        w16 = w.to(torch.float16).contiguous()
-        factor = torch.empty(V, dtype=torch.float64)
-        norms = torch.empty(V, dtype=torch.float64)
-        step = max(1, (1 << 21) // max(1, C))  # float64 temporaries of ~16 MiB
-        for r0 in range(0, V, step):
-            wd, hd = w[r0:r0 + step].double(), w16[r0:r0 + step].double()
-            nw, nh, nd = wd.norm(dim=1), hd.norm(dim=1), (wd - hd).norm(dim=1)
-            factor[r0:r0 + step] = (nd + g * (nw + nh)) * (1 + 2.0 ** -20)
-            norms[r0:r0 + step] = torch.maximum(nw, nh)
+        # one pass over w: its fp16 copy and the float64 norms ||w||, ||h||, ||w - h|| per row
+        w16, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w)
+        nw, nh, nd = nrm.unbind(1)
+        if not bool(torch.isfinite(nw).all()):  # inf or nan in w (finite fp32 squares cannot overflow float64)
+            return False
+        factor = (nd + g * (nw + nh)) * (1 + 2.0 ** -20)
+        norms = torch.maximum(nw, nh)
         f32 = factor.float()
         f32 = torch.nextafter(f32, torch.full_like(f32, float("inf")))
         always = ~torch.isfinite(f32)  # the fp16 copy overflowed (or the factor exceeds fp32)
@@ -529,19 +528,14 @@ def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: Head
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or not _few_row_head(backend) or not screen.update(weight)):
         return _full_head(x, weight, backend, screen)
-    xn = float(torch.linalg.vector_norm(x.double(), dim=1).max())
-    if not xn * screen.max_norm < 2.0 ** 100:  # also catches inf / nan in x
+    bounds = _screen_bounds(x, screen)
+    if bounds is None:
         return _full_head(x, weight, backend, screen)
-    # ||x|| per row, as fp32 rounded up
-    xr = torch.linalg.vector_norm(x.double(), dim=1).float()
+    a, E = bounds
     inf = torch.tensor(float("inf"))
-    xr = torch.nextafter(xr, inf)
-    a = torch.ops.barkgpt_cpp.head_screen(x, screen.w16)  # (B, V) approximate logits
-    E = torch.nextafter(xr[:, None] * screen.factor[None, :], inf)
-    E = torch.nextafter(E + (C + 16) * 2.0 ** -148, inf)
     lo = torch.nextafter(a - E, -inf)
     hi = torch.nextafter(a + E, inf)
-    if screen.always.numel():
+    if screen.always.numel():  # E is inf there, a may be inf or nan
         lo.index_fill_(1, screen.always, float("-inf"))
         hi.index_fill_(1, screen.always, float("inf"))
     kth_lo = lo.amax(dim=1, keepdim=True) if k == 1 else torch.topk(lo, k, dim=1, sorted=False).values.amin(
@@ -556,6 +550,23 @@ def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: Head
     screen.stats["screened"] += 1
     screen.stats["candidates"] += int(rows.numel())
     return out
+
+
+def _screen_bounds(x: torch.Tensor, screen: HeadScreen):
+    """(a, E), both (B, V) fp32: the screen's approximate logits and, for every row of the head,
+    an upper bound E on |exact - a| (inf for the rows whose fp16 copy overflowed). None when no
+    bound holds (non-finite x, or sums that could overflow). See the derivation above."""
+    xn = torch.linalg.vector_norm(x.double(), dim=1)  # (B,)
+    if not float(xn.max()) * screen.max_norm < 2.0 ** 100:  # also catches inf / nan in x
+        return None
+    inf = torch.tensor(float("inf"))
+    xr = torch.nextafter(xn.float(), inf)  # ||x|| per row, as fp32 rounded up
+    a = torch.ops.barkgpt_cpp.head_screen(x, screen.w16)  # (B, V) approximate logits
+    E = torch.nextafter(xr[:, None] * screen.factor[None, :], inf)
+    E = torch.nextafter(E + (x.shape[1] + 16) * 2.0 ** -148, inf)
+    if screen.always.numel():
+        E.index_fill_(1, screen.always, float("inf"))
+    return a, E
 
 
 def _full_head(x, weight, backend, screen) -> torch.Tensor:

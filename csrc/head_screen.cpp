@@ -14,6 +14,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <tuple>
+
 namespace barkgpt {
 namespace {
 
@@ -114,6 +117,50 @@ at::Tensor head_screen_cpu(const at::Tensor& x, const at::Tensor& w16) {
     }
   });
   return out;
+}
+
+// The screen's copy of a head weight, in one pass over it: w16 = w in fp16 (round to nearest
+// even, as torch's .half(); values beyond fp16's range become +-inf) and, per row, float64
+// norms ||w||, ||h||, ||w - h|| (h = the fp16 row widened; w - h is exact in float64), as
+// norms (V, 3). Sums of squares run in 8 fixed float64 lanes per row then a tree: deterministic.
+std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kFloat,
+              "head_screen_prepare: w must be a (V, C) float32 CPU tensor, got ", w.sizes(), " ",
+              w.scalar_type());
+  const at::Tensor wc = w.contiguous();
+  const int64_t V = wc.size(0), K = wc.size(1);
+  at::Tensor w16 = at::empty({V, K}, wc.options().dtype(at::kHalf));
+  at::Tensor norms = at::empty({V, 3}, wc.options().dtype(at::kDouble));
+  const float* wp = wc.const_data_ptr<float>();
+  c10::Half* hp = w16.mutable_data_ptr<c10::Half>();
+  double* np = norms.mutable_data_ptr<double>();
+  at::parallel_for(0, V, grain_rows(K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* wr = wp + r * K;
+      c10::Half* hr = hp + r * K;
+      constexpr int L = 8;
+      double sw[L] = {}, sh[L] = {}, sd[L] = {};
+      int64_t i = 0;
+      auto one = [&](int64_t j, int l) {
+        const c10::Half h = c10::Half(wr[j]);
+        hr[j] = h;
+        const double wd = wr[j], hd = static_cast<float>(h), dd = wd - hd;
+        sw[l] += wd * wd;
+        sh[l] += hd * hd;
+        sd[l] += dd * dd;
+      };
+      for (; i + L <= K; i += L)
+        for (int l = 0; l < L; ++l) one(i + l, l);
+      for (int l = 0; i + l < K; ++l) one(i + l, l);
+      fold_lanes<L / 2>(sw);
+      fold_lanes<L / 2>(sh);
+      fold_lanes<L / 2>(sd);
+      np[3 * r] = std::sqrt(sw[0]);
+      np[3 * r + 1] = std::sqrt(sh[0]);
+      np[3 * r + 2] = std::sqrt(sd[0]);
+    }
+  });
+  return {w16, norms};
 }
 
 }  // namespace barkgpt

@@ -56,6 +56,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const 
 
 // Approximate head logits x @ w16^T from an fp16 copy of the head (head_screen.cpp).
 at::Tensor head_screen_cpu(const at::Tensor& x, const at::Tensor& w16);
+std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w);
 
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
@@ -120,6 +121,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // Inference only: x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T -> (B, V) fp32, the screen of
   // barkgpt.ops.head_topk_logits (csrc/head_screen.cpp).
   m.def("head_screen(Tensor x, Tensor w16) -> Tensor");
+  // (w16 (V, C) fp16, norms (V, 3) float64: ||w||, ||w16||, ||w - w16|| per row), the screen's copy.
+  m.def("head_screen_prepare(Tensor w) -> (Tensor, Tensor)");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter
@@ -162,6 +165,7 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
   m.impl("decode_layers", &barkgpt::decode_layers_cpu);
   m.impl("head_screen", &barkgpt::head_screen_cpu);
+  m.impl("head_screen_prepare", &barkgpt::head_screen_prepare_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);
