@@ -497,7 +497,10 @@ class BarkGPT(nn.Module):
 
         On CPU with the cpp backend the weights of 2 MiB and more are moved once into memory
         advised for huge pages (same values and Parameter objects;
-        ``barkgpt.ops.use_cpu_hugepages``, which ``BARKGPT_CPU_HUGEPAGES=0`` turns off)."""
+        ``barkgpt.ops.use_cpu_hugepages``, which ``BARKGPT_CPU_HUGEPAGES=0`` turns off). Greedy and
+        top-k cached steps there screen the head with an fp16 copy of it and recompute exactly
+        only the rows that can be drawn (``ops.head_topk_logits``): the same tokens, half the
+        head's bytes per step (``head_screen``, ``BARKGPT_HEAD_SCREEN=0``)."""
         from .generate import sample_next
 
         if idx.dim() == 1:
