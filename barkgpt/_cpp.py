@@ -345,9 +345,9 @@ if not getattr(_ops, "_barkgpt_decode_fake", False):
     _ops._barkgpt_decode_fake = True
 
 
-# head_screen (csrc/head_screen.cpp, barkgpt.ops.head_topk_logits): inference only, (B, V) fp32.
-def _head_screen_fake(x, w16):
-    return x.new_empty((x.shape[0], w16.shape[0]))
+# head_screen (csrc/head_screen.cpp, barkgpt.ops.head_topk_logits): inference only, two (B, V) fp32.
+def _head_screen_fake(x, w16, factor, xnorm, abs_err):
+    return x.new_empty((x.shape[0], w16.shape[0])), x.new_empty((x.shape[0], w16.shape[0]))
 
 
 if not getattr(_ops, "_barkgpt_head_screen_fake", False):

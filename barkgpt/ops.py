@@ -384,8 +384,9 @@ def decode_layers(x: torch.Tensor, weights: Sequence[torch.Tensor], k_cache: tor
 # (1 + g) ||w|| ||x||, so calls with ||x|| max(||w||, ||h||) >= 2^100 take the full head. The
 # per-row factor (||w - h|| + g (||w|| + ||h||)) is computed once in float64 and multiplied by
 # 1 + 2^-20 (far above the relative error of the float64 norms and of ||x||); every fp32 step
-# after it (the float64 -> fp32 casts, ||x|| * factor, + A, a -+ E) is rounded and then moved
-# one ulp outwards with nextafter, so the fp32 E is >= the true bound and lo <= a - E, hi >= a + E.
+# after it is rounded outwards (the float64 -> fp32 casts by one nextafter step; ||x|| * factor,
+# + A, a - E and a + E in the kernel by directed rounding, or a nextafter step without AVX-512),
+# so the fp32 E is >= the true bound, lo <= a - E and hi >= a + E.
 # Rows whose copy overflows fp16 (|w_i| >= 65520) get an infinite bound: always candidates.
 #
 # The selection. Per row of x: lo_v <= f_v <= hi_v for every v. Let L be the k-th largest lo
@@ -441,8 +442,9 @@ class HeadScreen:
                 weight.device)
 
     def update(self, weight: torch.Tensor) -> bool:
-        """Make the copy match ``weight`` (V, C) fp32 (rebuilt only if it changed). False when it
-        cannot be screened (non-finite values, C too large for the bound)."""
+        """Make the copy match ``weight`` (V, C) fp32 on CPU (rebuilt only if it changed). False
+        when it cannot be screened (non-finite values, C too large for the bound, not fp32 on
+        CPU, the cpp backend unavailable)."""
         key = self._key_of(weight)
         if key == self._key:
             return self.w16 is not None
@@ -452,7 +454,7 @@ class HeadScreen:
         V, C = w.shape
         n = C + 5
         self._key = key
-        if n * 2.0 ** -24 >= 0.5:
+        if n * 2.0 ** -24 >= 0.5 or w.device.type != "cpu" or w.dtype != torch.float32 or not _load("cpp"):
             return False
         g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
         # one pass over w: its fp16 copy and the float64 norms ||w||, ||h||, ||w - h|| per row
@@ -465,7 +467,7 @@ class HeadScreen:
         f32 = factor.float()
         f32 = torch.nextafter(f32, torch.full_like(f32, float("inf")))
         always = ~torch.isfinite(f32)  # the fp16 copy overflowed (or the factor exceeds fp32)
-        self.factor = f32.masked_fill(always, 0.0)
+        self.factor = f32.masked_fill(always, float("inf"))
         self.always = always.nonzero().squeeze(1)
         finite_norms = norms.masked_fill(always, 0.0)
         self.max_norm = float(finite_norms.max()) if V else 0.0
@@ -531,17 +533,11 @@ def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: Head
     bounds = _screen_bounds(x, screen)
     if bounds is None:
         return _full_head(x, weight, backend, screen)
-    a, E = bounds
-    inf = torch.tensor(float("inf"))
-    lo = torch.nextafter(a - E, -inf)
-    hi = torch.nextafter(a + E, inf)
-    if screen.always.numel():  # E is inf there, a may be inf or nan
-        lo.index_fill_(1, screen.always, float("-inf"))
-        hi.index_fill_(1, screen.always, float("inf"))
+    lo, hi = bounds
     kth_lo = lo.amax(dim=1, keepdim=True) if k == 1 else torch.topk(lo, k, dim=1, sorted=False).values.amin(
         dim=1, keepdim=True)
     cand = hi >= kth_lo  # (B, V)
-    if int(cand.sum(dim=1).max()) * HEAD_SCREEN_MAX_FRACTION > V:
+    if int(torch.count_nonzero(cand, dim=1).max()) * HEAD_SCREEN_MAX_FRACTION > V:
         return _full_head(x, weight, backend, screen)
     rows = cand.any(dim=0).nonzero().squeeze(1)  # the union over the batch rows
     exact = linear(x, weight.index_select(0, rows), None, backend=backend)  # (B, n), bitwise the full head's
@@ -553,20 +549,15 @@ def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: Head
 
 
 def _screen_bounds(x: torch.Tensor, screen: HeadScreen):
-    """(a, E), both (B, V) fp32: the screen's approximate logits and, for every row of the head,
-    an upper bound E on |exact - a| (inf for the rows whose fp16 copy overflowed). None when no
-    bound holds (non-finite x, or sums that could overflow). See the derivation above."""
+    """(lo, hi), both (B, V) fp32: for every head row, an interval around the screen's approximate
+    logit that holds the exact fp32 logit (-inf, +inf for the rows whose fp16 copy overflowed).
+    None when no bound holds (non-finite x, or sums that could overflow). See the derivation
+    above; the kernel rounds E, lo and hi outwards."""
     xn = torch.linalg.vector_norm(x.double(), dim=1)  # (B,)
     if not float(xn.max()) * screen.max_norm < 2.0 ** 100:  # also catches inf / nan in x
         return None
-    inf = torch.tensor(float("inf"))
-    xr = torch.nextafter(xn.float(), inf)  # ||x|| per row, as fp32 rounded up
-    a = torch.ops.barkgpt_cpp.head_screen(x, screen.w16)  # (B, V) approximate logits
-    E = torch.nextafter(xr[:, None] * screen.factor[None, :], inf)
-    E = torch.nextafter(E + (x.shape[1] + 16) * 2.0 ** -148, inf)
-    if screen.always.numel():
-        E.index_fill_(1, screen.always, float("inf"))
-    return a, E
+    xr = torch.nextafter(xn.float(), torch.tensor(float("inf")))  # ||x|| per row, as fp32 rounded up
+    return torch.ops.barkgpt_cpp.head_screen(x, screen.w16, screen.factor, xr, (x.shape[1] + 16) * 2.0 ** -148)
 
 
 def _full_head(x, weight, backend, screen) -> torch.Tensor:

@@ -4,7 +4,10 @@
 // copy of the head. A decode step is memory-bound and the head is its largest weight (GPT-2:
 // 50257 x 768 fp32 = 154 MB of the 494 MB a step streams); in fp16 it streams half the bytes.
 // The caller bounds |exact - approximate| per row (barkgpt/ops.py derives the bound) and
-// recomputes exactly only the rows that can reach the top k.
+// recomputes exactly only the rows that can reach the top k. This kernel returns the interval
+// [lo, hi] around each approximate logit a: E = xnorm[b] * factor[v] + abs_err rounded upwards,
+// lo = a - E rounded downwards, hi = a + E rounded upwards (directed rounding: AVX-512's embedded
+// rounding, else one nextafter step outwards), and lo = -inf, hi = +inf where factor is inf.
 //
 // Like the few-row fp32 kernel (gemm.cpp): each output is one dot product in 16 fixed lanes over
 // C (lane l takes c = l, l + 16, ...), then a tree of 4 adds; threads split V; R rows of w16
@@ -30,6 +33,11 @@ void screen_tile(const float* x, int64_t ldx, const c10::Half* w, int64_t ldw, f
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   auto step = [&](int64_t i, __mmask16 mask) {
+    if constexpr (M >= 2) {  // as the few-row kernel (gemm.cpp): 4 KiB of each row ahead
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * ldw + i + 2048), _MM_HINT_T0);
+    }
     __m512 wv[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
@@ -85,38 +93,95 @@ void screen_rows(const float* x, int64_t ldx, const c10::Half* w, int64_t ldw, f
   for (; n < n1; ++n) screen_tile<M, 1>(x, ldx, w, ldw, out, ldo, K, n);
 }
 
+// lo/hi (rows m, columns n0..n1) from the approximate logits stored in lo: see the top of the file.
+void bounds(float* lo, float* hi, int64_t ldo, int64_t M, const float* xnorm, const float* factor, float abs_err,
+            int64_t n0, int64_t n1) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t m = 0; m < M; ++m) {
+    float* l = lo + m * ldo;
+    float* h = hi + m * ldo;
+    int64_t n = n0;
+#if defined(__AVX512F__)
+    constexpr int kUp = _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC;
+    constexpr int kDown = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+    const __m512 xv = _mm512_set1_ps(xnorm[m]), av = _mm512_set1_ps(abs_err);
+    const __m512 pinf = _mm512_set1_ps(kInf), ninf = _mm512_set1_ps(-kInf);
+    for (; n + 16 <= n1; n += 16) {
+      const __m512 f = _mm512_loadu_ps(factor + n), a = _mm512_loadu_ps(l + n);
+      const __m512 e = _mm512_add_round_ps(_mm512_mul_round_ps(xv, f, kUp), av, kUp);
+      const __mmask16 always = _mm512_cmp_ps_mask(f, pinf, _CMP_EQ_OQ);
+      _mm512_storeu_ps(l + n, _mm512_mask_blend_ps(always, _mm512_sub_round_ps(a, e, kDown), ninf));
+      _mm512_storeu_ps(h + n, _mm512_mask_blend_ps(always, _mm512_add_round_ps(a, e, kUp), pinf));
+    }
+#endif
+    for (; n < n1; ++n) {
+      const float f = factor[n], a = l[n];
+      if (f == kInf) {
+        l[n] = -kInf;
+        h[n] = kInf;
+        continue;
+      }
+      const float e = std::nextafter(std::nextafter(xnorm[m] * f, kInf) + abs_err, kInf);
+      l[n] = std::nextafter(a - e, -kInf);
+      h[n] = std::nextafter(a + e, kInf);
+    }
+  }
+}
+
 }  // namespace
 
-at::Tensor head_screen_cpu(const at::Tensor& x, const at::Tensor& w16) {
+// (lo, hi), each (B, V) fp32: the interval around x @ w16^T that holds the exact fp32 head
+// logits, given factor (V,) fp32 and xnorm (B,) fp32 (both rounded upwards) and abs_err.
+std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w16,
+                                                   const at::Tensor& factor, const at::Tensor& xnorm,
+                                                   double abs_err) {
   TORCH_CHECK(x.dim() == 2 && w16.dim() == 2 && x.size(1) == w16.size(1),
               "head_screen: x must be (B, C) and w16 (V, C), got ", x.sizes(), " and ", w16.sizes());
-  TORCH_CHECK(x.device().is_cpu() && w16.device().is_cpu(), "head_screen: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w16.scalar_type() == at::kHalf,
-              "head_screen: x must be float32 and w16 float16, got ", x.scalar_type(), " and ",
-              w16.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && w16.device().is_cpu() && factor.device().is_cpu() && xnorm.device().is_cpu(),
+              "head_screen: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w16.scalar_type() == at::kHalf &&
+                  factor.scalar_type() == at::kFloat && xnorm.scalar_type() == at::kFloat,
+              "head_screen: x, factor and xnorm must be float32 and w16 float16, got ", x.scalar_type(), ", ",
+              factor.scalar_type(), ", ", xnorm.scalar_type(), " and ", w16.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), N = w16.size(0);
   TORCH_CHECK(M >= 1 && M <= 8, "head_screen: 1 to 8 rows of x, got ", M);
+  TORCH_CHECK(factor.dim() == 1 && factor.size(0) == N && factor.is_contiguous(),
+              "head_screen: factor must be a contiguous (", N, ",) tensor, got ", factor.sizes());
+  TORCH_CHECK(xnorm.dim() == 1 && xnorm.size(0) == M && xnorm.is_contiguous(),
+              "head_screen: xnorm must be a contiguous (", M, ",) tensor, got ", xnorm.sizes());
   TORCH_CHECK(x.stride(1) == 1 && w16.stride(1) == 1, "head_screen: x and w16 need contiguous rows");
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (N == 0) return out;
-  if (K == 0) return out.zero_();
+  at::Tensor lo = at::empty({M, N}, x.options()), hi = at::empty({M, N}, x.options());
+  if (N == 0) return {lo, hi};
   const float* xp = x.const_data_ptr<float>();
   const c10::Half* wp = w16.const_data_ptr<c10::Half>();
-  float* o = out.mutable_data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldw = w16.stride(0), ldo = out.stride(0);
+  float* lp = lo.mutable_data_ptr<float>();
+  float* hp = hi.mutable_data_ptr<float>();
+  const float* fp = factor.const_data_ptr<float>();
+  const float* xn = xnorm.const_data_ptr<float>();
+  const float ae = std::nextafter(static_cast<float>(abs_err), std::numeric_limits<float>::infinity());
+  const int64_t ldx = x.stride(0), ldw = w16.stride(0), ldo = N;
   // about 64 KiB of w16 per task
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / K);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    switch (M) {
+    // blocks of 1024 rows: the approximate logits are still in cache for the bounds pass
+    for (int64_t b0 = n0; b0 < n1; b0 += 1024) {
+      const int64_t b1 = std::min(n1, b0 + 1024);
+      if (K == 0) {
+        for (int64_t m = 0; m < M; ++m) std::fill(lp + m * ldo + b0, lp + m * ldo + b1, 0.0f);
+      } else {
+        switch (M) {
 #define BARKGPT_SCREEN(m) \
-  case m: screen_rows<m>(xp, ldx, wp, ldw, o, ldo, K, n0, n1); break;
-      BARKGPT_SCREEN(1) BARKGPT_SCREEN(2) BARKGPT_SCREEN(3) BARKGPT_SCREEN(4)
-      BARKGPT_SCREEN(5) BARKGPT_SCREEN(6) BARKGPT_SCREEN(7) BARKGPT_SCREEN(8)
+  case m: screen_rows<m>(xp, ldx, wp, ldw, lp, ldo, K, b0, b1); break;
+          BARKGPT_SCREEN(1) BARKGPT_SCREEN(2) BARKGPT_SCREEN(3) BARKGPT_SCREEN(4)
+          BARKGPT_SCREEN(5) BARKGPT_SCREEN(6) BARKGPT_SCREEN(7) BARKGPT_SCREEN(8)
 #undef BARKGPT_SCREEN
-      default: break;
+          default: break;
+        }
+      }
+      bounds(lp, hp, ldo, M, xn, fp, ae, b0, b1);
     }
   });
-  return out;
+  return {lo, hi};
 }
 
 // The screen's copy of a head weight, in one pass over it: w16 = w in fp16 (round to nearest

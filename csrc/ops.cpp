@@ -55,7 +55,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const 
                              int64_t n_head, bool bias, bool norm_first, c10::string_view activation, double eps);
 
 // Approximate head logits x @ w16^T from an fp16 copy of the head (head_screen.cpp).
-at::Tensor head_screen_cpu(const at::Tensor& x, const at::Tensor& w16);
+std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w16,
+                                                   const at::Tensor& factor, const at::Tensor& xnorm,
+                                                   double abs_err);
 std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w);
 
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
@@ -118,9 +120,9 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // before ln_f.
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? start, "
         "int offset, int n_head, bool bias, bool norm_first, str activation, float eps) -> Tensor");
-  // Inference only: x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T -> (B, V) fp32, the screen of
-  // barkgpt.ops.head_topk_logits (csrc/head_screen.cpp).
-  m.def("head_screen(Tensor x, Tensor w16) -> Tensor");
+  // Inference only, the screen of barkgpt.ops.head_topk_logits (csrc/head_screen.cpp): (lo, hi),
+  // each (B, V) fp32, around x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T.
+  m.def("head_screen(Tensor x, Tensor w16, Tensor factor, Tensor xnorm, float abs_err) -> (Tensor, Tensor)");
   // (w16 (V, C) fp16, norms (V, 3) float64: ||w||, ||w16||, ||w - w16|| per row), the screen's copy.
   m.def("head_screen_prepare(Tensor w) -> (Tensor, Tensor)");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
