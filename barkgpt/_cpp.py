@@ -350,8 +350,13 @@ def _head_screen_fake(x, w16, factor, xnorm, abs_err):
     return x.new_empty((x.shape[0], w16.shape[0])), x.new_empty((x.shape[0], w16.shape[0]))
 
 
+def _head_screen_prepare_fake(w):
+    return w.new_empty(w.shape, dtype=torch.float16), w.new_empty((w.shape[0], 3), dtype=torch.float64)
+
+
 if not getattr(_ops, "_barkgpt_head_screen_fake", False):
     torch.library.register_fake(f"{_NS}::head_screen", _head_screen_fake)
+    torch.library.register_fake(f"{_NS}::head_screen_prepare", _head_screen_prepare_fake)
     _ops._barkgpt_head_screen_fake = True
 
 

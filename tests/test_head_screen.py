@@ -169,6 +169,35 @@ def test_what_the_screen_declines():
         ops.head_topk_logits(x[:2], w, 1.0, screen)
 
 
+def test_kernels_opcheck_and_kernel_errors():
+    x, w = _rand(3, 37, seed=50), _rand(100, 37, seed=51)
+    screen = ops.HeadScreen()
+    assert screen.update(w)
+    xr = torch.linalg.vector_norm(x, dim=1) * 1.01
+    torch.library.opcheck(torch.ops.barkgpt_cpp.head_screen.default, (x, screen.w16, screen.factor, xr, 1e-40))
+    torch.library.opcheck(torch.ops.barkgpt_cpp.head_screen_prepare.default, (w,))
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        torch.ops.barkgpt_cpp.head_screen(_rand(9, 37), screen.w16, screen.factor, torch.ones(9), 0.0)
+    with pytest.raises(RuntimeError, match="float16"):
+        torch.ops.barkgpt_cpp.head_screen(x, w, screen.factor, xr, 0.0)
+    with pytest.raises(RuntimeError, match="factor must be"):
+        torch.ops.barkgpt_cpp.head_screen(x, screen.w16, screen.factor[:5], xr, 0.0)
+
+
+def test_top_k_cut_is_on_the_logits_not_after_the_temperature():
+    """A logit just below the k-th that the shift by the maximum rounds onto it is not among the
+    top k: it is never drawn (it was, before the cut moved ahead of the temperature; the screen's
+    exactness needs this, as it leaves such logits at -inf)."""
+    from barkgpt.generate import sample_next
+
+    below = 1.0 - 2.0 ** -24  # the float below 1: 3 - 1 and 3 - below are both -2 in fp32
+    logits = torch.tensor([[3.0, 1.0, below]]).expand(3000, 3)
+    draws = sample_next(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
+    draws = sample_next(logits, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1, 2}
+
+
 def test_bound_holds_everywhere():
     """|exact - approximate| <= E for every entry (random weights of several scales)."""
     C = 70
