@@ -350,7 +350,7 @@ def _head_screen_fake(x, w16, factor, xnorm, abs_err):
     return x.new_empty((x.shape[0], w16.shape[0])), x.new_empty((x.shape[0], w16.shape[0]))
 
 
-def _head_screen_prepare_fake(w):
+def _head_screen_prepare_fake(w, hugepages):
     return w.new_empty(w.shape, dtype=torch.float16), w.new_empty((w.shape[0], 3), dtype=torch.float64)
 
 

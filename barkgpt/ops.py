@@ -458,7 +458,10 @@ class HeadScreen:
             return False
         g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
         # one pass over w: its fp16 copy and the float64 norms ||w||, ||h||, ||w - h|| per row
-        w16, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w)
+        # (in memory for huge pages unless BARKGPT_CPU_HUGEPAGES=0: a fresh copy in 4 KiB pages
+        # spent most of its time in page faults)
+        hugepages = os.environ.get("BARKGPT_CPU_HUGEPAGES", "1").strip() != "0"
+        w16, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w, hugepages)
         nw, nh, nd = nrm.unbind(1)
         if not bool(torch.isfinite(nw).all()):  # inf or nan in w (finite fp32 squares cannot overflow float64)
             return False

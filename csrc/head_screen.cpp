@@ -188,13 +188,17 @@ std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at
 // even, as torch's .half(); values beyond fp16's range become +-inf) and, per row, float64
 // norms ||w||, ||h||, ||w - h|| (h = the fp16 row widened; w - h is exact in float64), as
 // norms (V, 3). Sums of squares run in 8 fixed float64 lanes per row then a tree: deterministic.
-std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w) {
+at::Tensor hugepage_empty(at::IntArrayRef sizes, at::ScalarType dtype);  // outputs.cpp
+
+// hugepages: w16 in 2 MiB blocks advised for transparent huge pages (outputs.cpp). A fresh 77 MB
+// copy in 4 KiB pages cost ~30 ms of page faults, 4x its writing (GPT-2's head, busy machine).
+std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, bool hugepages) {
   TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kFloat,
               "head_screen_prepare: w must be a (V, C) float32 CPU tensor, got ", w.sizes(), " ",
               w.scalar_type());
   const at::Tensor wc = w.contiguous();
   const int64_t V = wc.size(0), K = wc.size(1);
-  at::Tensor w16 = at::empty({V, K}, wc.options().dtype(at::kHalf));
+  at::Tensor w16 = hugepages ? hugepage_empty({V, K}, at::kHalf) : at::empty({V, K}, wc.options().dtype(at::kHalf));
   at::Tensor norms = at::empty({V, 3}, wc.options().dtype(at::kDouble));
   const float* wp = wc.const_data_ptr<float>();
   c10::Half* hp = w16.mutable_data_ptr<c10::Half>();
@@ -203,6 +207,35 @@ std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w) 
     for (int64_t r = r0; r < r1; ++r) {
       const float* wr = wp + r * K;
       c10::Half* hr = hp + r * K;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+      // 16 values a step: fp16 by the hardware (round to nearest even, as the portable path),
+      // squares summed in 2 x 8 float64 lanes, then _mm512_reduce_add_pd: a fixed order.
+      __m512d sw2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, sh2[2] = {sw2[0], sw2[1]},
+              sd2[2] = {sw2[0], sw2[1]};
+      auto step = [&](int64_t i, __mmask16 mask) {
+        const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + i);
+        const __m256i hh = _mm512_cvtps_ph(wv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16(reinterpret_cast<void*>(hr + i), mask, hh);
+        const __m512 hv = _mm512_cvtph_ps(hh);
+        const __m512 dv = _mm512_sub_ps(wv, hv);  // exact: h is w rounded to fp16 (or 0, or inf)
+        const __m256 parts[3][2] = {{_mm512_castps512_ps256(wv), _mm512_extractf32x8_ps(wv, 1)},
+                                    {_mm512_castps512_ps256(hv), _mm512_extractf32x8_ps(hv, 1)},
+                                    {_mm512_castps512_ps256(dv), _mm512_extractf32x8_ps(dv, 1)}};
+        for (int j = 0; j < 2; ++j) {
+          const __m512d a = _mm512_cvtps_pd(parts[0][j]), b = _mm512_cvtps_pd(parts[1][j]),
+                        c = _mm512_cvtps_pd(parts[2][j]);
+          sw2[j] = _mm512_fmadd_pd(a, a, sw2[j]);
+          sh2[j] = _mm512_fmadd_pd(b, b, sh2[j]);
+          sd2[j] = _mm512_fmadd_pd(c, c, sd2[j]);
+        }
+      };
+      int64_t i = 0;
+      for (; i + 16 <= K; i += 16) step(i, __mmask16(0xFFFF));
+      if (i < K) step(i, __mmask16((1u << (K - i)) - 1u));
+      np[3 * r] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(sw2[0], sw2[1])));
+      np[3 * r + 1] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(sh2[0], sh2[1])));
+      np[3 * r + 2] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(sd2[0], sd2[1])));
+#else
       constexpr int L = 8;
       double sw[L] = {}, sh[L] = {}, sd[L] = {};
       int64_t i = 0;
@@ -223,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w) 
       np[3 * r] = std::sqrt(sw[0]);
       np[3 * r + 1] = std::sqrt(sh[0]);
       np[3 * r + 2] = std::sqrt(sd[0]);
+#endif
     }
   });
   return {w16, norms};

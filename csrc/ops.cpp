@@ -58,7 +58,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const 
 std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w16,
                                                    const at::Tensor& factor, const at::Tensor& xnorm,
                                                    double abs_err);
-std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w);
+std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, bool hugepages);
 
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
@@ -123,8 +123,9 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // Inference only, the screen of barkgpt.ops.head_topk_logits (csrc/head_screen.cpp): (lo, hi),
   // each (B, V) fp32, around x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T.
   m.def("head_screen(Tensor x, Tensor w16, Tensor factor, Tensor xnorm, float abs_err) -> (Tensor, Tensor)");
-  // (w16 (V, C) fp16, norms (V, 3) float64: ||w||, ||w16||, ||w - w16|| per row), the screen's copy.
-  m.def("head_screen_prepare(Tensor w) -> (Tensor, Tensor)");
+  // (w16 (V, C) fp16, norms (V, 3) float64: ||w||, ||w16||, ||w - w16|| per row), the screen's
+  // copy; hugepages: w16 in memory advised for transparent huge pages.
+  m.def("head_screen_prepare(Tensor w, bool hugepages) -> (Tensor, Tensor)");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter

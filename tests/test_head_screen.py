@@ -71,7 +71,7 @@ def test_gpt2_head_shape():
     for B in (1, 8):
         out, _ = _check(_rand(B, C, seed=B), w, 1, screen)
         _check(_rand(B, C, seed=B), w, 40, screen)
-    assert screen.w16.dtype == torch.float16 and screen.w16.shape == (V, C)
+    assert screen.w16.dtype == torch.float16 and screen.w16.shape == (V, C) and torch.equal(screen.w16, w.half())
     assert screen.nbytes < w.nbytes // 2 + 4 * V + 1
 
 
@@ -175,7 +175,13 @@ def test_kernels_opcheck_and_kernel_errors():
     assert screen.update(w)
     xr = torch.linalg.vector_norm(x, dim=1) * 1.01
     torch.library.opcheck(torch.ops.barkgpt_cpp.head_screen.default, (x, screen.w16, screen.factor, xr, 1e-40))
-    torch.library.opcheck(torch.ops.barkgpt_cpp.head_screen_prepare.default, (w,))
+    for huge in (True, False):
+        torch.library.opcheck(torch.ops.barkgpt_cpp.head_screen_prepare.default, (w, huge))
+        w16, norms = torch.ops.barkgpt_cpp.head_screen_prepare(w, huge)
+        assert torch.equal(w16, w.half())  # torch's rounding (to nearest even)
+        wd, hd = w.double(), w16.double()
+        want = torch.stack([wd.norm(dim=1), hd.norm(dim=1), (wd - hd).norm(dim=1)], 1)
+        torch.testing.assert_close(norms, want, rtol=1e-13, atol=0)
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         torch.ops.barkgpt_cpp.head_screen(_rand(9, 37), screen.w16, screen.factor, torch.ones(9), 0.0)
     with pytest.raises(RuntimeError, match="float16"):
