@@ -383,8 +383,12 @@ class BarkGPT(nn.Module):
     # The copy belongs to one generate call (its KVCache): made at the first screened step, freed
     # when generate returns. Kept across calls, it would have to notice every change of the
     # weights, and fused optimizer steps do not bump the version counter it could key on.
+    # Building the copy reads the head once and writes half of it (~1-2 steps' head time, see
+    # benchmarks/head_screen_bench.py), so calls of fewer than head_screen_min_tokens new tokens
+    # keep the full head (8: a guess from a busy machine; time it on a quiet one).
     head_screen: bool = True
     head_screen_min_vocab: int = 4096
+    head_screen_min_tokens: int = 8
 
     def _screens_head(self, h: torch.Tensor) -> bool:
         """Whether the head of this cached step may be screened (ops.head_topk_logits): switched
@@ -521,6 +525,8 @@ class BarkGPT(nn.Module):
                 V = self.config.vocab_size
                 head_k = 1 if greedy or temperature == 0 else (
                     top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and 0 < top_k < V else None)
+                if max_new_tokens < self.head_screen_min_tokens:
+                    head_k = None
                 next_logits = self._cached_logits(B, lengths, head_k)
             else:
                 next_logits = self._uncached_logits(lengths)

@@ -393,30 +393,35 @@ def test_no_screen_without_top_k_or_when_switched_off(gpt2_vocab_model, monkeypa
     m = gpt2_vocab_model
     calls = _count(monkeypatch)
     idx = torch.randint(0, 50257, (1, 4), generator=torch.Generator().manual_seed(3))
+    n = m.head_screen_min_tokens
     for top_k in (None, 0, 50257, 10 ** 6):
-        m.generate(idx, 3, temperature=0.8, top_k=top_k, generator=torch.Generator().manual_seed(0))
+        m.generate(idx, n, temperature=0.8, top_k=top_k, generator=torch.Generator().manual_seed(0))
     assert calls == []
-    m.generate(idx, 3, greedy=True, use_cache=False)
+    m.generate(idx, n, greedy=True, use_cache=False)
     assert calls == []
     m.head_screen = False
-    m.generate(idx, 3, greedy=True)
+    m.generate(idx, n, greedy=True)
     del m.head_screen
     assert calls == []
     monkeypatch.setenv("BARKGPT_HEAD_SCREEN", "0")
-    m.generate(idx, 3, greedy=True)
+    m.generate(idx, n, greedy=True)
+    assert calls == []
+    m.generate(idx, n - 1, greedy=True)  # too few tokens to pay for the copy
     assert calls == []
     monkeypatch.delenv("BARKGPT_HEAD_SCREEN")
-    m.generate(idx, 3, greedy=True)
-    assert len(calls) == 3
+    m.generate(idx, n - 1, greedy=True)
+    assert calls == []
+    m.generate(idx, n, greedy=True)
+    assert len(calls) == n
 
 
 def test_small_vocab_and_wide_embeddings_keep_the_full_head(monkeypatch):
     calls = _count(monkeypatch)
-    _model(vocab=4000, n_embd=32).generate(torch.zeros(1, 2, dtype=torch.long), 3, greedy=True)
-    _model(vocab=5000, n_embd=1024, block_size=8).generate(torch.zeros(1, 2, dtype=torch.long), 2, greedy=True)
+    _model(vocab=4000, n_embd=32).generate(torch.zeros(1, 2, dtype=torch.long), 8, greedy=True)
+    _model(vocab=5000, n_embd=1024, block_size=12).generate(torch.zeros(1, 2, dtype=torch.long), 8, greedy=True)
     assert calls == []
-    _model(vocab=5000, n_embd=32).generate(torch.zeros(1, 2, dtype=torch.long), 3, greedy=True)
-    assert len(calls) == 3
+    _model(vocab=5000, n_embd=32).generate(torch.zeros(1, 2, dtype=torch.long), 8, greedy=True)
+    assert len(calls) == 8
 
 
 def test_training_between_generates_rebuilds_the_copy(monkeypatch):
@@ -451,7 +456,7 @@ def test_no_extra_state(tmp_path, monkeypatch):
     m = _model(vocab=8192, n_embd=32, block_size=16)
     keys = list(m.state_dict())
     attrs = set(vars(m))
-    m.generate(torch.zeros(1, 3, dtype=torch.long), 4, greedy=True)
+    m.generate(torch.zeros(1, 3, dtype=torch.long), 8, greedy=True)
     assert calls.screens[0].w16 is not None  # (the test's reference keeps it alive)
     assert list(m.state_dict()) == keys and set(vars(m)) == attrs
     assert not any(b is calls.screens[0].w16 for b in m.buffers())
