@@ -345,6 +345,21 @@ if not getattr(_ops, "_barkgpt_decode_fake", False):
     _ops._barkgpt_decode_fake = True
 
 
+# head_screen (csrc/head_screen.cpp, barkgpt.ops.head_topk_logits): inference only, two (B, V) fp32.
+def _head_screen_fake(x, w16, factor, xnorm, abs_err):
+    return x.new_empty((x.shape[0], w16.shape[0])), x.new_empty((x.shape[0], w16.shape[0]))
+
+
+def _head_screen_prepare_fake(w, hugepages):
+    return w.new_empty(w.shape, dtype=torch.float16), w.new_empty((w.shape[0], 3), dtype=torch.float64)
+
+
+if not getattr(_ops, "_barkgpt_head_screen_fake", False):
+    torch.library.register_fake(f"{_NS}::head_screen", _head_screen_fake)
+    torch.library.register_fake(f"{_NS}::head_screen_prepare", _head_screen_prepare_fake)
+    _ops._barkgpt_head_screen_fake = True
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:

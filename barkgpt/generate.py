@@ -27,11 +27,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: Optional[
     # dividing by a tiny temperature gives -inf (probability 0) instead of overflowing to +inf
     # (inf - inf = nan in softmax). The maximum itself stays 0, also when the temperature
     # underflows to 0 in the logits' dtype (0 / 0 would be nan).
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    logits = torch.where(shifted == 0, shifted, shifted / temperature)
+    # The top-k cut is taken on the logits themselves, before the temperature: the kept tokens
+    # are exactly those whose logit is >= the k-th largest (after scaling, rounding could tie a
+    # smaller logit with the k-th and keep it too). It also means only the k largest logits
+    # matter, which the screened head of cached generation relies on (ops.head_topk_logits).
     if top_k is not None and top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if top_p is not None:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")

@@ -159,6 +159,12 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
         self.start: Optional[torch.Tensor] = None
+        # Set by generate when its draws need only each row's head_top_k largest logits (1:
+        # greedy): forward_cached may then return logits exact at a superset of those and -inf
+        # elsewhere (ops.head_topk_logits, with the fp16 copy of the head in head_screen). None:
+        # the full logits.
+        self.head_top_k: Optional[int] = None
+        self.head_screen: Optional[ops.HeadScreen] = None
 
     @property
     def capacity(self) -> int:
@@ -361,7 +367,52 @@ class BarkGPT(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, cache, i)
         cache.length = off + T
-        return self.head(self.ln_f(x[:, -1:]))[:, 0]  # (B, V): the head on the last position only
+        h = self.ln_f(x[:, -1:])  # (B, 1, C): the head runs on the last position only
+        k = cache.head_top_k
+        if k is not None and self._screens_head(h):
+            if cache.head_screen is None:
+                cache.head_screen = ops.HeadScreen()
+            return ops.head_topk_logits(h[:, 0], self.head.weight, k, cache.head_screen,
+                                        backend=self.rt.backend)  # (B, V), -inf outside the top-k candidates
+        return self.head(h)[:, 0]  # (B, V)
+
+    # Greedy and top-k generation on the cpp backend screen the vocabulary with a half-size fp16
+    # copy of the head and recompute exactly only the rows that can be among the top k
+    # (ops.head_topk_logits): the tokens are those of the full head, bitwise, and a decode step
+    # streams half the head's bytes. False here (on the class or a model), or the environment
+    # variable BARKGPT_HEAD_SCREEN=0, keeps the full head. Vocabularies below
+    # head_screen_min_vocab or 8 * n_embd keep it too (a small head costs little to stream).
+    # The copy belongs to one generate call (its KVCache): made at the first screened step, freed
+    # when generate returns. Kept across calls, it would have to notice every change of the
+    # weights, and fused optimizer steps do not bump the version counter it could key on.
+    # Building the copy reads the head once and writes half of it (~1-2 steps' head time, see
+    # benchmarks/head_screen_bench.py), so calls of fewer than head_screen_min_tokens new tokens
+    # keep the full head (8: a guess from a busy machine; time it on a quiet one).
+    head_screen: bool = True
+    head_screen_min_vocab: int = 4096
+    head_screen_min_tokens: int = 8
+
+    def _screens_head(self, h: torch.Tensor) -> bool:
+        """Whether the head of this cached step may be screened (ops.head_topk_logits): switched
+        on, a plain bias-free head with no hooks, a vocabulary large enough to pay, fp32 on CPU
+        with linear on the cpp backend's few-row kernel, no autocast, nothing to differentiate,
+        not under torch.compile."""
+        if torch.compiler.is_compiling() or not self.head_screen or os.environ.get(
+                "BARKGPT_HEAD_SCREEN", "").strip().lower() in ("0", "false", "no", "off"):
+            return False
+        head = self.head
+        V, C = head.weight.shape
+        if (type(head) is not Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks
+                or V < self.head_screen_min_vocab or V < 8 * C):
+            return False
+        glob = nn.modules.module
+        if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+            return False
+        if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            return False
+        return ops.head_topk_available(self.rt.backend, h.device, h.dtype)
 
     # Cached generation steps on the cpp backend run all blocks in one C++ call (ops.decode_layers,
     # csrc/decode.cpp) instead of ~20 Python module calls and torch ops per block. False here (on
@@ -452,7 +503,10 @@ class BarkGPT(nn.Module):
 
         On CPU with the cpp backend the weights of 2 MiB and more are moved once into memory
         advised for huge pages (same values and Parameter objects;
-        ``barkgpt.ops.use_cpu_hugepages``, which ``BARKGPT_CPU_HUGEPAGES=0`` turns off)."""
+        ``barkgpt.ops.use_cpu_hugepages``, which ``BARKGPT_CPU_HUGEPAGES=0`` turns off). Greedy and
+        top-k cached steps there screen the head with an fp16 copy of it and recompute exactly
+        only the rows that can be drawn (``ops.head_topk_logits``): the same tokens, half the
+        head's bytes per step (``head_screen``, ``BARKGPT_HEAD_SCREEN=0``)."""
         from .generate import sample_next
 
         if idx.dim() == 1:
@@ -469,7 +523,13 @@ class BarkGPT(nn.Module):
         self.eval()
         try:
             if use_cache and self.config.causal:
-                next_logits = self._cached_logits(B, lengths)
+                # the draws need only each row's k largest logits: the head may be screened
+                V = self.config.vocab_size
+                head_k = 1 if greedy or temperature == 0 else (
+                    top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and 0 < top_k < V else None)
+                if max_new_tokens < self.head_screen_min_tokens:
+                    head_k = None
+                next_logits = self._cached_logits(B, lengths, head_k)
             else:
                 next_logits = self._uncached_logits(lengths)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -519,9 +579,10 @@ class BarkGPT(nn.Module):
 
         return next_logits
 
-    def _cached_logits(self, B: int, lengths: torch.Tensor):
+    def _cached_logits(self, B: int, lengths: torch.Tensor, head_top_k: Optional[int] = None):
         w = self.token_emb.weight
         cache = KVCache(self.config, B, w.dtype, w.device)
+        cache.head_top_k = head_top_k
         bs = self.config.block_size
 
         def prefill(idx):

@@ -36,7 +36,8 @@ from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
            "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library",
-           "use_cpu_hugepages", "decode_layers", "decode_layers_available"] + list(registry.OPS)
+           "use_cpu_hugepages", "decode_layers", "decode_layers_available", "HeadScreen",
+           "head_topk_logits", "head_topk_available"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
 AUTO_NAMES = ("auto", "", None)
@@ -359,3 +360,209 @@ def decode_layers(x: torch.Tensor, weights: Sequence[torch.Tensor], k_cache: tor
         raise BackendUnavailable(f"decode_layers needs the cpp backend, which failed to load ({_load_errors['cpp']})")
     return torch.ops.barkgpt_cpp.decode_layers(x, list(weights), k_cache, v_cache, start, int(offset), int(n_head),
                                                bool(bias), bool(norm_first), activation, float(eps))
+
+
+# ---- exact greedy / top-k head through an fp16 screen (csrc/head_screen.cpp) -----------------
+# Not a declared op: inference only, no autograd. Its reference is the full head
+# linear(x, weight), which it equals bitwise at every row it returns (tests/test_head_screen.py).
+#
+# Why: a batch-1 decode step streams every weight once; the head is the largest (GPT-2: 154 MB of
+# 494 MB in fp32), yet greedy decoding needs only each row's argmax and top-k sampling its k
+# largest logits. The screen reads a half-size fp16 copy of the head, bounds the error of every
+# approximate logit, and recomputes exactly only the rows that can be among the top k.
+#
+# The bound. For a head row w (fp32), its fp16 copy h, and the input row x (fp32, C = K terms):
+# the full head computes f = fl(w.x) with the few-row kernel (gemm.cpp: 16 fixed lanes, then a
+# tree of 4 adds; each term goes through at most ceil(K/16) + 4 roundings, one more where the
+# product is rounded before the add), the screen computes a = fl(h.x) the same way (h widens
+# to fp32 exactly). With n = K + 5 >= that many roundings, u = 2^-24 and g = n u / (1 - n u), the
+# standard dot-product error bound gives |fl(w.x) - w.x| <= g sum|w_i x_i| + (underflow), and
+# Cauchy-Schwarz gives sum|w_i x_i| <= ||w|| ||x||, |w.x - h.x| <= ||w - h|| ||x||. So
+#     |f - a| <= ||x|| (||w - h|| + g (||w|| + ||h||)) + A,
+# A = (K + 16) 2^-148 covering both sums' gradual underflow (each rounding of a subnormal result
+# is off by at most 2^-150). It needs no overflow in either sum: every partial sum is at most
+# (1 + g) ||w|| ||x||, so calls with ||x|| max(||w||, ||h||) >= 2^100 take the full head. The
+# per-row factor (||w - h|| + g (||w|| + ||h||)) is computed once in float64 and multiplied by
+# 1 + 2^-20 (far above the relative error of the float64 norms and of ||x||); every fp32 step
+# after it is rounded outwards (the float64 -> fp32 casts by one nextafter step; ||x|| * factor,
+# + A, a - E and a + E in the kernel by directed rounding, or a nextafter step without AVX-512),
+# so the fp32 E is >= the true bound, lo <= a - E and hi >= a + E.
+# Rows whose copy overflows fp16 (|w_i| >= 65520) get an infinite bound: always candidates.
+#
+# The selection. Per row of x: lo_v <= f_v <= hi_v for every v. Let L be the k-th largest lo
+# and F the k-th largest exact logit. The k rows with the largest lo have f >= lo >= L, so at
+# least k exact logits are >= L, i.e. F >= L. Any v with f_v >= F then has hi_v >= f_v >= F >= L:
+# the candidates {v : hi_v >= L} hold every row of the exact top k, ties at the k-th value
+# included (so argmax's first index and the top-k cut are unchanged). The candidates are
+# recomputed with linear() itself on the selected head rows: the few-row kernel's arithmetic for
+# one output depends only on K, not on which rows are computed together, so they equal the full
+# head's values bitwise.
+
+_ALWAYS_BOUND = float("inf")
+
+
+class HeadScreen:
+    """The fp16 copy of a head weight and its per-row error-bound factors, for
+    :func:`head_topk_logits`. A cache, not model state: never in a state_dict or a checkpoint
+    (pickling or copying it keeps none of its tensors). Rebuilt whenever the weight it was built
+    from changes: another tensor, or the same tensor modified in place (an optimizer step,
+    ``load_state_dict``), as seen by its version counter. Writes through ``weight.data`` and
+    fused optimizer steps (torch's ``fused=True`` AdamW leaves the counter unchanged) bypass it:
+    call :meth:`clear` after them. ``BarkGPT.generate`` uses a new one for every call.
+
+    ``stats``: calls, calls ``screened``, calls that took the ``full`` head, ``candidates`` summed
+    over screened calls (rows recomputed exactly), and ``builds`` of the copy."""
+
+    def __init__(self):
+        self._key = None
+        self.w16: Optional[torch.Tensor] = None  # (V, C) fp16, or None: this weight cannot be screened
+        self.factor: Optional[torch.Tensor] = None  # (V,) fp32, the bound per unit of ||x||
+        self.always: Optional[torch.Tensor] = None  # (n,) int64, rows with an infinite bound
+        self.max_norm = 0.0  # max over the other rows of max(||w||, ||h||)
+        self.stats = dict.fromkeys(("calls", "screened", "full", "candidates", "builds"), 0)
+
+    def clear(self) -> None:
+        """Drop the copy (half the head's bytes); the next use rebuilds it."""
+        self._key, self.w16, self.factor, self.always, self.max_norm = None, None, None, None, 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.w16, self.factor, self.always) if t is not None)
+
+    def __getstate__(self):
+        return {"stats": dict(self.stats)}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.stats.update(state.get("stats", {}))
+
+    @staticmethod
+    def _key_of(weight: torch.Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype,
+                weight.device)
+
+    def update(self, weight: torch.Tensor) -> bool:
+        """Make the copy match ``weight`` (V, C) fp32 on CPU (rebuilt only if it changed). False
+        when it cannot be screened (non-finite values, C too large for the bound, not fp32 on
+        CPU, the cpp backend unavailable)."""
+        key = self._key_of(weight)
+        if key == self._key:
+            return self.w16 is not None
+        self.clear()
+        self.stats["builds"] += 1
+        w = weight.detach()
+        V, C = w.shape
+        n = C + 5
+        self._key = key
+        if n * 2.0 ** -24 >= 0.5 or w.device.type != "cpu" or w.dtype != torch.float32 or not _load("cpp"):
+            return False
+        g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+        # one pass over w: its fp16 copy and the float64 norms ||w||, ||h||, ||w - h|| per row
+        # (in memory for huge pages unless BARKGPT_CPU_HUGEPAGES=0: a fresh copy in 4 KiB pages
+        # spent most of its time in page faults)
+        hugepages = os.environ.get("BARKGPT_CPU_HUGEPAGES", "1").strip() != "0"
+        w16, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w, hugepages)
+        nw, nh, nd = nrm.unbind(1)
+        if not bool(torch.isfinite(nw).all()):  # inf or nan in w (finite fp32 squares cannot overflow float64)
+            return False
+        factor = (nd + g * (nw + nh)) * (1 + 2.0 ** -20)
+        norms = torch.maximum(nw, nh)
+        f32 = factor.float()
+        f32 = torch.nextafter(f32, torch.full_like(f32, float("inf")))
+        always = ~torch.isfinite(f32)  # the fp16 copy overflowed (or the factor exceeds fp32)
+        self.factor = f32.masked_fill(always, float("inf"))
+        self.always = always.nonzero().squeeze(1)
+        finite_norms = norms.masked_fill(always, 0.0)
+        self.max_norm = float(finite_norms.max()) if V else 0.0
+        self.w16 = w16
+        self._key = key
+        return True
+
+
+def _few_row_head(backend: Optional[str]) -> bool:
+    """Whether linear() on fp32 CPU tensors runs the cpp backend's few-row kernel for <= 8 rows
+    (what head_topk_logits' exact recompute must match)."""
+    try:
+        impl = _implementation("linear", backend, "cpu", (torch.float32,))
+    except (BackendUnavailable, TypeError, ValueError):
+        return False
+    return impl.backend == "cpp" and "cpp" in _loaded and bool(torch.ops.barkgpt_cpp.gemm_few_rows())
+
+
+def head_topk_available(backend: Optional[str], device, dtype: torch.dtype) -> bool:
+    """Whether :func:`head_topk_logits` can screen inputs of ``dtype`` on ``device`` for a head
+    whose linear() resolves with ``backend`` (a name or None: auto): fp32 on CPU with linear on the
+    cpp backend's few-row kernel. Loads the cpp backend."""
+    if _device_type(device) != "cpu" or dtype != torch.float32:
+        return False
+    _load("cpp")
+    return _few_row_head(backend)
+
+
+# A row with more candidates than V / this takes the full head for the call (a flat or
+# adversarial row: the exact recompute would cost more than it saves).
+HEAD_SCREEN_MAX_FRACTION = 8
+
+
+def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: HeadScreen,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Head logits (B, V) of ``x`` (B, C) against ``weight`` (V, C), exact where it matters for
+    greedy decoding (``k = 1``) or top-k sampling: every entry is either bitwise
+    ``linear(x, weight)``'s or -inf, and each row's finite entries include all of its ``k``
+    largest logits (ties at the k-th value included). The vocabulary is screened with ``screen``'s
+    fp16 copy of ``weight`` under a rigorous error bound, and only the rows that can reach the
+    top k are recomputed in fp32.
+
+    Where that cannot be guaranteed it returns the full ``linear(x, weight)``: ``k`` outside
+    1..V-1, the linear op not running the cpp backend's few-row kernel (another backend,
+    ``BARKGPT_CPU_GEMM=aten``), not fp32 on CPU, B outside 1..8, autocast, gradients wanted,
+    non-finite ``x`` or weights, or more than V/8 candidates in a row."""
+    if not isinstance(screen, HeadScreen):
+        raise TypeError(f"screen must be a barkgpt.ops.HeadScreen, got {type(screen).__name__}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"head_topk_logits: x must be (B, C) and weight (V, C), got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r}")
+    screen.stats["calls"] += 1
+    B, C = x.shape
+    V = weight.shape[0]
+    if (not 1 <= k < V or not 1 <= B <= 8 or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or weight.device.type != "cpu" or x.stride(1) != 1
+            or weight.stride(1) != 1 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or not _few_row_head(backend) or not screen.update(weight)):
+        return _full_head(x, weight, backend, screen)
+    bounds = _screen_bounds(x, screen)
+    if bounds is None:
+        return _full_head(x, weight, backend, screen)
+    lo, hi = bounds
+    kth_lo = lo.amax(dim=1, keepdim=True) if k == 1 else torch.topk(lo, k, dim=1, sorted=False).values.amin(
+        dim=1, keepdim=True)
+    cand = hi >= kth_lo  # (B, V)
+    if int(torch.count_nonzero(cand, dim=1).max()) * HEAD_SCREEN_MAX_FRACTION > V:
+        return _full_head(x, weight, backend, screen)
+    rows = cand.any(dim=0).nonzero().squeeze(1)  # the union over the batch rows
+    exact = linear(x, weight.index_select(0, rows), None, backend=backend)  # (B, n), bitwise the full head's
+    out = torch.full((B, V), float("-inf"), dtype=x.dtype)
+    out.index_copy_(1, rows, exact)
+    screen.stats["screened"] += 1
+    screen.stats["candidates"] += int(rows.numel())
+    return out
+
+
+def _screen_bounds(x: torch.Tensor, screen: HeadScreen):
+    """(lo, hi), both (B, V) fp32: for every head row, an interval around the screen's approximate
+    logit that holds the exact fp32 logit (-inf, +inf for the rows whose fp16 copy overflowed).
+    None when no bound holds (non-finite x, or sums that could overflow). See the derivation
+    above; the kernel rounds E, lo and hi outwards."""
+    xn = torch.linalg.vector_norm(x.double(), dim=1)  # (B,)
+    if not float(xn.max()) * screen.max_norm < 2.0 ** 100:  # also catches inf / nan in x
+        return None
+    xr = torch.nextafter(xn.float(), torch.tensor(float("inf")))  # ||x|| per row, as fp32 rounded up
+    return torch.ops.barkgpt_cpp.head_screen(x, screen.w16, screen.factor, xr, (x.shape[1] + 16) * 2.0 ** -148)
+
+
+def _full_head(x, weight, backend, screen) -> torch.Tensor:
+    screen.stats["full"] += 1
+    return linear(x, weight, None, backend=backend)

@@ -253,6 +253,8 @@ void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, d
 
 std::string gemm_library() { return current() == Lib::kOneDnn ? "onednn" : "aten"; }
 
+bool gemm_few_rows() { return g_few_rows.load(std::memory_order_relaxed); }
+
 std::string gemm_set_library(c10::string_view choice) {
   std::lock_guard<std::mutex> lock(g_decide);
   const Lib lib = decide(choice);

@@ -34,6 +34,11 @@ void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, d
 // "onednn" or "aten": the library fp32 products go to now.
 std::string gemm_library();
 
+// Whether fp32 products of at most 8 rows against a transposed row-major matrix go to the
+// few-row kernel (false only after gemm_set_library("aten")). barkgpt.ops.head_topk_logits
+// recomputes head rows exactly only where the full head would take that kernel.
+bool gemm_few_rows();
+
 // Sets the choice ("auto", "onednn" or "aten") and returns the library now in use. "onednn"
 // raises if oneDNN cannot run here.
 std::string gemm_set_library(c10::string_view choice);

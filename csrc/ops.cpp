@@ -54,6 +54,12 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const 
                              const at::Tensor& v_cache, const std::optional<at::Tensor>& start, int64_t offset,
                              int64_t n_head, bool bias, bool norm_first, c10::string_view activation, double eps);
 
+// Approximate head logits x @ w16^T from an fp16 copy of the head (head_screen.cpp).
+std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w16,
+                                                   const at::Tensor& factor, const at::Tensor& xnorm,
+                                                   double abs_err);
+std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, bool hugepages);
+
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
 void output_cache_release();
@@ -70,6 +76,7 @@ int64_t hugepage_bytes();
 // Which library fp32 products go to (gemm.cpp).
 std::string gemm_library();
 std::string gemm_set_library(c10::string_view choice);
+bool gemm_few_rows();
 void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta);
 void gemm_out_op(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
   gemm_out(out, a, b, beta);
@@ -113,12 +120,20 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // before ln_f.
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? start, "
         "int offset, int n_head, bool bias, bool norm_first, str activation, float eps) -> Tensor");
+  // Inference only, the screen of barkgpt.ops.head_topk_logits (csrc/head_screen.cpp): (lo, hi),
+  // each (B, V) fp32, around x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T.
+  m.def("head_screen(Tensor x, Tensor w16, Tensor factor, Tensor xnorm, float abs_err) -> (Tensor, Tensor)");
+  // (w16 (V, C) fp16, norms (V, 3) float64: ||w||, ||w16||, ||w - w16|| per row), the screen's
+  // copy; hugepages: w16 in memory advised for transparent huge pages.
+  m.def("head_screen_prepare(Tensor w, bool hugepages) -> (Tensor, Tensor)");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter
   // takes "auto", "onednn" or "aten" and returns the library now in use.
   m.def("gemm_library() -> str", &barkgpt::gemm_library);
   m.def("gemm_set_library(str choice) -> str", &barkgpt::gemm_set_library);
+  // Whether products of <= 8 fp32 rows go to the few-row kernel (false after "aten").
+  m.def("gemm_few_rows() -> bool", &barkgpt::gemm_few_rows);
   // out = beta * out + a @ b through that library (for tests and benchmarks/gemm_bench.py).
   m.def("gemm_out(Tensor(a!) out, Tensor a, Tensor b, float beta) -> ()");
   // [idle bytes, idle blocks, reuses, new mappings, limit bytes, bytes in live outputs]
@@ -152,6 +167,8 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("attention_bwd", &barkgpt::attention_bwd_cpu);
   m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
   m.impl("decode_layers", &barkgpt::decode_layers_cpu);
+  m.impl("head_screen", &barkgpt::head_screen_cpu);
+  m.impl("head_screen_prepare", &barkgpt::head_screen_prepare_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);
