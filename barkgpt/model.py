@@ -385,9 +385,11 @@ class BarkGPT(nn.Module):
     # The copy belongs to one generate call (its KVCache): made at the first screened step, freed
     # when generate returns. Kept across calls, it would have to notice every change of the
     # weights, and fused optimizer steps do not bump the version counter it could key on.
-    # Building the copy reads the head once and writes half of it (~1-2 steps' head time, see
-    # benchmarks/head_screen_bench.py), so calls of fewer than head_screen_min_tokens new tokens
-    # keep the full head (8: a guess from a busy machine; time it on a quiet one).
+    # Building the copy reads the head once and writes half of it: at GPT-2's head (2 threads, quiet
+    # Zen 5 VM) 6-8 ms once the kernels' output cache holds a block for it (every call after the
+    # first), 80-95 ms for the first (faulting in fresh huge pages), against ~1.1 ms saved per
+    # batch-1 step (benchmarks/head_screen_bench.py). Calls of fewer than head_screen_min_tokens
+    # new tokens keep the full head.
     head_screen: bool = True
     head_screen_min_vocab: int = 4096
     head_screen_min_tokens: int = 8

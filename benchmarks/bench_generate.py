@@ -13,11 +13,12 @@ batch (B * new tokens) over the whole generate call (prefill included). Before t
 step's logits of all three are compared (same weights) and the greedy tokens of the cached and
 uncached paths and of transformers are compared; the agreement is reported (random weights give
 near-flat distributions, where a 1e-6 difference may flip a near tie late in a sequence).
-On CPU each row also gives the rate at which a cached decode streams the weights (their bytes
-times the new tokens over the call's time: a batch-1 step reads every weight once) and, next to
-it, the machine's memory read rate measured in the same process just before (the sum of a 512 MiB
-tensor, best of 5). The cached path's speed follows that rate; on a shared VM it moved by 30%
-between processes. Writes generate-<device>-<size>.{json,md} into --out. Runs under pytest too
+On CPU each row also gives the model's fp32 weight bytes times the new tokens over the call's
+time (a plain batch-1 step reads every weight once; with the screened head of greedy / top-k
+decoding the head is read at half size, so the bytes really read are up to 15% fewer at GPT-2's
+shape) and, next to it, the machine's memory read rate measured in the same process just before
+(the sum of a 512 MiB tensor, best of 5). The cached path's speed follows that rate; on a shared
+VM it moved between 40 and 75 GB/s within an hour. Writes generate-<device>-<size>.{json,md} into --out. Runs under pytest too
 (benchmarks/test_bench_generate.py).
 """
 
@@ -181,7 +182,7 @@ def write(result: Dict[str, Any], folder: str) -> str:
              f"{result['device']}, torch {result['torch']}, transformers {result.get('transformers', '?')}, "
              f"{result['threads']} threads, barkgpt backend {result['backend']}", "",
              "| batch | cached tok/s | transformers tok/s | x transformers (>= 1.5) | uncached tok/s | x uncached (>= 10) "
-             "| tokens = transformers | tokens = uncached | weights GB/s (memory read GB/s) |",
+             "| tokens = transformers | tokens = uncached | fp32 weights x tokens / s, GB/s (memory read GB/s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     def f(r, key, fmt):
         return "-" if key not in r else fmt % r[key]

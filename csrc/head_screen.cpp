@@ -188,17 +188,19 @@ std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at
 // even, as torch's .half(); values beyond fp16's range become +-inf) and, per row, float64
 // norms ||w||, ||h||, ||w - h|| (h = the fp16 row widened; w - h is exact in float64), as
 // norms (V, 3). Sums of squares run in 8 fixed float64 lanes per row then a tree: deterministic.
-at::Tensor hugepage_empty(at::IntArrayRef sizes, at::ScalarType dtype);  // outputs.cpp
-
-// hugepages: w16 in 2 MiB blocks advised for transparent huge pages (outputs.cpp). A fresh 77 MB
-// copy in 4 KiB pages cost ~30 ms of page faults, 4x its writing (GPT-2's head, busy machine).
+//
+// hugepages: w16 comes from the kernels' output cache (outputs.cpp): 2 MiB blocks advised for
+// transparent huge pages, kept when freed and handed out again, so the copy of the next generate
+// call finds its block without page faults. GPT-2's head, 2 threads: a fresh 77 MB block cost
+// 90-95 ms (faulting in huge pages), plain at::empty 24 ms (4 KiB faults), a reused block 6 ms.
 std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, bool hugepages) {
   TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kFloat,
               "head_screen_prepare: w must be a (V, C) float32 CPU tensor, got ", w.sizes(), " ",
               w.scalar_type());
   const at::Tensor wc = w.contiguous();
   const int64_t V = wc.size(0), K = wc.size(1);
-  at::Tensor w16 = hugepages ? hugepage_empty({V, K}, at::kHalf) : at::empty({V, K}, wc.options().dtype(at::kHalf));
+  const auto half = wc.options().dtype(at::kHalf);
+  at::Tensor w16 = hugepages ? empty_output({V, K}, half) : at::empty({V, K}, half);
   at::Tensor norms = at::empty({V, 3}, wc.options().dtype(at::kDouble));
   const float* wp = wc.const_data_ptr<float>();
   c10::Half* hp = w16.mutable_data_ptr<c10::Half>();
