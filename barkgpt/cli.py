@@ -653,6 +653,9 @@ def _cmd_info(_a) -> int:
         print(f"{dev:5s} auto -> {ops.resolve_backend(None, dev)}")
     if ops.cpu_gemm_library() is not None:
         print(f"cpu   cpp matrix products: {ops.cpu_gemm_library()} (BARKGPT_CPU_GEMM=auto|onednn|aten)")
+        moves = "yes" if ops.cpu_hugepages_enabled() else "no"
+        print(f"cpu   generation moves weights to huge pages: {moves} (transparent huge pages: "
+              f"{ops.cpu_hugepage_mode() or 'unknown'}; BARKGPT_CPU_HUGEPAGES=0 turns it off)")
     print("ops: " + ", ".join(f"{op} [{', '.join(b for b in ops.BACKENDS if registry.implementation(op, b))}]"
                               for op in registry.OPS))
     return 0

@@ -36,7 +36,8 @@ from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
            "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library",
-           "use_cpu_hugepages", "decode_layers", "decode_layers_available", "HeadScreen",
+           "use_cpu_hugepages", "cpu_hugepage_mode", "cpu_hugepages_enabled",
+           "decode_layers", "decode_layers_available", "HeadScreen",
            "head_topk_logits", "head_topk_available"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
@@ -288,6 +289,23 @@ def cpu_gemm_library() -> Optional[str]:
     return torch.ops.barkgpt_cpp.gemm_library()
 
 
+def cpu_hugepage_mode() -> Optional[str]:
+    """The kernel's transparent huge page mode as the cpp backend reads it: ``"always"``,
+    ``"madvise"``, ``"never"`` or ``""`` (unknown, or not Linux); None while the cpp backend has
+    not been loaded. ``use_cpu_hugepages`` moves nothing under ``"never"`` or ``""``."""
+    if "cpp" not in _loaded:
+        return None
+    return torch.ops.barkgpt_cpp.hugepage_mode()
+
+
+def cpu_hugepages_enabled() -> bool:
+    """Whether barkgpt puts CPU memory it streams at decode time (the weights, the screened head's
+    copy) in huge pages: the cpp backend is loaded, the kernel has transparent huge pages
+    (``always`` or ``madvise``) and ``BARKGPT_CPU_HUGEPAGES`` is not ``0``."""
+    return (os.environ.get("BARKGPT_CPU_HUGEPAGES", "1").strip() != "0"
+            and cpu_hugepage_mode() not in (None, "", "never"))
+
+
 def use_cpu_hugepages(module: torch.nn.Module, min_bytes: int = 2 << 20) -> int:
     """Move ``module``'s CPU floating-point parameters of at least ``min_bytes`` into memory
     advised for transparent huge pages (csrc/outputs.cpp), in place: same values, same
@@ -297,11 +315,9 @@ def use_cpu_hugepages(module: torch.nn.Module, min_bytes: int = 2 << 20) -> int:
     the cpp backend's library (loads it). Returns the bytes moved (0 when there is nothing to
     move, the cpp backend is unavailable, the system has no transparent huge pages, or
     ``BARKGPT_CPU_HUGEPAGES=0``). Parameters already moved stay."""
-    if os.environ.get("BARKGPT_CPU_HUGEPAGES", "1").strip() == "0" or not _load("cpp"):
+    if not _load("cpp") or not cpu_hugepages_enabled():
         return 0
     lib = torch.ops.barkgpt_cpp
-    if lib.hugepage_mode() in ("", "never"):
-        return 0
     moved = 0
     with torch.no_grad():
         for p in module.parameters():
@@ -458,9 +474,9 @@ class HeadScreen:
             return False
         g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
         # one pass over w: its fp16 copy and the float64 norms ||w||, ||h||, ||w - h|| per row
-        # (in memory for huge pages unless BARKGPT_CPU_HUGEPAGES=0: a fresh copy in 4 KiB pages
-        # spent most of its time in page faults)
-        hugepages = os.environ.get("BARKGPT_CPU_HUGEPAGES", "1").strip() != "0"
+        # (in the kernels' output cache, in huge pages, where cpu_hugepages_enabled(): a fresh copy
+        # in 4 KiB pages spent most of its time in page faults)
+        hugepages = cpu_hugepages_enabled()
         w16, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w, hugepages)
         nw, nh, nd = nrm.unbind(1)
         if not bool(torch.isfinite(nw).all()):  # inf or nan in w (finite fp32 squares cannot overflow float64)

@@ -82,11 +82,21 @@ def test_use_cpu_hugepages_keeps_values_parameters_and_ties(tie):
     assert not lib.is_hugepage_backed(m.layers[0].norm1.weight)
 
 
-def test_the_environment_turns_it_off(monkeypatch):
+def test_the_environment_turns_it_off(monkeypatch, capsys):
+    from barkgpt.cli import main
+
     m = model()
+    assert ops.cpu_hugepage_mode() == lib.hugepage_mode()
+    assert ops.cpu_hugepages_enabled() == THP
+    assert main(["info"]) == 0
+    yes = "yes" if THP else "no"
+    assert f"generation moves weights to huge pages: {yes} (transparent huge pages: " in capsys.readouterr().out
     monkeypatch.setenv("BARKGPT_CPU_HUGEPAGES", "0")
+    assert not ops.cpu_hugepages_enabled()
     assert ops.use_cpu_hugepages(m) == 0
     assert not lib.is_hugepage_backed(m.token_emb.weight)
+    assert main(["info"]) == 0
+    assert "generation moves weights to huge pages: no" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not THP, reason="this kernel has no transparent huge pages")
