@@ -2,6 +2,7 @@
 #include "gemm.h"
 
 #include "common.h"
+#include "few_rows.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/allclose.h>
@@ -105,94 +106,10 @@ Lib current() {
   return lib;
 }
 
-// Few-row products (decode: one or a few tokens per step): out (M x N) = [out +] x (M x K) @ w^T
-// with w an (N x K) row-major matrix, as F.linear multiplies. Each output column is M dot
-// products against one contiguous row of w, so w streams through once at memory speed, which a
-// GEMM library tuned for big products does not do at M = 1..8. The M sums of a row run in 16
-// fixed lanes each (the order depends only on K), threads split the N rows: deterministic.
-// R rows of w at a time share each load of x: M * R accumulators of 16 lanes (at most 16 of the
-// 32 AVX-512 registers), and several independent FMA chains even at M = 1. From M = 2 on, the
-// rows of w are prefetched 8 KiB ahead (the hardware prefetcher alone fell behind once each
-// byte of w feeds several FMAs; at M = 1 it kept up and the prefetches only cost). Measured on
-// the 49 matrices of GPT-2 small streamed from memory, 1 thread: M = 8 44.8 -> 28.6 ms,
-// M = 4 28.1 -> 22.2 ms, M = 1 16.8 ms without (19.3 with); oneDNN took 33.9 / 30.2 / 22.0 ms.
-constexpr int64_t kPrefetchFloats = 2048;
-template <int M, int R>
-void few_rows_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out, int64_t ldo,
-                   int64_t K, int64_t n, bool accumulate) {
-#if defined(__AVX512F__)
-  __m512 acc[R][M];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  auto step = [&](int64_t i, __mmask16 mask) {
-    if constexpr (M >= 2) {
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * ldw + i + kPrefetchFloats), _MM_HINT_T0);
-    }
-    __m512 wv[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * ldw + i);
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + i);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
-    }
-  };
-  int64_t i = 0;
-  for (; i + 16 <= K; i += 16) step(i, __mmask16(0xFFFF));
-  if (i < K) step(i, __mmask16((1u << (K - i)) - 1u));
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      const float s = _mm512_reduce_add_ps(acc[r][m]);
-      float& o = out[m * ldo + n + r];
-      o = accumulate ? o + s : s;
-    }
-  }
-#else
-  constexpr int L = 16;
-  float acc[R][M][L] = {};
-  int64_t i = 0;
-  for (; i + L <= K; i += L) {
-    for (int m = 0; m < M; ++m) {
-      const float* xr = x + m * ldx + i;
-      for (int r = 0; r < R; ++r) {
-        const float* wr = w + (n + r) * ldw + i;
-#pragma omp simd
-        for (int l = 0; l < L; ++l) acc[r][m][l] += xr[l] * wr[l];
-      }
-    }
-  }
-  for (int l = 0; i + l < K; ++l)
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m][l] += x[m * ldx + i + l] * w[(n + r) * ldw + i + l];
-  for (int r = 0; r < R; ++r) {
-    for (int m = 0; m < M; ++m) {
-      fold_lanes<L / 2>(acc[r][m]);
-      float& o = out[m * ldo + n + r];
-      o = accumulate ? o + acc[r][m][0] : acc[r][m][0];
-    }
-  }
-#endif
-}
+// Few-row products (decode): csrc/few_rows.h.
+constexpr int64_t kFewRows = few_rows::kMaxRows;
 
-template <int M>
-void few_rows_kernel(const float* x, int64_t ldx, const float* w, int64_t ldw, float* out, int64_t ldo,
-                     int64_t K, int64_t n0, int64_t n1, bool accumulate) {
-  constexpr int R = M <= 4 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) few_rows_tile<M, R>(x, ldx, w, ldw, out, ldo, K, n, accumulate);
-  for (; n < n1; ++n) few_rows_tile<M, 1>(x, ldx, w, ldw, out, ldo, K, n, accumulate);
-}
-
-constexpr int64_t kFewRows = 8;
-
-void few_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void few_rows_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const float* x = a.const_data_ptr<float>();
   const float* w = b.const_data_ptr<float>();  // b = w^T: element (k, n) at w[n * ldw + k]
@@ -201,14 +118,7 @@ void few_rows(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, b
   // about 64 KiB of w per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-#define BARKGPT_FEW(m) \
-  case m: few_rows_kernel<m>(x, ldx, w, ldw, o, ldo, K, n0, n1, accumulate); break;
-      BARKGPT_FEW(1) BARKGPT_FEW(2) BARKGPT_FEW(3) BARKGPT_FEW(4)
-      BARKGPT_FEW(5) BARKGPT_FEW(6) BARKGPT_FEW(7) BARKGPT_FEW(8)
-#undef BARKGPT_FEW
-      default: TORCH_CHECK(false, "few_rows: M = ", M);
-    }
+    few_rows::rows(M, x, ldx, w, ldw, o, ldo, K, n0, n1, accumulate);
   });
 }
 
@@ -237,7 +147,7 @@ void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, d
                     out.scalar_type() == at::kFloat;
   if (fp32 && m <= kFewRows && a.stride(1) == 1 && b.stride(0) == 1 && out.stride(1) == 1 &&
       g_few_rows.load(std::memory_order_relaxed)) {
-    few_rows(out, a, b, beta != 0.0);
+    few_rows_product(out, a, b, beta != 0.0);
     return;
   }
   if (fp32 && out.is_contiguous() && m * n * k >= kMinOneDnnWork && current() == Lib::kOneDnn) {

@@ -9,11 +9,12 @@
 // lo = a - E rounded downwards, hi = a + E rounded upwards (directed rounding: AVX-512's embedded
 // rounding, else one nextafter step outwards), and lo = -inf, hi = +inf where factor is inf.
 //
-// Like the few-row fp32 kernel (gemm.cpp): each output is one dot product in 16 fixed lanes over
-// C (lane l takes c = l, l + 16, ...), then a tree of 4 adds; threads split V; R rows of w16
-// share each load of x. Deterministic, and every term goes through at most ceil(C/16) + 4
-// roundings (the bound in ops.py assumes at most C + 5). fp16 -> fp32 is exact.
+// The products are the few-row kernel's (csrc/few_rows.h, as the fp32 head's): each output is one
+// dot product in 16 fixed lanes over C (lane l takes c = l, l + 16, ...), then a tree of 4 adds;
+// threads split V. Deterministic, and every term goes through at most ceil(C/16) + 4 roundings
+// (the bound in ops.py assumes at most C + 5). fp16 -> fp32 is exact.
 #include "common.h"
+#include "few_rows.h"
 
 #include <c10/util/Exception.h>
 
@@ -22,76 +23,6 @@
 
 namespace barkgpt {
 namespace {
-
-template <int M, int R>
-void screen_tile(const float* x, int64_t ldx, const c10::Half* w, int64_t ldw, float* out, int64_t ldo, int64_t K,
-                 int64_t n) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
-  __m512 acc[R][M];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  auto step = [&](int64_t i, __mmask16 mask) {
-    if constexpr (M >= 2) {  // as the few-row kernel (gemm.cpp): 4 KiB of each row ahead
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * ldw + i + 2048), _MM_HINT_T0);
-    }
-    __m512 wv[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-      wv[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(w + (n + r) * ldw + i)));
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + i);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
-    }
-  };
-  int64_t i = 0;
-  for (; i + 16 <= K; i += 16) step(i, __mmask16(0xFFFF));
-  if (i < K) step(i, __mmask16((1u << (K - i)) - 1u));
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) out[m * ldo + n + r] = _mm512_reduce_add_ps(acc[r][m]);
-#else
-  constexpr int L = 16;
-  float acc[R][M][L] = {};
-  int64_t i = 0;
-  for (; i + L <= K; i += L) {
-    for (int r = 0; r < R; ++r) {
-      float wf[L];
-      const c10::Half* wr = w + (n + r) * ldw + i;
-      for (int l = 0; l < L; ++l) wf[l] = static_cast<float>(wr[l]);
-      for (int m = 0; m < M; ++m) {
-        const float* xr = x + m * ldx + i;
-#pragma omp simd
-        for (int l = 0; l < L; ++l) acc[r][m][l] += xr[l] * wf[l];
-      }
-    }
-  }
-  for (int l = 0; i + l < K; ++l)
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m)
-        acc[r][m][l] += x[m * ldx + i + l] * static_cast<float>(w[(n + r) * ldw + i + l]);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) {
-      fold_lanes<L / 2>(acc[r][m]);
-      out[m * ldo + n + r] = acc[r][m][0];
-    }
-#endif
-}
-
-template <int M>
-void screen_rows(const float* x, int64_t ldx, const c10::Half* w, int64_t ldw, float* out, int64_t ldo, int64_t K,
-                 int64_t n0, int64_t n1) {
-  constexpr int R = M <= 4 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) screen_tile<M, R>(x, ldx, w, ldw, out, ldo, K, n);
-  for (; n < n1; ++n) screen_tile<M, 1>(x, ldx, w, ldw, out, ldo, K, n);
-}
 
 // lo/hi (rows m, columns n0..n1) from the approximate logits stored in lo: see the top of the file.
 void bounds(float* lo, float* hi, int64_t ldo, int64_t M, const float* xnorm, const float* factor, float abs_err,
@@ -169,14 +100,7 @@ std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at
       if (K == 0) {
         for (int64_t m = 0; m < M; ++m) std::fill(lp + m * ldo + b0, lp + m * ldo + b1, 0.0f);
       } else {
-        switch (M) {
-#define BARKGPT_SCREEN(m) \
-  case m: screen_rows<m>(xp, ldx, wp, ldw, lp, ldo, K, b0, b1); break;
-          BARKGPT_SCREEN(1) BARKGPT_SCREEN(2) BARKGPT_SCREEN(3) BARKGPT_SCREEN(4)
-          BARKGPT_SCREEN(5) BARKGPT_SCREEN(6) BARKGPT_SCREEN(7) BARKGPT_SCREEN(8)
-#undef BARKGPT_SCREEN
-          default: break;
-        }
+        few_rows::rows(M, xp, ldx, wp, ldw, lp, ldo, K, b0, b1, false);
       }
       bounds(lp, hp, ldo, M, xn, fp, ae, b0, b1);
     }
