@@ -382,8 +382,8 @@ class BarkGPT(nn.Module):
     # streams half the head's bytes. False here (on the class or a model), or the environment
     # variable BARKGPT_HEAD_SCREEN=0, keeps the full head. Vocabularies below
     # head_screen_min_vocab or 8 * n_embd keep it too (a small head costs little to stream).
-    # The copy belongs to one generate call (its KVCache): made at the first screened step, freed
-    # when generate returns. Kept across calls, it would have to notice every change of the
+    # The copy belongs to one generate call (its KVCache): made at the first screened step, its
+    # memory back in the C++ kernels' output cache when generate returns. Kept across calls, it would have to notice every change of the
     # weights, and fused optimizer steps do not bump the version counter it could key on.
     # Building the copy reads the head once and writes half of it: at GPT-2's head (2 threads, quiet
     # Zen 5 VM) 6-8 ms once the kernels' output cache holds a block for it (every call after the
