@@ -394,23 +394,30 @@ class BarkGPT(nn.Module):
     head_screen_min_vocab: int = 4096
     head_screen_min_tokens: int = 8
 
+    @staticmethod
+    def _cpu_shortcut_allowed(switch: bool, env: str, t: torch.Tensor) -> bool:
+        """What the cpp backend's generation shortcuts (the screened head, the fused decode step)
+        both need: their switch on (the model attribute, and the environment variable ``env`` not
+        0/false/no/off), not under torch.compile, ``t`` on CPU without autocast, and no global
+        forward hooks (the shortcuts skip module calls)."""
+        if (not switch or torch.compiler.is_compiling()
+                or os.environ.get(env, "").strip().lower() in ("0", "false", "no", "off")):
+            return False
+        glob = nn.modules.module
+        return (t.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not glob._global_forward_hooks and not glob._global_forward_pre_hooks)
+
     def _screens_head(self, h: torch.Tensor) -> bool:
         """Whether the head of this cached step may be screened (ops.head_topk_logits): switched
         on, a plain bias-free head with no hooks, a vocabulary large enough to pay, fp32 on CPU
         with linear on the cpp backend's few-row kernel, no autocast, nothing to differentiate,
         not under torch.compile."""
-        if torch.compiler.is_compiling() or not self.head_screen or os.environ.get(
-                "BARKGPT_HEAD_SCREEN", "").strip().lower() in ("0", "false", "no", "off"):
+        if not self._cpu_shortcut_allowed(self.head_screen, "BARKGPT_HEAD_SCREEN", h):
             return False
         head = self.head
         V, C = head.weight.shape
         if (type(head) is not Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks
                 or V < self.head_screen_min_vocab or V < 8 * C):
-            return False
-        glob = nn.modules.module
-        if glob._global_forward_hooks or glob._global_forward_pre_hooks:
-            return False
-        if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return False
         if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
             return False
@@ -427,16 +434,10 @@ class BarkGPT(nn.Module):
         to differentiate, no dropout acting, not under torch.compile, and plain blocks (the
         classes of this file, no forward hooks). Collected at every call (a few us per layer):
         parameters replaced since the last step are always the ones used."""
-        if torch.compiler.is_compiling() or not self.fused_decode or os.environ.get(
-                "BARKGPT_FUSED_DECODE", "").strip().lower() in ("0", "false", "no", "off"):
-            return None
-        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+        if (not self._cpu_shortcut_allowed(self.fused_decode, "BARKGPT_FUSED_DECODE", x)
                 or cache.k.dtype != x.dtype or cache.v.dtype != x.dtype or cache.k.device.type != "cpu"):
             return None
         if not ops.decode_layers_available(self.rt.backend, x.device, x.dtype):
-            return None
-        glob = nn.modules.module
-        if glob._global_forward_hooks or glob._global_forward_pre_hooks:
             return None
         c = self.config
         bias, training = c.bias, self.training

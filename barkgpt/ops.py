@@ -351,10 +351,14 @@ def decode_layers_available(backend: Optional[str], device, dtype: torch.dtype) 
     what layer_norm, linear and cached_attention resolve to for ``backend`` (a name or None: auto)
     on ``device`` with inputs of ``dtype``. False where resolving raises (the module loop then
     raises the same error)."""
-    if _device_type(device) != "cpu":
-        return False
+    return _device_type(device) == "cpu" and _runs_on_cpp(_DECODE_OPS, backend, dtype)
+
+
+def _runs_on_cpp(op_names: Sequence[str], backend: Optional[str], dtype: torch.dtype) -> bool:
+    """Whether every op of ``op_names`` resolves to the loaded cpp backend for CPU inputs of
+    ``dtype`` under ``backend`` (a name or None: auto); False where resolving raises."""
     try:
-        impls = [_implementation(op, backend, "cpu", (dtype,)) for op in _DECODE_OPS]
+        impls = [_implementation(op, backend, "cpu", (dtype,)) for op in op_names]
     except (BackendUnavailable, TypeError, ValueError):
         return False
     return "cpp" in _loaded and all(impl.backend == "cpp" for impl in impls)
@@ -372,7 +376,7 @@ def decode_layers(x: torch.Tensor, weights: Sequence[torch.Tensor], k_cache: tor
     or None: each row's first real position (left padding). Returns the hidden states (B, T, C)
     before ln_f, bitwise what the blocks' forward gives in eval mode on the cpp backend. Bad
     shapes, counts or dtypes raise RuntimeError."""
-    if "cpp" not in _loaded and not _load("cpp"):
+    if not _load("cpp"):
         raise BackendUnavailable(f"decode_layers needs the cpp backend, which failed to load ({_load_errors['cpp']})")
     return torch.ops.barkgpt_cpp.decode_layers(x, list(weights), k_cache, v_cache, start, int(offset), int(n_head),
                                                bool(bias), bool(norm_first), activation, float(eps))
@@ -498,11 +502,7 @@ class HeadScreen:
 def _few_row_head(backend: Optional[str]) -> bool:
     """Whether linear() on fp32 CPU tensors runs the cpp backend's few-row kernel for <= 8 rows
     (what head_topk_logits' exact recompute must match)."""
-    try:
-        impl = _implementation("linear", backend, "cpu", (torch.float32,))
-    except (BackendUnavailable, TypeError, ValueError):
-        return False
-    return impl.backend == "cpp" and "cpp" in _loaded and bool(torch.ops.barkgpt_cpp.gemm_few_rows())
+    return _runs_on_cpp(("linear",), backend, torch.float32) and bool(torch.ops.barkgpt_cpp.gemm_few_rows())
 
 
 def head_topk_available(backend: Optional[str], device, dtype: torch.dtype) -> bool:
