@@ -495,7 +495,6 @@ class HeadScreen:
         finite_norms = norms.masked_fill(always, 0.0)
         self.max_norm = float(finite_norms.max()) if V else 0.0
         self.w16 = w16
-        self._key = key
         return True
 
 
