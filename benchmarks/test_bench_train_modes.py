@@ -23,7 +23,9 @@ from barkgpt import GPTConfig, TrainingError, ops
 from barkgpt.config import train_defaults
 
 PRESETS = ("bark-tiny", "bark")
-STEPS_SHORT, STEPS_LONG = (20, 220) if B.IS_CUDA else (2, 4)
+# On CPU (the dry run of run_gpu.sh) 2 vs 4 steps left 2 steps of a few ms against the noise of
+# two whole train() calls: the difference came out <= 0 in some suite runs.
+STEPS_SHORT, STEPS_LONG = (20, 220) if B.IS_CUDA else (4, 44)
 _eager_losses = {}
 
 
@@ -58,9 +60,11 @@ def test_train_modes(preset, mode):
             times[steps] = B.now() - t0
         per_step = (times[STEPS_LONG] - times[STEPS_SHORT]) / (STEPS_LONG - STEPS_SHORT)
         tokens = train_defaults(preset, cfg)["batch_size"] * cfg.block_size  # per step
-        rec.update(status="ok", median_s=per_step, steps_per_s=1.0 / per_step if per_step > 0 else None,
-                   tokens_per_s=tokens / per_step if per_step > 0 else None,
-                   run_s={str(k): v for k, v in times.items()}, final_loss=r.losses[-1])
+        rec.update(run_s={str(k): v for k, v in times.items()}, final_loss=r.losses[-1])
+        if per_step > 0:
+            rec.update(status="ok", median_s=per_step, steps_per_s=1.0 / per_step, tokens_per_s=tokens / per_step)
+        else:  # the extra steps drowned in the two runs' noise: no rate to report
+            rec.update(status=f"inconclusive: the {STEPS_LONG}-step run took no longer than the {STEPS_SHORT}-step one")
         if mode == "eager":
             _eager_losses[preset] = r.losses
         elif preset in _eager_losses:
