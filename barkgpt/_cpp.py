@@ -340,8 +340,15 @@ def _decode_layers_fake(x, weights, k_cache, v_cache, start, offset, n_head, bia
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+# decode_step: the same from token ids (B, T) to ln_f of the last position (B, 1, C).
+def _decode_step_fake(idx, tok_emb, pos_emb, weights, k_cache, v_cache, start, offset, n_head, bias, norm_first,
+                      activation, eps, ln_f_weight, ln_f_bias):
+    return tok_emb.new_empty((idx.shape[0], 1, tok_emb.shape[1]))
+
+
 if not getattr(_ops, "_barkgpt_decode_fake", False):
     torch.library.register_fake(f"{_NS}::decode_layers", _decode_layers_fake)
+    torch.library.register_fake(f"{_NS}::decode_step", _decode_step_fake)
     _ops._barkgpt_decode_fake = True
 
 

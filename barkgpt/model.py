@@ -165,6 +165,19 @@ class KVCache:
         # the full logits.
         self.head_top_k: Optional[int] = None
         self.head_screen: Optional[ops.HeadScreen] = None
+        # Set by generate, whose steps run no user code between them except on_token: the checks
+        # of the fused step and of the screened head are made once, at the first step that
+        # needs them, and kept (step_plan: the fused step's weights, or False for the module
+        # loop; head_plan: whether the head is screened) until forget_plans(), which generate
+        # calls after every on_token. Off: checked at every step (what a caller that changes
+        # the model between its own forward_cached calls needs).
+        self.keep_plans = False
+        self.step_plan = None
+        self.head_plan: Optional[bool] = None
+
+    def forget_plans(self) -> None:
+        """Make the next step check again whether it may take the fused step and the screened head."""
+        self.step_plan = self.head_plan = None
 
     @property
     def capacity(self) -> int:
@@ -348,28 +361,43 @@ class BarkGPT(nn.Module):
         if off + T > cache.capacity:
             raise ValueError(f"the KV cache holds {cache.capacity} positions; {off} are used and {T} more "
                              f"were given (past block_size generate slides the window)")
-        if off == 0 and cache.start is None:
-            x = ops.embedding_add(idx, self.token_emb.weight, self.pos_emb.weight, backend=self.rt.backend)
-        else:
-            pos = torch.arange(off, off + T, device=idx.device).expand(B, T)
-            if cache.start is not None:  # padding positions get id 0; nothing attends to them
-                pos = (pos - cache.start[:, None]).clamp(min=0)
-            check_token_ids(idx, self.config.vocab_size)
-            x = F.embedding(idx, self.token_emb.weight) + F.embedding(pos, self.pos_emb.weight)
-        x = self.drop(x)  # (B, T, C)
         # The prompt without padding takes plain causal attention (SelfAttention): the module loop.
-        weights = None if off == 0 and cache.start is None else self._fused_decode_weights(x, cache)
-        if weights is not None:  # every block in one C++ call, bitwise the loop below
-            c = self.config
-            x = ops.decode_layers(x, weights, cache.k, cache.v, cache.start, off, c.n_head, c.bias,
-                                  c.norm_first, c.activation, c.layer_norm_eps)
+        if off == 0 and cache.start is None:
+            weights = None
+        elif cache.keep_plans and cache.step_plan is not None:
+            weights = cache.step_plan or None
         else:
+            weights = self._fused_step_weights(cache)
+            if cache.keep_plans:
+                cache.step_plan = weights if weights is not None else False
+        if weights is not None:  # embedding, every block and ln_f in one C++ call, bitwise the path below
+            c, ln_f = self.config, self.ln_f
+            h = ops.decode_step(idx, self.token_emb.weight, self.pos_emb.weight, weights, cache.k, cache.v,
+                                cache.start, off, c.n_head, c.bias, c.norm_first, c.activation, c.layer_norm_eps,
+                                ln_f.weight, ln_f.bias)
+        else:
+            if off == 0 and cache.start is None:
+                x = ops.embedding_add(idx, self.token_emb.weight, self.pos_emb.weight, backend=self.rt.backend)
+            else:
+                pos = torch.arange(off, off + T, device=idx.device).expand(B, T)
+                if cache.start is not None:  # padding positions get id 0; nothing attends to them
+                    pos = (pos - cache.start[:, None]).clamp(min=0)
+                check_token_ids(idx, self.config.vocab_size)
+                x = F.embedding(idx, self.token_emb.weight) + F.embedding(pos, self.pos_emb.weight)
+            x = self.drop(x)  # (B, T, C)
             for i, layer in enumerate(self.layers):
                 x = layer(x, cache, i)
+            h = self.ln_f(x[:, -1:])  # (B, 1, C): the head runs on the last position only
         cache.length = off + T
-        h = self.ln_f(x[:, -1:])  # (B, 1, C): the head runs on the last position only
         k = cache.head_top_k
-        if k is not None and self._screens_head(h):
+        if k is not None:
+            if cache.keep_plans and cache.head_plan is not None:
+                screened = cache.head_plan
+            else:
+                screened = self._screens_head(h)
+                if cache.keep_plans:
+                    cache.head_plan = screened
+        if k is not None and screened:
             if cache.head_screen is None:
                 cache.head_screen = ops.HeadScreen()
             return ops.head_topk_logits(h[:, 0], self.head.weight, k, cache.head_screen,
@@ -423,10 +451,27 @@ class BarkGPT(nn.Module):
             return False
         return ops.head_topk_available(self.rt.backend, h.device, h.dtype)
 
-    # Cached generation steps on the cpp backend run all blocks in one C++ call (ops.decode_layers,
-    # csrc/decode.cpp) instead of ~20 Python module calls and torch ops per block. False here (on
-    # the class or a model), or the environment variable BARKGPT_FUSED_DECODE=0, keeps the loop.
+    # Cached generation steps on the cpp backend run the embedding, all blocks and ln_f in one C++
+    # call (ops.decode_step, csrc/decode.cpp) instead of ~20 Python module calls and torch ops per
+    # block. False here (on the class or a model), or the environment variable
+    # BARKGPT_FUSED_DECODE=0, keeps the loop.
     fused_decode: bool = True
+
+    def _fused_step_weights(self, cache: KVCache) -> Optional[list]:
+        """The blocks' parameters for ops.decode_step when it computes exactly what forward_cached's
+        module path would: the blocks as in :meth:`_fused_decode_weights`, and around them the
+        embedding tables of one dtype, a plain dropout with nothing to do and no hooks, and a
+        plain ln_f as the config sets it; else None."""
+        tok, pos, drop, ln_f = self.token_emb.weight, self.pos_emb.weight, self.drop, self.ln_f
+        if (pos.dtype != tok.dtype or pos.device != tok.device or type(drop) is not nn.Dropout
+                or drop._forward_hooks or drop._forward_pre_hooks or (self.training and drop.p > 0)
+                or type(ln_f) is not LayerNorm or ln_f._forward_hooks or ln_f._forward_pre_hooks
+                or ln_f.eps != self.config.layer_norm_eps or (ln_f.bias is not None) != self.config.bias):
+            return None
+        trunk = (pos, ln_f.weight) if ln_f.bias is None else (pos, ln_f.weight, ln_f.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in trunk):
+            return None
+        return self._fused_decode_weights(tok, cache)  # tok stands for the embedded x: its dtype, device, grad
 
     def _fused_decode_weights(self, x: torch.Tensor, cache: KVCache) -> Optional[list]:
         """The blocks' parameters in ops.decode_layers' order when it computes exactly what the
@@ -532,9 +577,9 @@ class BarkGPT(nn.Module):
                     top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and 0 < top_k < V else None)
                 if max_new_tokens < self.head_screen_min_tokens:
                     head_k = None
-                next_logits = self._cached_logits(B, lengths, head_k)
+                next_logits, cache = self._cached_logits(B, lengths, head_k)
             else:
-                next_logits = self._uncached_logits(lengths)
+                next_logits, cache = self._uncached_logits(lengths), None
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             nxt = None
             for _ in range(max_new_tokens):
@@ -546,8 +591,11 @@ class BarkGPT(nn.Module):
                     done |= nxt == eos_token_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
                 lengths += 1
-                if on_token is not None and on_token(nxt):
-                    break
+                if on_token is not None:
+                    if on_token(nxt):
+                        break
+                    if cache is not None:  # the callback may have changed the model
+                        cache.forget_plans()
                 if eos_token_id is not None and bool(done.all()):
                     break
         finally:
@@ -586,6 +634,7 @@ class BarkGPT(nn.Module):
         w = self.token_emb.weight
         cache = KVCache(self.config, B, w.dtype, w.device)
         cache.head_top_k = head_top_k
+        cache.keep_plans = True
         bs = self.config.block_size
 
         def prefill(idx):
@@ -608,7 +657,7 @@ class BarkGPT(nn.Module):
                 return prefill(idx)
             return self(nxt[:, None], cache=cache)[:, 0]
 
-        return next_logits
+        return next_logits, cache
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, directory: str) -> str:

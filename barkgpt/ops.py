@@ -37,7 +37,7 @@ from .registry import BackendSpec, BackendUnavailable, Impl, OpDecl
 __all__ = ["BackendUnavailable", "BACKENDS", "ENV_VAR", "available_backends", "unavailable_reason",
            "resolve_backend", "cpu_cache_info", "empty_cpu_cache", "cpu_gemm_library",
            "use_cpu_hugepages", "cpu_hugepage_mode", "cpu_hugepages_enabled",
-           "decode_layers", "decode_layers_available", "HeadScreen",
+           "decode_layers", "decode_step", "decode_layers_available", "HeadScreen",
            "head_topk_logits", "head_topk_available"] + list(registry.OPS)
 
 ENV_VAR = "BARKGPT_BACKEND"
@@ -380,6 +380,24 @@ def decode_layers(x: torch.Tensor, weights: Sequence[torch.Tensor], k_cache: tor
         raise BackendUnavailable(f"decode_layers needs the cpp backend, which failed to load ({_load_errors['cpp']})")
     return torch.ops.barkgpt_cpp.decode_layers(x, list(weights), k_cache, v_cache, start, int(offset), int(n_head),
                                                bool(bias), bool(norm_first), activation, float(eps))
+
+
+def decode_step(idx: torch.Tensor, tok_emb: torch.Tensor, pos_emb: torch.Tensor, weights: Sequence[torch.Tensor],
+                k_cache: torch.Tensor, v_cache: torch.Tensor, start: Optional[torch.Tensor], offset: int, n_head: int,
+                bias: bool, norm_first: bool, activation: str, eps: float, ln_f_weight: torch.Tensor,
+                ln_f_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`decode_layers` with the rest of a cached step's trunk, in the same one C++ call:
+    from the step's token ids ``idx`` (B, T) (int64) through the embedding ``tok_emb[idx] +
+    pos_emb[pos]`` (positions ``offset ..`` minus each row's ``start``, at least 0), every block,
+    and ln_f (``ln_f_weight``, ``ln_f_bias``, ``eps``) of the last position: (B, 1, C), bitwise
+    what BarkGPT.forward_cached computes before its head in eval mode on the cpp backend. An id
+    outside the vocabulary raises IndexError, other bad arguments RuntimeError, before the
+    caches are touched."""
+    if not _load("cpp"):
+        raise BackendUnavailable(f"decode_step needs the cpp backend, which failed to load ({_load_errors['cpp']})")
+    return torch.ops.barkgpt_cpp.decode_step(idx, tok_emb, pos_emb, list(weights), k_cache, v_cache, start,
+                                             int(offset), int(n_head), bool(bias), bool(norm_first), activation,
+                                             float(eps), ln_f_weight, ln_f_bias)
 
 
 # ---- exact greedy / top-k head through an fp16 screen (csrc/head_screen.cpp) -----------------

@@ -1,5 +1,5 @@
 """One cached decode step of BarkGPT on the cpp backend, with the fused C++ step
-(ops.decode_layers, csrc/decode.cpp) and with the module loop it replaces.
+(ops.decode_step, csrc/decode.cpp) and with the module loop it replaces.
 
     python benchmarks/decode_step.py [--rounds N] [--steps N] [--threads N] [--size gpt2|small]
                                      [--batch B] [--offset P] [--pages huge|small|both]
@@ -10,7 +10,7 @@ times --steps steps of each path, alternating the paths round by round so machin
 both alike (the cache length is reset before every step, so every step attends to the same
 --offset + 1 positions), and prints the median and minimum per-step times and their ratio
 (loop / fused > 1: the fused step is faster), plus the time BarkGPT takes to collect the
-weights for the fused call. The weights are in huge pages, as generate puts them
+weights for the fused call (warm, back to back; generate does it once per call). The weights are in huge pages, as generate puts them
 (--pages small: not; --pages both: also the fused step on a copy in 4 KiB pages, alternately).
 Time it on a quiet machine; the numbers mean nothing on a busy one.
 """
@@ -88,14 +88,13 @@ def main() -> None:
                 for _ in range(args.steps):
                     step()
                 times[fused].append((time.perf_counter() - t0) / args.steps * 1e3)
-        x = torch.zeros(B, 1, cfg.n_embd)
         cache.length = P
         model.fused_decode = True
-        if model._fused_decode_weights(x, cache) is None:
+        if model._fused_step_weights(cache) is None:
             raise SystemExit("the model would not take the fused path")
         t0 = time.perf_counter()
         for _ in range(1000):
-            model._fused_decode_weights(x, cache)
+            model._fused_step_weights(cache)
         collect_us = (time.perf_counter() - t0) / 1000 * 1e6
 
         if small_pages is not None:  # the fused step, huge pages vs 4 KiB pages, alternately
@@ -114,9 +113,9 @@ def main() -> None:
           f"torch {torch.__version__}, products via {ops.cpu_gemm_library()}")
     print("| path | median ms | min ms |")
     print("|---|---|---|")
-    print(f"| fused (ops.decode_layers) | {fused_med:.3f} | {min(times[True]):.3f} |")
+    print(f"| fused (ops.decode_step) | {fused_med:.3f} | {min(times[True]):.3f} |")
     print(f"| module loop | {loop_med:.3f} | {min(times[False]):.3f} |")
-    print(f"loop / fused (median): {loop_med / fused_med:.3f}x; collecting the weights: {collect_us:.1f} us per step")
+    print(f"loop / fused (median): {loop_med / fused_med:.3f}x; collecting the weights: {collect_us:.1f} us per call")
     if small_pages is not None:
         h, sm = statistics.median(pages["huge"]), statistics.median(pages["small"])
         print(f"fused step, weights in huge pages: {h:.3f} ms (min {min(pages['huge']):.3f}); in 4 KiB pages: "

@@ -53,6 +53,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
 at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList weights, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const std::optional<at::Tensor>& start, int64_t offset,
                              int64_t n_head, bool bias, bool norm_first, c10::string_view activation, double eps);
+at::Tensor decode_step_cpu(const at::Tensor& idx, const at::Tensor& tok_emb, const at::Tensor& pos_emb,
+                           at::TensorList weights, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const std::optional<at::Tensor>& start, int64_t offset, int64_t n_head, bool bias,
+                           bool norm_first, c10::string_view activation, double eps, const at::Tensor& ln_f_weight,
+                           const std::optional<at::Tensor>& ln_f_bias);
 
 // Approximate head logits x @ w16^T from an fp16 copy of the head (head_screen.cpp).
 std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w16,
@@ -120,6 +125,11 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // before ln_f.
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? start, "
         "int offset, int n_head, bool bias, bool norm_first, str activation, float eps) -> Tensor");
+  // The same, from the step's token ids (B, T) to ln_f of its last position (B, 1, C): the
+  // embedding, every block, ln_f (csrc/decode.cpp).
+  m.def("decode_step(Tensor idx, Tensor tok_emb, Tensor pos_emb, Tensor[] weights, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor? start, int offset, int n_head, bool bias, bool norm_first, str activation, "
+        "float eps, Tensor ln_f_weight, Tensor? ln_f_bias) -> Tensor");
   // Inference only, the screen of barkgpt.ops.head_topk_logits (csrc/head_screen.cpp): (lo, hi),
   // each (B, V) fp32, around x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T.
   m.def("head_screen(Tensor x, Tensor w16, Tensor factor, Tensor xnorm, float abs_err) -> (Tensor, Tensor)");
@@ -167,6 +177,7 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("attention_bwd", &barkgpt::attention_bwd_cpu);
   m.impl("cached_attention_fwd", &barkgpt::cached_attention_fwd_cpu);
   m.impl("decode_layers", &barkgpt::decode_layers_cpu);
+  m.impl("decode_step", &barkgpt::decode_step_cpu);
   m.impl("head_screen", &barkgpt::head_screen_cpu);
   m.impl("head_screen_prepare", &barkgpt::head_screen_prepare_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);

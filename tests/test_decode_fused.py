@@ -27,15 +27,15 @@ def _model(backend="cpp", n_head=2, n_embd=24, n_layer=2, block_size=24, dtype=t
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls of ops.decode_layers (what BarkGPT.forward_cached calls) while forwarding them."""
+    """Counts the calls of ops.decode_step (what BarkGPT.forward_cached calls) while forwarding them."""
     n = {"calls": 0}
-    real = ops.decode_layers
+    real = ops.decode_step
 
     def counting(*args, **kwargs):
         n["calls"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "decode_layers", counting)
+    monkeypatch.setattr(ops, "decode_step", counting)
     return n
 
 
@@ -315,3 +315,197 @@ def test_bad_arguments_raise_before_touching_the_caches(change, message):
     with pytest.raises(RuntimeError, match=message):
         ops.decode_layers(**a)
     assert torch.equal(a["k_cache"], k0) and torch.equal(a["v_cache"], v0)
+
+
+# ---- decode_step: the embedding, the blocks and ln_f in one call ------------------------------
+
+def _step_args(B=2, T=1, **kw):
+    a = _args(B=B, T=T, **kw)
+    g = torch.Generator().manual_seed(10)
+    C, dtype = a["x"].shape[2], a["x"].dtype
+    x = a.pop("x")
+    return dict(idx=torch.randint(0, 40, (B, T), generator=g), tok_emb=torch.randn(40, C, generator=g, dtype=dtype),
+                pos_emb=torch.randn(8, C, generator=g, dtype=dtype), **a,
+                ln_f_weight=torch.randn(C, generator=g, dtype=dtype),
+                ln_f_bias=torch.randn(C, generator=g, dtype=dtype) if a["bias"] else None) | {"_x": x}
+
+
+def test_decode_step_is_the_embedding_the_blocks_and_ln_f():
+    a = _step_args(T=2)
+    a.pop("_x")
+    a["start"] = torch.tensor([0, 4])  # row 1: positions 3, 4 minus 4 -> clamped 0, then 0
+    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    got = ops.decode_step(**a)
+    pos = (torch.arange(3, 5).expand(2, 2) - b["start"][:, None]).clamp(min=0)
+    assert torch.equal(pos, torch.tensor([[3, 4], [0, 0]]))
+    x = torch.nn.functional.embedding(b["idx"], b["tok_emb"]) + torch.nn.functional.embedding(pos, b["pos_emb"])
+    h = ops.decode_layers(x, b["weights"], b["k_cache"], b["v_cache"], b["start"], 3, b["n_head"], True, True,
+                          "gelu", 1e-5)
+    want = ops.layer_norm(h[:, -1:], b["ln_f_weight"], b["ln_f_bias"], 1e-5, backend="cpp")
+    assert got.shape == (2, 1, 12) and torch.equal(got, want)
+    assert torch.equal(a["k_cache"], b["k_cache"]) and torch.equal(a["v_cache"], b["v_cache"])
+
+
+@pytest.mark.parametrize("bias, norm_first, T", [(True, True, 1), (False, False, 3)])
+def test_decode_step_opcheck(bias, norm_first, T):
+    a = _step_args(bias=bias, T=T)
+    a.pop("_x")
+    a.update(norm_first=norm_first, start=torch.tensor([1, 0]))
+    torch.library.opcheck(torch.ops.barkgpt_cpp.decode_step.default, tuple(a.values()))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda a: a["idx"].__setitem__((1, 0), 40), IndexError, r"token id 40 is out of range for a vocabulary of 40"),
+    (lambda a: a["idx"].__setitem__((0, 0), -1), IndexError, r"token id -1 is out of range"),
+    (lambda a: a.update(idx=a["idx"].int()), RuntimeError, "idx must be a CPU int64 tensor"),
+    (lambda a: a.update(idx=a["idx"][:, :0]), RuntimeError, r"with T >= 1"),
+    (lambda a: a.update(pos_emb=a["pos_emb"][:3]), RuntimeError, r"positions 3..3 need a position table of 4 rows"),
+    (lambda a: a.update(pos_emb=a["pos_emb"][:, :5]), RuntimeError, "must share C"),
+    (lambda a: a.update(pos_emb=a["pos_emb"].double()), RuntimeError, "of one dtype"),
+    (lambda a: a.update(ln_f_weight=a["ln_f_weight"][:5]), RuntimeError, r"ln_f_weight must be a \(12,\)"),
+    (lambda a: a.update(ln_f_bias=a["ln_f_bias"].double()), RuntimeError, r"ln_f_bias must be a \(12,\)"),
+    (lambda a: a.update(start=torch.tensor([0.0, 1.0])), RuntimeError, "start must be a CPU integer tensor"),
+    (lambda a: a["weights"].pop(), RuntimeError, "expected 24 weights"),
+    (lambda a: a.update(offset=8), RuntimeError, "need a position table|do not fit"),
+])
+def test_decode_step_bad_arguments_raise_before_touching_the_caches(change, error, message):
+    a = _step_args()
+    a.pop("_x")
+    change(a)
+    k0, v0 = a["k_cache"].clone(), a["v_cache"].clone()
+    with pytest.raises(error, match=message):
+        ops.decode_step(**a)
+    assert torch.equal(a["k_cache"], k0) and torch.equal(a["v_cache"], v0)
+
+
+def test_an_id_out_of_range_raises_index_error_on_the_fused_path_too(calls):
+    m = _model()
+    for fused in (True, False):
+        m.fused_decode = fused
+        cache = KVCache(m.config, 1, torch.float32, "cpu")
+        with torch.no_grad():
+            m.forward_cached(torch.tensor([[1, 2]]), cache)
+            with pytest.raises(IndexError, match="token id 53 is out of range for a vocabulary of 53"):
+                m.forward_cached(torch.tensor([[53]]), cache)
+        assert cache.length == 2
+    assert calls["calls"] == 1  # the fused round's step reached the op, which raised
+
+
+def test_trunk_changes_take_the_module_loop(calls):
+    m = _model()
+    seen = []
+    for module in (m.ln_f, m.drop):
+        h = module.register_forward_hook(lambda mod, inp, out: seen.append(1))
+        with torch.no_grad():
+            _one_step(m)
+        assert calls["calls"] == 0 and len(seen) == 2  # prefill and step both ran the hook
+        seen.clear()
+        h.remove()
+    # ln_f's eps changed by hand, or an embedding dropout that acts in training: the loop
+    m.ln_f.eps = 1e-3
+    with torch.no_grad():
+        got = _one_step(m)
+        assert calls["calls"] == 0
+        m.ln_f.eps = 1e-5
+        assert not torch.equal(got, _one_step(m))
+        assert calls["calls"] == 1
+    m0 = _model(dropout=0.0).train()
+    m0.drop.p = 0.5
+    with torch.no_grad():
+        _one_step(m0)
+    assert calls["calls"] == 1
+    m0.drop.p = 0.0
+    with torch.no_grad():
+        _one_step(m0)
+    assert calls["calls"] == 2
+    # the embedding tables and ln_f wanting gradients in grad mode: the loop
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m.pos_emb.weight.requires_grad_(True)
+    assert _one_step(m).requires_grad and calls["calls"] == 2
+    m.pos_emb.weight.requires_grad_(False)
+    m.ln_f.weight.requires_grad_(True)
+    assert _one_step(m).requires_grad and calls["calls"] == 2
+    m.ln_f.weight.requires_grad_(False)
+    assert not _one_step(m).requires_grad and calls["calls"] == 3
+
+
+def test_generate_checks_once_and_again_after_each_on_token(calls, monkeypatch):
+    m = _model()
+    n = {"checks": 0}
+    real = BarkGPT._fused_step_weights
+
+    def counting(self, cache):
+        n["checks"] += 1
+        return real(self, cache)
+
+    monkeypatch.setattr(BarkGPT, "_fused_step_weights", counting)
+    idx = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(11))
+    m.generate(idx, 10, greedy=True)
+    assert calls["calls"] == 9 and n["checks"] == 1
+    calls["calls"] = n["checks"] = 0
+    m.generate(idx, 10, greedy=True, on_token=lambda t: None)
+    assert calls["calls"] == 9 and n["checks"] == 9
+
+
+@pytest.mark.parametrize("change", ["switch_off", "hook", "replace_weight"])
+def test_on_token_changes_to_the_model_take_effect_at_the_next_step(calls, change):
+    idx = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(12))
+    other = _model(seed=1)
+
+    def run(fused):
+        """Greedy generate where on_token changes the model after the third token."""
+        m = _model()
+        m.fused_decode = fused
+        seen, n = [], [0]
+
+        def on_token(t):
+            n[0] += 1
+            if n[0] != 3:
+                return
+            if change == "switch_off":
+                m.fused_decode = False
+            elif change == "hook":
+                m.layers[0].ff.fc.register_forward_hook(lambda mod, inp, out: seen.append(1))
+            else:
+                m.layers[1].attn.qkv.weight = nn.Parameter(other.layers[1].attn.qkv.weight.detach().clone())
+
+        return m.generate(idx, 8, greedy=True, on_token=on_token), seen
+
+    got, seen = run(True)
+    fused_calls = calls["calls"]
+    want, _ = run(False)
+    assert torch.equal(got, want)
+    # tokens 2 and 3 come from fused steps; after the change the loop (switched off, a hook) or
+    # the fused step with the new weight
+    assert fused_calls == (2 if change in ("switch_off", "hook") else 7)
+    if change == "hook":
+        assert len(seen) == 5  # the hook ran at every step after it was registered
+    if change == "replace_weight":  # the change mattered
+        assert not torch.equal(got, _model().generate(idx, 8, greedy=True))
+
+
+def test_on_token_switching_the_head_screen_off_takes_effect_at_the_next_step(monkeypatch):
+    torch.manual_seed(0)
+    m = BarkGPT(GPTConfig(vocab_size=4096, block_size=24, n_layer=1, n_head=2, n_embd=24), backend="cpp").eval()
+    n = {"screened": 0}
+    real = ops.head_topk_logits
+
+    def counting(*args, **kwargs):
+        n["screened"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "head_topk_logits", counting)
+    idx = torch.randint(0, 4096, (1, 4), generator=torch.Generator().manual_seed(13))
+    full = m.generate(idx, 8, greedy=True)
+    assert n["screened"] == 8  # the prefill's token and 7 steps
+    n["screened"] = 0
+    count = [0]
+
+    def on_token(t):
+        count[0] += 1
+        if count[0] == 3:
+            m.head_screen = False
+
+    assert torch.equal(m.generate(idx, 8, greedy=True, on_token=on_token), full)
+    assert n["screened"] == 3

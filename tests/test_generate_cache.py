@@ -47,7 +47,7 @@ def test_cached_logits_equal_the_uncached_model_on_the_same_window(norm_first):
     m = _model("torch", block_size=10, norm_first=norm_first)
     idx = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(2))
     lengths = torch.tensor([4, 3])
-    step = m._cached_logits(2, lengths)
+    step, _ = m._cached_logits(2, lengths)
     nxt = None
     for i in range(25):  # 4 + 25 > 10: the last steps rebuild the cache from the window
         got = step(idx, nxt)
@@ -69,7 +69,7 @@ def test_generate_under_cpu_autocast(backend):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = m.generate(idx, 8, greedy=True, prompt_lengths=lengths)
         assert out.shape == (2, 12) and torch.equal(out, m.generate(idx, 8, greedy=True, prompt_lengths=lengths))
-        step = m._cached_logits(2, lengths.clone())
+        step, _ = m._cached_logits(2, lengths.clone())
         nxt = None
         for i in range(8):
             got = step(out[:, :4 + i], nxt).float()
