@@ -25,18 +25,23 @@ def _model(backend="cpp", n_head=2, n_embd=24, n_layer=2, block_size=24, dtype=t
     return m.to(dtype).eval()
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the calls of ops.decode_step (what BarkGPT.forward_cached calls) while forwarding them."""
+def _count_calls(monkeypatch, owner, name):
+    """Replace owner.name with a wrapper that counts its calls in the returned dict's "calls"."""
     n = {"calls": 0}
-    real = ops.decode_step
+    real = getattr(owner, name)
 
     def counting(*args, **kwargs):
         n["calls"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "decode_step", counting)
+    monkeypatch.setattr(owner, name, counting)
     return n
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of ops.decode_step (what BarkGPT.forward_cached calls) while forwarding them."""
+    return _count_calls(monkeypatch, ops, "decode_step")
 
 
 def _steps(m, idx, start, step_lengths):
@@ -432,20 +437,13 @@ def test_trunk_changes_take_the_module_loop(calls):
 
 def test_generate_checks_once_and_again_after_each_on_token(calls, monkeypatch):
     m = _model()
-    n = {"checks": 0}
-    real = BarkGPT._fused_step_weights
-
-    def counting(self, cache):
-        n["checks"] += 1
-        return real(self, cache)
-
-    monkeypatch.setattr(BarkGPT, "_fused_step_weights", counting)
+    checks = _count_calls(monkeypatch, BarkGPT, "_fused_step_weights")
     idx = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(11))
     m.generate(idx, 10, greedy=True)
-    assert calls["calls"] == 9 and n["checks"] == 1
-    calls["calls"] = n["checks"] = 0
+    assert calls["calls"] == 9 and checks["calls"] == 1
+    calls["calls"] = checks["calls"] = 0
     m.generate(idx, 10, greedy=True, on_token=lambda t: None)
-    assert calls["calls"] == 9 and n["checks"] == 9
+    assert calls["calls"] == 9 and checks["calls"] == 9
 
 
 @pytest.mark.parametrize("change", ["switch_off", "hook", "replace_weight"])
@@ -488,18 +486,11 @@ def test_on_token_changes_to_the_model_take_effect_at_the_next_step(calls, chang
 def test_on_token_switching_the_head_screen_off_takes_effect_at_the_next_step(monkeypatch):
     torch.manual_seed(0)
     m = BarkGPT(GPTConfig(vocab_size=4096, block_size=24, n_layer=1, n_head=2, n_embd=24), backend="cpp").eval()
-    n = {"screened": 0}
-    real = ops.head_topk_logits
-
-    def counting(*args, **kwargs):
-        n["screened"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "head_topk_logits", counting)
+    n = _count_calls(monkeypatch, ops, "head_topk_logits")
     idx = torch.randint(0, 4096, (1, 4), generator=torch.Generator().manual_seed(13))
     full = m.generate(idx, 8, greedy=True)
-    assert n["screened"] == 8  # the prefill's token and 7 steps
-    n["screened"] = 0
+    assert n["calls"] == 8  # the prefill's token and 7 steps
+    n["calls"] = 0
     count = [0]
 
     def on_token(t):
@@ -508,4 +499,4 @@ def test_on_token_switching_the_head_screen_off_takes_effect_at_the_next_step(mo
             m.head_screen = False
 
     assert torch.equal(m.generate(idx, 8, greedy=True, on_token=on_token), full)
-    assert n["screened"] == 3
+    assert n["calls"] == 3
