@@ -163,6 +163,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // Uninitialized CPU memory in 2 MiB-aligned blocks advised for transparent huge pages, for
   // weights that decode streams (barkgpt.ops.use_cpu_hugepages); freed when the tensor dies.
   m.def("hugepage_empty(int[] size, ScalarType dtype) -> Tensor", &barkgpt::hugepage_empty);
+  // Whether t's memory is a block barkgpt advised for huge pages as a whole (hugepage_empty's, or
+  // a kernel output of 2 MiB or more from the output cache).
   m.def("is_hugepage_backed(Tensor t) -> bool", &barkgpt::is_hugepage_backed);
   // "always", "madvise", "never", or "" (unknown): the kernel's transparent huge page mode.
   m.def("hugepage_mode() -> str", &barkgpt::hugepage_mode);
