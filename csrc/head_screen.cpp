@@ -362,7 +362,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_screen_prepare_int8_cpu(cons
       const float* wr = wp + r * K;
       int8_t* qr = qp + r * K;
       float mx = 0.0f;
+#if defined(__AVX512F__)
+      {
+        __m512 m16 = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= K; i += 16) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_loadu_ps(wr + i)));
+        if (i < K) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_maskz_loadu_ps(__mmask16((1u << (K - i)) - 1u), wr + i)));
+        mx = _mm512_reduce_max_ps(m16);
+      }
+#else
       for (int64_t i = 0; i < K; ++i) mx = std::max(mx, std::fabs(wr[i]));
+#endif
       float s = mx / 127.0f;
       if (mx > 0.0f) {
         if (s == 0.0f) s = std::numeric_limits<float>::denorm_min();
@@ -383,6 +393,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_screen_prepare_int8_cpu(cons
         np[4 * r + 3] = std::sqrt(sq);
         continue;
       }
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+      {
+        // 16 values a step, q as the portable path computes it (w * r rounded to nearest even,
+        // clamped), squares summed in 2 x 8 float64 lanes per norm, then a fixed reduction.
+        const __m512 rv = _mm512_set1_ps(rcp), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+        const __m512d sv = _mm512_set1_pd(sd);
+        __m512d acc[4][2];
+        for (auto& a : acc) a[0] = a[1] = _mm512_setzero_pd();
+        auto step = [&](int64_t j, __mmask16 mask) {
+          const __m512 wv = _mm512_maskz_loadu_ps(mask, wr + j);
+          __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(wv, rv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          qf = _mm512_min_ps(_mm512_max_ps(qf, lo), hi);  // (nan -> -127, as std::max in the portable path)
+          _mm512_mask_cvtepi32_storeu_epi8(qr + j, mask, _mm512_cvtps_epi32(qf));
+          const __m256 wh[2] = {_mm512_castps512_ps256(wv), _mm512_extractf32x8_ps(wv, 1)};
+          const __m256 qh[2] = {_mm512_castps512_ps256(qf), _mm512_extractf32x8_ps(qf, 1)};
+          for (int h = 0; h < 2; ++h) {
+            const __m512d wd = _mm512_cvtps_pd(wh[h]), qd = _mm512_cvtps_pd(qh[h]);
+            const __m512d dd = _mm512_mul_pd(sv, qd), ed = _mm512_sub_pd(wd, dd);  // dd exact
+            acc[0][h] = _mm512_fmadd_pd(wd, wd, acc[0][h]);
+            acc[1][h] = _mm512_fmadd_pd(dd, dd, acc[1][h]);
+            acc[2][h] = _mm512_fmadd_pd(ed, ed, acc[2][h]);
+            acc[3][h] = _mm512_fmadd_pd(qd, qd, acc[3][h]);
+          }
+        };
+        int64_t j = 0;
+        for (; j + 16 <= K; j += 16) step(j, __mmask16(0xFFFF));
+        if (j < K) step(j, __mmask16((1u << (K - j)) - 1u));
+        for (int t = 0; t < 4; ++t) np[4 * r + t] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(acc[t][0], acc[t][1])));
+        continue;
+      }
+#endif
       constexpr int L = 8;
       double sw[L] = {}, sdd[L] = {}, se[L] = {}, sq[L] = {};
       auto one = [&](int64_t j, int l) {

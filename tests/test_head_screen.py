@@ -80,6 +80,25 @@ def _int8_copy_ok(q, scale, w):
     assert bool((q[zero] == 0).all()) and bool((wd[zero] == 0).all())
     err = (wd - sd * q.double()).abs()
     assert bool((err <= sd * (0.5 + 127 * 2.0 ** -22)).all())  # w * fl(1 / s) is off by <= 2 ulp of 127
+    want_q, want_s = _int8_ref(w)
+    assert torch.equal(scale, want_s) and torch.equal(q, want_q)  # bitwise the documented definition
+
+
+def _int8_ref(w):
+    """head_screen_prepare_int8's copy, as csrc/head_screen.cpp defines it, in torch."""
+    mx = w.abs().amax(1)
+    s = mx / 127
+    s = torch.where((mx > 0) & (s == 0), torch.tensor(torch.finfo(torch.float32).smallest_normal * 2.0 ** -23), s)
+    while True:
+        low = s.double() * 127 < mx.double()
+        if not bool(low.any()):
+            break
+        s = torch.where(low, torch.nextafter(s, torch.tensor(INF)), s)
+    r = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    q = torch.round(w * r[:, None]).clamp(-127, 127)
+    tiny = ~torch.isfinite(r)  # 1 / s overflows fp32: divide in float64
+    q[tiny] = torch.round(w[tiny].double() / s[tiny, None].double()).clamp(-127, 127).float()
+    return q.to(torch.int8), s
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
