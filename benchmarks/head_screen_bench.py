@@ -84,6 +84,34 @@ def head_rows(rounds: int, reps: int):
     return build, rows
 
 
+def copy_memory(rounds: int, reps: int):
+    """Median ms of a batch-1 greedy screened call per precision with the copy where generate puts
+    it (a block of the kernels' output cache) and in a fresh hugepage_empty block, in turn (both are
+    advised for huge pages as a whole since the cache's blocks are whole 2 MiB pages)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(50257, 768, generator=g) * 0.02
+    x = torch.randn(1, 768, generator=g)
+    lib = torch.ops.barkgpt_cpp
+    out = {}
+    for p in PRECISIONS:
+        cached = ops.HeadScreen(p)
+        cached.update(w)
+        fresh = ops.HeadScreen(p)
+        fresh.update(w)
+        wq = lib.hugepage_empty(list(fresh.wq.shape), fresh.wq.dtype)
+        wq.copy_(fresh.wq)
+        fresh.wq = wq
+        fns = {name: (lambda sc=sc: ops.head_topk_logits(x, w, 1, sc, backend="cpp"))
+               for name, sc in (("cache", cached), ("hugepage_empty", fresh))}
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(_time(fn, reps))
+        out[p] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        out[p]["backed"] = (lib.is_hugepage_backed(cached.wq), lib.is_hugepage_backed(fresh.wq))
+    return out
+
+
 def generate_candidates(model, new_tokens: int, precision: str):
     from bench_generate import PROMPT
 
@@ -162,6 +190,12 @@ def main() -> None:
         print(f"| {r['B']} | {r['k']} | {r['full']:.3f} | {r['int8']:.3f} | {r['fp16']:.3f} | {r['int8_ratio']:.2f}x "
               f"| {r['fp16_ratio']:.2f}x | {r['int8'] / r['fp16']:.2f} | {r['int8_cand']:.1f} | {r['fp16_cand']:.1f} "
               f"| {r['int8_fallbacks']} / {r['fp16_fallbacks']} |")
+    print("\nthe copy's memory, B = 1, k = 1: ms per screened call")
+    print("| precision | output-cache block | hugepage_empty block | cache / hugepage_empty | is_hugepage_backed |")
+    print("|---|---|---|---|---|")
+    for p, r in copy_memory(args.rounds, args.reps).items():
+        print(f"| {p} | {r['cache']:.3f} | {r['hugepage_empty']:.3f} | {r['cache'] / r['hugepage_empty']:.3f} "
+              f"| {r['backed'][0]} / {r['backed'][1]} |")
     print(f"\ngreedy generate, bench_generate's random GPT-2-shaped model ({args.layers} layers), "
           f"prompt 16, {args.new_tokens} new tokens:")
     from bench_generate import build_models
