@@ -431,9 +431,10 @@ def decode_layers(x: torch.Tensor, weights: Sequence[torch.Tensor], k_cache: tor
 # >= 2^100 take the full head, and rows with max(||w||, ||d||) >= 2^64 (weights far beyond any
 # trained model's) are made always-candidates so that they do not hold the others back. The
 # float64 factor and fp32 rounding outwards are as for fp16. A non-finite weight declines the copy.
-# The int8 bound is about 35x wider than fp16's relative to the logits (benchmarks/
-# head_screen_bench.py): a few candidates per step at GPT-2's shape with random weights, but a
-# trained model whose final hidden state has outlier dimensions may get many; see HeadScreen.
+# The int8 bound is about 25x wider than fp16's on Gaussian rows (the median ratio of the factors
+# at GPT-2's shape; more for rows with outliers, which set the scale): a few candidates per step
+# at GPT-2's shape with random weights, but a trained model whose final hidden state has outlier
+# dimensions may get many; see HeadScreen.
 #
 # The selection. Per row of x: lo_v <= f_v <= hi_v for every v. Let L be the k-th largest lo
 # and F the k-th largest exact logit. The k rows with the largest lo have f >= lo >= L, so at
@@ -453,9 +454,10 @@ _ALWAYS_NORM = 2.0 ** 64  # int8 rows with larger norms are always candidates (s
 # when a screened call's candidates (the union over the batch) exceed V / this, or a row has more
 # than V / HEAD_SCREEN_MAX_FRACTION. Bytes: the int8 copy saves C V bytes a step over fp16, and
 # each candidate costs an exact fp32 row read out of the stream, ~2 x 4 C bytes counting the
-# random access as double, so int8 breaks even around (n_int8 - n_fp16) = V / 8 candidates. fp16's
-# own candidates (unknown while int8 runs) are ~35x fewer, so V / 16 switches while int8 still
-# saves at least half of what it can (GPT-2: 3141 rows, 19 MB against 38.6 MB saved).
+# random access as double, so int8 breaks even around (n_int8 - n_fp16) = V / 8 candidates.
+# fp16's own candidates (unknown while int8 runs) are far fewer (a ~25x narrower bound), so V / 16
+# switches while int8 still saves at least half of what it can (GPT-2: 3141 rows, 19 MB against
+# 38.6 MB saved).
 HEAD_SCREEN_INT8_MAX_FRACTION = 16
 
 
@@ -470,7 +472,7 @@ class HeadScreen:
     every call.
 
     ``precision``: ``"int8"`` or ``"fp16"`` forces that copy; ``"auto"`` (the default) starts in
-    int8 (a quarter of the head's bytes) and switches for good to fp16 (half, but a bound ~35x
+    int8 (a quarter of the head's bytes) and switches for good to fp16 (half, but a bound ~25x
     narrower) once a screened call has more than V / HEAD_SCREEN_INT8_MAX_FRACTION candidates or a
     row with more than V / HEAD_SCREEN_MAX_FRACTION (see the bytes behind it in ops.py).
 

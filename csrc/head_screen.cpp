@@ -367,7 +367,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_screen_prepare_int8_cpu(cons
         __m512 m16 = _mm512_setzero_ps();
         int64_t i = 0;
         for (; i + 16 <= K; i += 16) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_loadu_ps(wr + i)));
-        if (i < K) m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_maskz_loadu_ps(__mmask16((1u << (K - i)) - 1u), wr + i)));
+        if (i < K) {
+          const __mmask16 tail = __mmask16((1u << (K - i)) - 1u);
+          m16 = _mm512_max_ps(m16, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, wr + i)));
+        }
         mx = _mm512_reduce_max_ps(m16);
       }
 #else
@@ -420,7 +423,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_screen_prepare_int8_cpu(cons
         int64_t j = 0;
         for (; j + 16 <= K; j += 16) step(j, __mmask16(0xFFFF));
         if (j < K) step(j, __mmask16((1u << (K - j)) - 1u));
-        for (int t = 0; t < 4; ++t) np[4 * r + t] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(acc[t][0], acc[t][1])));
+        for (int t = 0; t < 4; ++t)
+          np[4 * r + t] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(acc[t][0], acc[t][1])));
         continue;
       }
 #endif
