@@ -161,11 +161,14 @@ def test_int8_rows_of_large_values_and_zero_rows():
     w[13, 5] = 3e38  # 127 s must not overflow fp32 (it is checked in float64)
     w[14, :] = 0.0
     w[14, 7] = 1e30  # a norm beyond 2^64: an always-candidate row
+    w[15, 2] = -torch.finfo(torch.float32).max  # s 127 would round past fp32's largest value
+    w[16] = _rand(C, scale=1e15, seed=16)  # huge, but screened
     x = _rand(4, C, seed=7)
     screen = ops.HeadScreen("int8")
     _check(x, w, 1, screen)
     _int8_copy_ok(screen.wq, screen.scale, w)
-    assert set(screen.always.tolist()) == {13, 14}
+    assert set(screen.always.tolist()) == {13, 14, 15}
+    assert float(screen.factor[16]) < INF
     assert float(screen.scale[12]) == 0.0 and bool((screen.wq[12] == 0).all())
     _check(x, w, 40, screen)
     x[:, 3] = 1.0  # row 10 wins now
@@ -336,7 +339,7 @@ def test_bound_holds_everywhere(precision):
     """|exact - approximate| <= E for every entry (random weights of several scales, down to
     subnormal fp32 weights and int8 scales, up to huge ones, rows of zeros)."""
     C = 70
-    for seed, scale in enumerate((1e-44, 1e-38, 1e-3, 1.0, 1e3, 1e20)):
+    for seed, scale in enumerate((1e-44, 1e-38, 1e-3, 1.0, 1e3, 1e15, 1e20)):
         w, x = _rand(3000, C, scale=scale, seed=20 + seed), _rand(8, C, seed=30 + seed)
         w[7] = 0.0
         w[8, 1:] = 0.0
