@@ -305,6 +305,31 @@ def test_kernels_opcheck_and_kernel_errors():
         lib.head_screen_prepare_int8(w.double(), True)
 
 
+def test_a_screened_call_is_one_kernel_call():
+    """The selection, the union and the exact recompute run inside head_screen_topk: a screened
+    call (after the copy is built) dispatches no torch op besides it and the few-row query."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w, x = _rand(5000, 64, seed=62), _rand(3, 64, seed=63)
+    for precision in PRECISIONS:
+        screen = ops.HeadScreen(precision)
+        _check(x, w, 2, screen)
+        with Ops() as seen:
+            out = ops.head_topk_logits(x, w, 2, screen, backend="cpp")
+        assert screen.stats["screened"] == 2
+        assert [op for op in seen.seen if "gemm_few_rows" not in op] == ["barkgpt_cpp.head_screen_topk.default"]
+        assert torch.equal(out, ops.head_topk_logits(x, w, 2, screen, backend="cpp"))
+
+
 def test_topk_kernel_info_and_declines():
     """head_screen_topk's info: (candidate rows, most in one row); -1 without a bound, -2 over
     max_count; the exact entries bitwise linear's, -inf elsewhere."""
