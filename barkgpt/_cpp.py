@@ -352,18 +352,29 @@ if not getattr(_ops, "_barkgpt_decode_fake", False):
     _ops._barkgpt_decode_fake = True
 
 
-# head_screen (csrc/head_screen.cpp, barkgpt.ops.head_topk_logits): inference only, two (B, V) fp32.
-def _head_screen_fake(x, w16, factor, xnorm, abs_err):
-    return x.new_empty((x.shape[0], w16.shape[0])), x.new_empty((x.shape[0], w16.shape[0]))
+# head_screen (csrc/head_screen.cpp, barkgpt.ops.head_topk_logits): inference only.
+def _head_screen_fake(x, w, factor, xnorm, abs_err, scale=None):
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _head_screen_topk_fake(x, weight, w, scale, factor, max_norm, abs_err, k, max_count):
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((2,), dtype=torch.int64)
 
 
 def _head_screen_prepare_fake(w, hugepages):
     return w.new_empty(w.shape, dtype=torch.float16), w.new_empty((w.shape[0], 3), dtype=torch.float64)
 
 
+def _head_screen_prepare_int8_fake(w, hugepages):
+    return (w.new_empty(w.shape, dtype=torch.int8), w.new_empty((w.shape[0],)),
+            w.new_empty((w.shape[0], 4), dtype=torch.float64))
+
+
 if not getattr(_ops, "_barkgpt_head_screen_fake", False):
     torch.library.register_fake(f"{_NS}::head_screen", _head_screen_fake)
+    torch.library.register_fake(f"{_NS}::head_screen_topk", _head_screen_topk_fake)
     torch.library.register_fake(f"{_NS}::head_screen_prepare", _head_screen_prepare_fake)
+    torch.library.register_fake(f"{_NS}::head_screen_prepare_int8", _head_screen_prepare_int8_fake)
     _ops._barkgpt_head_screen_fake = True
 
 

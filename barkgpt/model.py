@@ -161,7 +161,7 @@ class KVCache:
         self.start: Optional[torch.Tensor] = None
         # Set by generate when its draws need only each row's head_top_k largest logits (1:
         # greedy): forward_cached may then return logits exact at a superset of those and -inf
-        # elsewhere (ops.head_topk_logits, with the fp16 copy of the head in head_screen). None:
+        # elsewhere (ops.head_topk_logits, with the int8 / fp16 copy of the head in head_screen). None:
         # the full logits.
         self.head_top_k: Optional[int] = None
         self.head_screen: Optional[ops.HeadScreen] = None
@@ -399,28 +399,31 @@ class BarkGPT(nn.Module):
                     cache.head_plan = screened
         if k is not None and screened:
             if cache.head_screen is None:
-                cache.head_screen = ops.HeadScreen()
+                cache.head_screen = ops.HeadScreen(self.head_screen_precision)
             return ops.head_topk_logits(h[:, 0], self.head.weight, k, cache.head_screen,
                                         backend=self.rt.backend)  # (B, V), -inf outside the top-k candidates
         return self.head(h)[:, 0]  # (B, V)
 
-    # Greedy and top-k generation on the cpp backend screen the vocabulary with a half-size fp16
-    # copy of the head and recompute exactly only the rows that can be among the top k
-    # (ops.head_topk_logits): the tokens are those of the full head, bitwise, and a decode step
-    # streams half the head's bytes. False here (on the class or a model), or the environment
-    # variable BARKGPT_HEAD_SCREEN=0, keeps the full head. Vocabularies below
-    # head_screen_min_vocab or 8 * n_embd keep it too (a small head costs little to stream).
+    # Greedy and top-k generation on the cpp backend screen the vocabulary with a smaller copy of
+    # the head (int8 with a scale per row, or fp16) and recompute exactly only the rows that can be
+    # among the top k (ops.head_topk_logits): the tokens are those of the full head, bitwise, and a
+    # decode step streams a quarter (int8) or half (fp16) of the head's bytes. False here (on the
+    # class or a model), or the environment variable BARKGPT_HEAD_SCREEN=0, keeps the full head.
+    # Vocabularies below head_screen_min_vocab or 8 * n_embd keep it too (a small head costs little
+    # to stream). head_screen_precision: "auto" starts each generate call in int8 and moves to fp16
+    # when the int8 bound leaves too many candidates (ops.HeadScreen); "int8" or "fp16" forces one.
     # The copy belongs to one generate call (its KVCache): made at the first screened step, its
-    # memory back in the C++ kernels' output cache when generate returns. Kept across calls, it would have to notice every change of the
-    # weights, and fused optimizer steps do not bump the version counter it could key on.
-    # Building the copy reads the head once and writes half of it: at GPT-2's head (2 threads, quiet
-    # Zen 5 VM) 6-8 ms once the kernels' output cache holds a block for it (every call after the
-    # first), 80-95 ms for the first (faulting in fresh huge pages), against ~1.1 ms saved per
-    # batch-1 step (benchmarks/head_screen_bench.py). Calls of fewer than head_screen_min_tokens
-    # new tokens keep the full head.
+    # memory back in the C++ kernels' output cache when generate returns. Kept across calls, it
+    # would have to notice every change of the weights, and fused optimizer steps do not bump the
+    # version counter it could key on. Building the fp16 copy reads the head once and writes half
+    # of it: at GPT-2's head (2 threads, quiet Zen 5 VM) 6-8 ms once the kernels' output cache
+    # holds a block for it (every call after the first), 80-95 ms for the first (faulting in fresh
+    # huge pages), against ~1.1 ms saved per batch-1 step (benchmarks/head_screen_bench.py).
+    # Calls of fewer than head_screen_min_tokens new tokens keep the full head.
     head_screen: bool = True
     head_screen_min_vocab: int = 4096
     head_screen_min_tokens: int = 8
+    head_screen_precision: str = "auto"
 
     @staticmethod
     def _cpu_shortcut_allowed(switch: bool, env: str, t: torch.Tensor) -> bool:
@@ -552,9 +555,10 @@ class BarkGPT(nn.Module):
         On CPU with the cpp backend the weights of 2 MiB and more are moved once into memory
         advised for huge pages (same values and Parameter objects;
         ``barkgpt.ops.use_cpu_hugepages``, which ``BARKGPT_CPU_HUGEPAGES=0`` turns off). Greedy and
-        top-k cached steps there screen the head with an fp16 copy of it and recompute exactly
-        only the rows that can be drawn (``ops.head_topk_logits``): the same tokens, half the
-        head's bytes per step (``head_screen``, ``BARKGPT_HEAD_SCREEN=0``)."""
+        top-k cached steps there screen the head with an int8 (or fp16) copy of it and recompute
+        exactly only the rows that can be drawn (``ops.head_topk_logits``): the same tokens, a
+        quarter (or half) of the head's bytes per step (``head_screen``, ``head_screen_precision``,
+        ``BARKGPT_HEAD_SCREEN=0``)."""
         from .generate import sample_next
 
         if idx.dim() == 1:

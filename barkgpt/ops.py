@@ -400,78 +400,134 @@ def decode_step(idx: torch.Tensor, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
                                              float(eps), ln_f_weight, ln_f_bias)
 
 
-# ---- exact greedy / top-k head through an fp16 screen (csrc/head_screen.cpp) -----------------
+# ---- exact greedy / top-k head through an int8 or fp16 screen (csrc/head_screen.cpp) ----------
 # Not a declared op: inference only, no autograd. Its reference is the full head
 # linear(x, weight), which it equals bitwise at every row it returns (tests/test_head_screen.py).
 #
 # Why: a batch-1 decode step streams every weight once; the head is the largest (GPT-2: 154 MB of
 # 494 MB in fp32), yet greedy decoding needs only each row's argmax and top-k sampling its k
-# largest logits. The screen reads a half-size fp16 copy of the head, bounds the error of every
-# approximate logit, and recomputes exactly only the rows that can be among the top k.
+# largest logits. The screen reads a smaller copy of the head (int8 with a scale per row: a
+# quarter of its bytes; or fp16: half), bounds the error of every approximate logit, and
+# recomputes exactly only the rows that can be among the top k.
 #
-# The bound. For a head row w (fp32), its fp16 copy h, and the input row x (fp32, C = K terms):
-# the full head computes f = fl(w.x) with the few-row kernel (gemm.cpp: 16 fixed lanes, then a
-# tree of 4 adds; each term goes through at most ceil(K/16) + 4 roundings, one more where the
-# product is rounded before the add), the screen computes a = fl(h.x) the same way (h widens
+# The fp16 bound. For a head row w (fp32), its fp16 copy h, and the input row x (fp32, C = K
+# terms): the full head computes f = fl(w.x) with the few-row kernel (gemm.cpp: 16 fixed lanes,
+# then a tree of 4 adds; each term goes through at most ceil(K/16) + 4 roundings, one more where
+# the product is rounded before the add), the screen computes a = fl(h.x) the same way (h widens
 # to fp32 exactly). With n = K + 5 >= that many roundings, u = 2^-24 and g = n u / (1 - n u), the
 # standard dot-product error bound gives |fl(w.x) - w.x| <= g sum|w_i x_i| + (underflow), and
 # Cauchy-Schwarz gives sum|w_i x_i| <= ||w|| ||x||, |w.x - h.x| <= ||w - h|| ||x||. So
 #     |f - a| <= ||x|| (||w - h|| + g (||w|| + ||h||)) + A,
 # A = (K + 16) 2^-148 covering both sums' gradual underflow (each rounding of a subnormal result
-# is off by at most 2^-150). It needs no overflow in either sum: every partial sum is at most
-# (1 + g) ||w|| ||x||, so calls with ||x|| max(||w||, ||h||) >= 2^100 take the full head. The
-# per-row factor (||w - h|| + g (||w|| + ||h||)) is computed once in float64 and multiplied by
-# 1 + 2^-20 (far above the relative error of the float64 norms and of ||x||); every fp32 step
-# after it is rounded outwards (the float64 -> fp32 casts by one nextafter step; ||x|| * factor,
-# + A, a - E and a + E in the kernel by directed rounding, or a nextafter step without AVX-512),
-# so the fp32 E is >= the true bound, lo <= a - E and hi >= a + E.
+# is off by at most 2^-150, and a sum has at most K + 15 of them). It needs no overflow in either
+# sum: every partial sum is at most (1 + g) ||w|| ||x||, so calls with ||x|| max(||w||, ||h||)
+# >= 2^100 take the full head. The per-row factor (||w - h|| + g (||w|| + ||h||)) is computed once
+# in float64 and multiplied by 1 + 2^-20 (far above the relative error of the float64 norms and of
+# ||x||); every fp32 step after it is rounded outwards (the float64 -> fp32 casts by one nextafter
+# step; ||x|| * factor, + A, a - E and a + E in the kernel by directed rounding, or a nextafter
+# step without AVX-512), so the fp32 E is >= the true bound, lo <= a - E and hi >= a + E.
 # Rows whose copy overflows fp16 (|w_i| >= 65520) get an infinite bound: always candidates.
+#
+# The int8 bound. The copy is q (integers in [-127, 127], int8) and a scale s >= 0 per row
+# (head_screen_prepare_int8: s ~ max|w_i| / 127, raised until 127 s >= max|w_i|; 0 for a row of
+# zeros). The decoded row d = s q is exact in float64, so ||w||, ||d||, ||w - d|| and ||q|| are
+# those of the copy actually read. The kernel computes p = fl(q.x) with the same summation (q
+# widens to fp32 exactly) and a = fl(s p), one more rounding. With P = q.x exactly (so s P = d.x):
+#   |f - w.x|  <= g ||w|| ||x|| + A1                             (as above, A1 = (K + 16) 2^-149)
+#   |w.x - d.x| <= ||w - d|| ||x||                               (Cauchy-Schwarz)
+#   |s p - s P| <= s (g sum|q_i x_i| + A1) <= g ||d|| ||x|| + s A1 (s >= 0, s sum|q_i x_i| = sum|d_i x_i|)
+#   |a - s p|  <= u s |p| + 2^-150 <= u (1 + g) ||d|| ||x|| + u s A1 + 2^-150
+#                 (a rounding to nearest; s |p| <= s |P| + s |p - P| and s |P| <= ||d|| ||x||)
+# so, summing,
+#     |f - a| <= ||x|| (||w - d|| + g ||w|| + (g + u (1 + g)) ||d||) + A1 (1 + (1 + u) s) + 2^-150
+#             <= ||x|| factor_v + (K + 16) 2^-148 (1 + s_max),
+# s_max the largest scale of the rows screened. Subnormal s and x, and zero rows (s = 0, q = 0:
+# a = 0 and f = +-0, within the absolute term) are covered by the underflow terms; s is never
+# scaled by 127 in fp32 (prepare checks 127 s >= max|w| in float64), so no overflow there. No
+# overflow in the sums: partial sums are at most (1 + g) ||w|| ||x||, (1 + g) ||q|| ||x|| and,
+# for s p, (1 + u) (1 + g) ||d|| ||x|| + a subnormal, so calls with ||x|| max(||w||, ||d||, ||q||)
+# >= 2^100 take the full head, and rows with max(||w||, ||d||) >= 2^64 (weights far beyond any
+# trained model's) are made always-candidates so that they do not hold the others back. The
+# float64 factor and fp32 rounding outwards are as for fp16. A non-finite weight declines the copy.
+# The int8 bound is about 25x wider than fp16's on Gaussian rows (the median ratio of the factors
+# at GPT-2's shape; more for rows with outliers, which set the scale): a few candidates per step
+# at GPT-2's shape with random weights, but a trained model whose final hidden state has outlier
+# dimensions may get many; see HeadScreen.
 #
 # The selection. Per row of x: lo_v <= f_v <= hi_v for every v. Let L be the k-th largest lo
 # and F the k-th largest exact logit. The k rows with the largest lo have f >= lo >= L, so at
 # least k exact logits are >= L, i.e. F >= L. Any v with f_v >= F then has hi_v >= f_v >= F >= L:
 # the candidates {v : hi_v >= L} hold every row of the exact top k, ties at the k-th value
-# included (so argmax's first index and the top-k cut are unchanged). The candidates are
-# recomputed with linear() itself on the selected head rows: the few-row kernel's arithmetic for
-# one output depends only on K, not on which rows are computed together, so they equal the full
-# head's values bitwise.
+# included (so argmax's first index and the top-k cut are unchanged). head_screen_topk does the
+# whole step in C++: ||x||, the intervals, L per row, the candidates and their union over the
+# rows of x, and their exact recompute with the few-row kernel straight from the head's rows: its
+# arithmetic for one output depends only on K, not on which rows are computed together, so they
+# equal the full head's values bitwise.
 
 _ALWAYS_BOUND = float("inf")
+HEAD_SCREEN_PRECISIONS = ("auto", "int8", "fp16")
+_ALWAYS_NORM = 2.0 ** 64  # int8 rows with larger norms are always candidates (see above)
+
+# "auto" starts in int8 and moves to fp16 (for the rest of the screen's life: one generate call)
+# when a screened call's candidates (the union over the batch) exceed V / this, or a row has more
+# than V / HEAD_SCREEN_MAX_FRACTION. Bytes: the int8 copy saves C V bytes a step over fp16, and
+# each candidate costs an exact fp32 row read out of the stream, ~2 x 4 C bytes counting the
+# random access as double, so int8 breaks even around (n_int8 - n_fp16) = V / 8 candidates.
+# fp16's own candidates (unknown while int8 runs) are far fewer (a ~25x narrower bound), so V / 16
+# switches while int8 still saves at least half of what it can (GPT-2: 3141 rows, 19 MB against
+# 38.6 MB saved).
+HEAD_SCREEN_INT8_MAX_FRACTION = 16
 
 
 class HeadScreen:
-    """The fp16 copy of a head weight and its per-row error-bound factors, for
-    :func:`head_topk_logits`. A cache, not model state: never in a state_dict or a checkpoint
-    (pickling or copying it keeps none of its tensors). Rebuilt whenever the weight it was built
-    from changes: another tensor, or the same tensor modified in place (an optimizer step,
-    ``load_state_dict``), as seen by its version counter. Writes through ``weight.data`` and
-    fused optimizer steps (torch's ``fused=True`` AdamW leaves the counter unchanged) bypass it:
-    call :meth:`clear` after them. ``BarkGPT.generate`` uses a new one for every call.
+    """The screen's copy of a head weight (int8 with a scale per row, or fp16) and its per-row
+    error-bound factors, for :func:`head_topk_logits`. A cache, not model state: never in a
+    state_dict or a checkpoint (pickling or copying it keeps none of its tensors). Rebuilt whenever
+    the weight it was built from changes: another tensor, or the same tensor modified in place (an
+    optimizer step, ``load_state_dict``), as seen by its version counter. Writes through
+    ``weight.data`` and fused optimizer steps (torch's ``fused=True`` AdamW leaves the counter
+    unchanged) bypass it: call :meth:`clear` after them. ``BarkGPT.generate`` uses a new one for
+    every call.
+
+    ``precision``: ``"int8"`` or ``"fp16"`` forces that copy; ``"auto"`` (the default) starts in
+    int8 (a quarter of the head's bytes) and switches for good to fp16 (half, but a bound ~25x
+    narrower) once a screened call has more than V / HEAD_SCREEN_INT8_MAX_FRACTION candidates or a
+    row with more than V / HEAD_SCREEN_MAX_FRACTION (see the bytes behind it in ops.py).
 
     ``stats``: calls, calls ``screened``, calls that took the ``full`` head, ``candidates`` summed
-    over screened calls (rows recomputed exactly), and ``builds`` of the copy."""
+    over screened calls (rows recomputed exactly), ``builds`` of the copy, ``switches`` from int8
+    to fp16, and the ``precision`` of the copy now in use."""
 
-    def __init__(self):
+    def __init__(self, precision: str = "auto"):
+        if precision not in HEAD_SCREEN_PRECISIONS:
+            raise ValueError(f"HeadScreen precision must be one of {HEAD_SCREEN_PRECISIONS}, got {precision!r}")
+        self.mode = precision
+        self.precision = "fp16" if precision == "fp16" else "int8"
         self._key = None
-        self.w16: Optional[torch.Tensor] = None  # (V, C) fp16, or None: this weight cannot be screened
+        self.wq: Optional[torch.Tensor] = None  # (V, C) int8 or fp16, or None: this weight cannot be screened
+        self.scale: Optional[torch.Tensor] = None  # (V,) fp32 for the int8 copy: row v is scale[v] * wq[v]
         self.factor: Optional[torch.Tensor] = None  # (V,) fp32, the bound per unit of ||x||
         self.always: Optional[torch.Tensor] = None  # (n,) int64, rows with an infinite bound
-        self.max_norm = 0.0  # max over the other rows of max(||w||, ||h||)
-        self.stats = dict.fromkeys(("calls", "screened", "full", "candidates", "builds"), 0)
+        self.max_norm = 0.0  # max over the other rows of the norms that bound the sums (see above)
+        self.abs_err = 0.0  # the bound's absolute term (underflow)
+        self.stats = dict.fromkeys(("calls", "screened", "full", "candidates", "builds", "switches"), 0)
+        self.stats["precision"] = self.precision
 
     def clear(self) -> None:
-        """Drop the copy (half the head's bytes); the next use rebuilds it."""
-        self._key, self.w16, self.factor, self.always, self.max_norm = None, None, None, None, 0.0
+        """Drop the copy; the next use rebuilds it."""
+        self._key, self.wq, self.scale, self.factor, self.always = None, None, None, None, None
+        self.max_norm = self.abs_err = 0.0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.w16, self.factor, self.always) if t is not None)
+        return sum(t.nbytes for t in (self.wq, self.scale, self.factor, self.always) if t is not None)
 
     def __getstate__(self):
-        return {"stats": dict(self.stats)}
+        return {"mode": self.mode, "precision": self.precision, "stats": dict(self.stats)}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(state.get("mode", "auto"))
+        self.precision = state.get("precision", self.precision)
         self.stats.update(state.get("stats", {}))
 
     @staticmethod
@@ -485,7 +541,7 @@ class HeadScreen:
         CPU, the cpp backend unavailable)."""
         key = self._key_of(weight)
         if key == self._key:
-            return self.w16 is not None
+            return self.wq is not None
         self.clear()
         self.stats["builds"] += 1
         w = weight.detach()
@@ -494,26 +550,46 @@ class HeadScreen:
         self._key = key
         if n * 2.0 ** -24 >= 0.5 or w.device.type != "cpu" or w.dtype != torch.float32 or not _load("cpp"):
             return False
-        g = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
-        # one pass over w: its fp16 copy and the float64 norms ||w||, ||h||, ||w - h|| per row
-        # (in the kernels' output cache, in huge pages, where cpu_hugepages_enabled(): a fresh copy
-        # in 4 KiB pages spent most of its time in page faults)
+        u = 2.0 ** -24
+        g = n * u / (1 - n * u)
+        # one pass over w: the copy and its float64 norms per row (in the kernels' output cache,
+        # in huge pages, where cpu_hugepages_enabled(): a fresh copy in 4 KiB pages spent most of
+        # its time in page faults)
         hugepages = cpu_hugepages_enabled()
-        w16, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w, hugepages)
-        nw, nh, nd = nrm.unbind(1)
+        if self.precision == "int8":
+            wq, scale, nrm = torch.ops.barkgpt_cpp.head_screen_prepare_int8(w, hugepages)
+            nw, nd, ne, nq = nrm.unbind(1)
+            factor = ne + g * nw + (g + u * (1 + g)) * nd
+            norms = torch.maximum(torch.maximum(nw, nd), nq)
+            huge = torch.maximum(nw, nd) >= _ALWAYS_NORM
+        else:
+            wq, nrm = torch.ops.barkgpt_cpp.head_screen_prepare(w, hugepages)
+            nw, nh, nd = nrm.unbind(1)
+            scale = None
+            factor = nd + g * (nw + nh)
+            norms = torch.maximum(nw, nh)
+            huge = None
         if not bool(torch.isfinite(nw).all()):  # inf or nan in w (finite fp32 squares cannot overflow float64)
             return False
-        factor = (nd + g * (nw + nh)) * (1 + 2.0 ** -20)
-        norms = torch.maximum(nw, nh)
-        f32 = factor.float()
+        f32 = (factor * (1 + 2.0 ** -20)).float()
         f32 = torch.nextafter(f32, torch.full_like(f32, float("inf")))
         always = ~torch.isfinite(f32)  # the fp16 copy overflowed (or the factor exceeds fp32)
-        self.factor = f32.masked_fill(always, float("inf"))
+        if huge is not None:
+            always |= huge
+        self.factor = f32.masked_fill(always, _ALWAYS_BOUND)
         self.always = always.nonzero().squeeze(1)
-        finite_norms = norms.masked_fill(always, 0.0)
-        self.max_norm = float(finite_norms.max()) if V else 0.0
-        self.w16 = w16
+        self.max_norm = float(norms.masked_fill(always, 0.0).max()) if V else 0.0
+        s_max = float(scale.masked_fill(always, 0.0).max()) if scale is not None and V else 0.0
+        self.abs_err = (C + 16) * 2.0 ** -148 * (1 + s_max)
+        self.wq, self.scale = wq, scale
         return True
+
+    def _to_fp16(self) -> None:
+        """The automatic switch (mode "auto"): the int8 copy leaves, fp16's is built at the next call."""
+        if self.mode == "auto" and self.precision == "int8":
+            self.precision = self.stats["precision"] = "fp16"
+            self.stats["switches"] += 1
+            self.clear()
 
 
 def _few_row_head(backend: Optional[str]) -> bool:
@@ -543,8 +619,8 @@ def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: Head
     greedy decoding (``k = 1``) or top-k sampling: every entry is either bitwise
     ``linear(x, weight)``'s or -inf, and each row's finite entries include all of its ``k``
     largest logits (ties at the k-th value included). The vocabulary is screened with ``screen``'s
-    fp16 copy of ``weight`` under a rigorous error bound, and only the rows that can reach the
-    top k are recomputed in fp32.
+    int8 or fp16 copy of ``weight`` under a rigorous error bound, and only the rows that can reach
+    the top k are recomputed in fp32 (one C++ call, ``head_screen_topk``).
 
     Where that cannot be guaranteed it returns the full ``linear(x, weight)``: ``k`` outside
     1..V-1, the linear op not running the cpp backend's few-row kernel (another backend,
@@ -566,34 +642,31 @@ def head_topk_logits(x: torch.Tensor, weight: torch.Tensor, k: int, screen: Head
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or not _few_row_head(backend) or not screen.update(weight)):
         return _full_head(x, weight, backend, screen)
-    bounds = _screen_bounds(x, screen)
-    if bounds is None:
+    out, info = torch.ops.barkgpt_cpp.head_screen_topk(x, weight, screen.wq, screen.scale,
+                                                      screen.factor, screen.max_norm, screen.abs_err, k,
+                                                      V // HEAD_SCREEN_MAX_FRACTION)
+    n, _ = info.tolist()
+    if n < 0:  # -1: no bound holds (non-finite x, sums that could overflow); -2: a row with too many
+        if n == -2:
+            screen._to_fp16()
         return _full_head(x, weight, backend, screen)
-    lo, hi = bounds
-    kth_lo = lo.amax(dim=1, keepdim=True) if k == 1 else torch.topk(lo, k, dim=1, sorted=False).values.amin(
-        dim=1, keepdim=True)
-    cand = hi >= kth_lo  # (B, V)
-    if int(torch.count_nonzero(cand, dim=1).max()) * HEAD_SCREEN_MAX_FRACTION > V:
-        return _full_head(x, weight, backend, screen)
-    rows = cand.any(dim=0).nonzero().squeeze(1)  # the union over the batch rows
-    exact = linear(x, weight.index_select(0, rows), None, backend=backend)  # (B, n), bitwise the full head's
-    out = torch.full((B, V), float("-inf"), dtype=x.dtype)
-    out.index_copy_(1, rows, exact)
     screen.stats["screened"] += 1
-    screen.stats["candidates"] += int(rows.numel())
+    screen.stats["candidates"] += n
+    if n * HEAD_SCREEN_INT8_MAX_FRACTION > V:
+        screen._to_fp16()
     return out
 
 
 def _screen_bounds(x: torch.Tensor, screen: HeadScreen):
     """(lo, hi), both (B, V) fp32: for every head row, an interval around the screen's approximate
-    logit that holds the exact fp32 logit (-inf, +inf for the rows whose fp16 copy overflowed).
-    None when no bound holds (non-finite x, or sums that could overflow). See the derivation
-    above; the kernel rounds E, lo and hi outwards."""
+    logit that holds the exact fp32 logit (-inf, +inf for the always-candidate rows). None when no
+    bound holds (non-finite x, or sums that could overflow). See the derivations above; the
+    kernel rounds E, lo and hi outwards. (head_screen_topk computes the same intervals.)"""
     xn = torch.linalg.vector_norm(x.double(), dim=1)  # (B,)
     if not float(xn.max()) * screen.max_norm < 2.0 ** 100:  # also catches inf / nan in x
         return None
     xr = torch.nextafter(xn.float(), torch.tensor(float("inf")))  # ||x|| per row, as fp32 rounded up
-    return torch.ops.barkgpt_cpp.head_screen(x, screen.w16, screen.factor, xr, (x.shape[1] + 16) * 2.0 ** -148)
+    return torch.ops.barkgpt_cpp.head_screen(x, screen.wq, screen.factor, xr, screen.abs_err, screen.scale)
 
 
 def _full_head(x, weight, backend, screen) -> torch.Tensor:

@@ -15,8 +15,8 @@ uncached paths and of transformers are compared; the agreement is reported (rand
 near-flat distributions, where a 1e-6 difference may flip a near tie late in a sequence).
 On CPU each row also gives the model's fp32 weight bytes times the new tokens over the call's
 time (a plain batch-1 step reads every weight once; with the screened head of greedy / top-k
-decoding the head is read at half size, so the bytes really read are up to 15% fewer at GPT-2's
-shape) and, next to it, the machine's memory read rate measured in the same process just before
+decoding the head is read at a quarter of its size (int8; half where the screen moved to fp16),
+so the bytes really read are up to 23% (15%) fewer at GPT-2's shape) and, next to it, the machine's memory read rate measured in the same process just before
 (the sum of a 512 MiB tensor, best of 5). The cached path's speed follows that rate; on a shared
 VM it moved between 40 and 75 GB/s within an hour. Writes generate-<device>-<size>.{json,md} into --out. Runs under pytest too
 (benchmarks/test_bench_generate.py).

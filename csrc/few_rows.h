@@ -1,7 +1,7 @@
 // The few-row product kernel: out (M x N) = [out +] x (M x K) @ w^T for M = 1..8 fp32 rows of x
 // against an (N x K) row-major weight w, as F.linear multiplies at decode time. Shared by
-// gemm.cpp (fp32 weights: the model's projections, csrc/gemm.h) and head_screen.cpp (fp16
-// weights: the screened head, whose exact rows must be computed as gemm.cpp computes them).
+// gemm.cpp (fp32 weights: the model's projections, csrc/gemm.h) and head_screen.cpp (the screened
+// head: its fp16 / int8 copy, and its exact rows, which must be computed as gemm.cpp computes them).
 //
 // Each output is M dot products against one contiguous row of w, so w streams through once at
 // memory speed, which a GEMM library tuned for big products does not do at M = 1..8. Each sum
@@ -13,7 +13,8 @@
 // fell behind once each byte of w feeds several FMAs; at M = 1 it kept up and the prefetches only
 // cost). Measured on the 49 matrices of GPT-2 small streamed from memory, fp32, 1 thread: M = 8
 // 44.8 -> 28.6 ms, M = 4 28.1 -> 22.2 ms, M = 1 16.8 ms without (19.3 with); oneDNN took
-// 33.9 / 30.2 / 22.0 ms. fp16 weights are widened exactly to fp32 and then summed the same way.
+// 33.9 / 30.2 / 22.0 ms. fp16 and int8 weights are widened exactly to fp32 and then summed the
+// same way.
 #pragma once
 
 #include "common.h"
@@ -41,6 +42,14 @@ template <>
 constexpr bool kVectorized<c10::Half> = true;
 inline __m512 load16(const c10::Half* p, __mmask16 mask) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(p)));
+}
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// int8 (the screen's int8 copy of the head): widened to int32, then to fp32, both exact.
+template <>
+constexpr bool kVectorized<int8_t> = true;
+inline __m512 load16(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
 #endif
 #endif
@@ -134,6 +143,21 @@ void rows(int64_t M, const float* x, int64_t ldx, const W* w, int64_t ldw, float
     BARKGPT_FEW_ROWS(1) BARKGPT_FEW_ROWS(2) BARKGPT_FEW_ROWS(3) BARKGPT_FEW_ROWS(4)
     BARKGPT_FEW_ROWS(5) BARKGPT_FEW_ROWS(6) BARKGPT_FEW_ROWS(7) BARKGPT_FEW_ROWS(8)
 #undef BARKGPT_FEW_ROWS
+    default: TORCH_CHECK(false, "few-row product: M = ", M, " (1..", kMaxRows, ")");
+  }
+}
+
+// One output column (all M rows of x) from the weight row at wrow: out[m * ldo] = x[m] . wrow.
+// Bitwise what rows() gives for that column wherever it sits in w (the order of every sum
+// depends only on K).
+template <typename W>
+void row_at(int64_t M, const float* x, int64_t ldx, const W* wrow, float* out, int64_t ldo, int64_t K) {
+  switch (M) {
+#define BARKGPT_ROW_AT(m) \
+  case m: tile<m, 1>(x, ldx, wrow, 0, out, ldo, K, 0, false); break;
+    BARKGPT_ROW_AT(1) BARKGPT_ROW_AT(2) BARKGPT_ROW_AT(3) BARKGPT_ROW_AT(4)
+    BARKGPT_ROW_AT(5) BARKGPT_ROW_AT(6) BARKGPT_ROW_AT(7) BARKGPT_ROW_AT(8)
+#undef BARKGPT_ROW_AT
     default: TORCH_CHECK(false, "few-row product: M = ", M, " (1..", kMaxRows, ")");
   }
 }

@@ -59,11 +59,16 @@ at::Tensor decode_step_cpu(const at::Tensor& idx, const at::Tensor& tok_emb, con
                            bool norm_first, c10::string_view activation, double eps, const at::Tensor& ln_f_weight,
                            const std::optional<at::Tensor>& ln_f_bias);
 
-// Approximate head logits x @ w16^T from an fp16 copy of the head (head_screen.cpp).
-std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w16,
+// The screened head: approximate logits from an fp16 or int8 copy of it (head_screen.cpp).
+std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at::Tensor& w,
                                                    const at::Tensor& factor, const at::Tensor& xnorm,
-                                                   double abs_err);
+                                                   double abs_err, const std::optional<at::Tensor>& scale);
+std::tuple<at::Tensor, at::Tensor> head_screen_topk_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                        const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                                                        const at::Tensor& factor, double max_norm, double abs_err,
+                                                        int64_t k, int64_t max_count);
 std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, bool hugepages);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_screen_prepare_int8_cpu(const at::Tensor& w, bool hugepages);
 
 // The cache of idle output blocks and the streaming-store threshold (outputs.cpp).
 std::vector<int64_t> output_cache_info();
@@ -131,11 +136,19 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
         "Tensor(b!) v_cache, Tensor? start, int offset, int n_head, bool bias, bool norm_first, str activation, "
         "float eps, Tensor ln_f_weight, Tensor? ln_f_bias) -> Tensor");
   // Inference only, the screen of barkgpt.ops.head_topk_logits (csrc/head_screen.cpp): (lo, hi),
-  // each (B, V) fp32, around x (B <= 8, C) fp32 @ w16 (V, C) fp16 ^T.
-  m.def("head_screen(Tensor x, Tensor w16, Tensor factor, Tensor xnorm, float abs_err) -> (Tensor, Tensor)");
+  // each (B, V) fp32, around x (B <= 8, C) fp32 @ w^T, w (V, C) the fp16 copy of the head, or its
+  // int8 copy times scale (V,) per row.
+  m.def("head_screen(Tensor x, Tensor w, Tensor factor, Tensor xnorm, float abs_err, Tensor? scale=None) "
+        "-> (Tensor, Tensor)");
+  // A whole screened step: (out (B, V): the candidates' exact logits from weight, -inf elsewhere;
+  // info (2,) int64: candidate rows (< 0: declined) and the most in one row of x).
+  m.def("head_screen_topk(Tensor x, Tensor weight, Tensor w, Tensor? scale, Tensor factor, float max_norm, "
+        "float abs_err, int k, int max_count) -> (Tensor, Tensor)");
   // (w16 (V, C) fp16, norms (V, 3) float64: ||w||, ||w16||, ||w - w16|| per row), the screen's
   // copy; hugepages: w16 in memory advised for transparent huge pages.
   m.def("head_screen_prepare(Tensor w, bool hugepages) -> (Tensor, Tensor)");
+  // (q (V, C) int8, scale (V,) fp32, norms (V, 4) float64: ||w||, ||s q||, ||w - s q||, ||q||).
+  m.def("head_screen_prepare_int8(Tensor w, bool hugepages) -> (Tensor, Tensor, Tensor)");
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &barkgpt::build_info);
   // "onednn" or "aten": where the kernels' fp32 matrix products go (csrc/gemm.h). The setter
@@ -160,6 +173,8 @@ TORCH_LIBRARY(barkgpt_cpp, m) {
   // Uninitialized CPU memory in 2 MiB-aligned blocks advised for transparent huge pages, for
   // weights that decode streams (barkgpt.ops.use_cpu_hugepages); freed when the tensor dies.
   m.def("hugepage_empty(int[] size, ScalarType dtype) -> Tensor", &barkgpt::hugepage_empty);
+  // Whether t's memory is a block barkgpt advised for huge pages as a whole (hugepage_empty's, or
+  // a kernel output of 2 MiB or more from the output cache).
   m.def("is_hugepage_backed(Tensor t) -> bool", &barkgpt::is_hugepage_backed);
   // "always", "madvise", "never", or "" (unknown): the kernel's transparent huge page mode.
   m.def("hugepage_mode() -> str", &barkgpt::hugepage_mode);
@@ -179,7 +194,9 @@ TORCH_LIBRARY_IMPL(barkgpt_cpp, CPU, m) {
   m.impl("decode_layers", &barkgpt::decode_layers_cpu);
   m.impl("decode_step", &barkgpt::decode_step_cpu);
   m.impl("head_screen", &barkgpt::head_screen_cpu);
+  m.impl("head_screen_topk", &barkgpt::head_screen_topk_cpu);
   m.impl("head_screen_prepare", &barkgpt::head_screen_prepare_cpu);
+  m.impl("head_screen_prepare_int8", &barkgpt::head_screen_prepare_int8_cpu);
   m.impl("embedding_add_fwd", &barkgpt::embedding_add_fwd_cpu);
   m.impl("embedding_add_bwd", &barkgpt::embedding_add_bwd_cpu);
   m.impl("linear_cross_entropy_fwd", &barkgpt::linear_cross_entropy_fwd_cpu);

@@ -158,3 +158,38 @@ def test_freed_weights_give_their_memory_back_in_a_fresh_process():
         assert int(moved) == 2 * 20000 * 64 * 4  # token table and (untied) head
         assert int(held) == 2 * 3 * HUGE  # each 5.1 MB table in three 2 MiB pages
     assert int(after) == 0
+
+
+def _vmas_over(ptr, nbytes):
+    """The /proc/self/smaps mappings that overlap [ptr, ptr + nbytes): (start, end, VmFlags)."""
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(v, 16) for v in head.split("-"))
+                cur = (a, b) if a < ptr + nbytes and b > ptr else None
+            elif cur is not None and head == "VmFlags:":
+                out.append((cur[0], cur[1], line.split()[1:]))
+    return out
+
+
+@pytest.mark.skipif(lib.output_cache_info()[4] == 0, reason="the output cache is off (BARKGPT_CPU_CACHE_MB=0)")
+def test_large_outputs_are_advised_for_huge_pages_to_their_last_byte():
+    """An output of 2 MiB or more from the kernels' cache lies wholly in memory advised for huge
+    pages (VmFlags 'hg'), as hugepage_empty's: its tail past the last whole 2 MiB page was a
+    mapping of 4 KiB pages of its own (the screened head's fp16 copy: 1.6 of its 73.6 MiB)."""
+    for nbytes in (5 * HUGE + 12 * 4096, 3 * HUGE, HUGE + 4):
+        t = lib.output_empty([(nbytes + 3) // 4])
+        t.fill_(1.0)
+        vmas = _vmas_over(t.data_ptr(), t.nbytes)
+        assert vmas and vmas[0][0] <= t.data_ptr() and vmas[-1][1] >= t.data_ptr() + t.nbytes
+        assert all("hg" in flags for _, _, flags in vmas), (nbytes, vmas)
+        assert lib.is_hugepage_backed(t) and t.data_ptr() % HUGE == 0
+        del t
+    small = lib.output_empty([(HUGE - 4096) // 4])  # below 2 MiB: plain pages, not advised
+    assert not lib.is_hugepage_backed(small) and not lib.is_hugepage_backed(torch.empty(HUGE))
+    w = torch.randn(1000, 1100)  # 2.1 MB as fp16: the screen's copy, as generate makes it
+    w16, _ = lib.head_screen_prepare(w, True)
+    assert lib.is_hugepage_backed(w16) and all("hg" in f for _, _, f in _vmas_over(w16.data_ptr(), w16.nbytes))
+    assert not lib.is_hugepage_backed(lib.head_screen_prepare(w, False)[0])
