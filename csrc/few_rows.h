@@ -9,7 +9,7 @@
 // depends only on K, not on M, N, R or which rows are computed together, and threads split the
 // N rows: deterministic. R rows of w at a time share each load of x (M * R accumulators of 16
 // lanes, at most 16 of the 32 AVX-512 registers; several independent FMA chains even at M = 1).
-// From M = 2 on, the rows of w are prefetched 2048 elements ahead (the hardware prefetcher alone
+// From M = 2 on, the fp32 / fp16 rows of w are prefetched 2048 elements ahead (the hardware prefetcher alone
 // fell behind once each byte of w feeds several FMAs; at M = 1 it kept up and the prefetches only
 // cost). Measured on the 49 matrices of GPT-2 small streamed from memory, fp32, 1 thread: M = 8
 // 44.8 -> 28.6 ms, M = 4 28.1 -> 22.2 ms, M = 1 16.8 ms without (19.3 with); oneDNN took
@@ -29,6 +29,11 @@ namespace few_rows {
 
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kPrefetchElems = 2048;
+// int8 rows are prefetched 4 KiB ahead at every M. Without it, the head's int8 copy (38.6 MB at
+// GPT-2's shape, M = 1, 2 threads, cold caches) streamed at ~26 GB/s where the fp32 head reached
+// ~42 (1.46-1.53 ms); 512 B ahead gave 1.20 ms, 2 KiB 1.08-1.13, 4-16 KiB 1.00-1.10 with the fp32
+// head at 3.5-3.8 ms alongside (one quiet VM, memory ~40-45 GB/s).
+constexpr int64_t kPrefetchInt8Bytes = 4096;
 
 // Which weight types have an AVX-512 path in this build (others take the portable loop).
 template <typename W>
@@ -66,7 +71,13 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int6
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     auto step = [&](int64_t i, __mmask16 mask) {
-      if constexpr (M >= 2) {
+      if constexpr (sizeof(W) == 1) {  // int8: 16 bytes a step, one prefetch per 64-byte line
+        if ((i & 63) == 0) {
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * ldw + i) + kPrefetchInt8Bytes, _MM_HINT_T0);
+        }
+      } else if constexpr (M >= 2) {
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * ldw + i + kPrefetchElems), _MM_HINT_T0);
