@@ -467,7 +467,7 @@ class BarkGPT(nn.Module):
         plain ln_f as the config sets it; else None."""
         tok, pos, drop, ln_f = self.token_emb.weight, self.pos_emb.weight, self.drop, self.ln_f
         if (pos.dtype != tok.dtype or pos.device != tok.device or type(drop) is not nn.Dropout
-                or drop._forward_hooks or drop._forward_pre_hooks or (self.training and drop.p > 0)
+                or drop._forward_hooks or drop._forward_pre_hooks or (drop.training and drop.p > 0)
                 or type(ln_f) is not LayerNorm or ln_f._forward_hooks or ln_f._forward_pre_hooks
                 or ln_f.eps != self.config.layer_norm_eps or (ln_f.bias is not None) != self.config.bias):
             return None
@@ -488,7 +488,7 @@ class BarkGPT(nn.Module):
         if not ops.decode_layers_available(self.rt.backend, x.device, x.dtype):
             return None
         c = self.config
-        bias, training = c.bias, self.training
+        bias = c.bias
         weights = []
         for blk in self.layers._modules.values():
             if type(blk) is not Block:
@@ -506,7 +506,8 @@ class BarkGPT(nn.Module):
             for mod in (blk, attn, ff) + norms + linears + drops:
                 if mod._forward_hooks or mod._forward_pre_hooks:
                     return None
-            if training and any(d.p > 0 for d in drops):
+            # each Dropout acts by its own flag (model.eval() then dropout.train(): MC dropout)
+            if any(d.training and d.p > 0 for d in drops):
                 return None
             # the settings the op takes once for all blocks, as each block holds them
             if (blk.norm_first != c.norm_first or attn.n_head != c.n_head or ff.activation != c.activation

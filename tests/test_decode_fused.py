@@ -500,3 +500,28 @@ def test_on_token_switching_the_head_screen_off_takes_effect_at_the_next_step(mo
 
     assert torch.equal(m.generate(idx, 8, greedy=True, on_token=on_token), full)
     assert n["calls"] == 3
+
+
+@pytest.mark.parametrize("where", ["embedding", "blocks"])
+def test_a_dropout_in_train_mode_in_an_eval_model_takes_the_module_loop(calls, where):
+    # Monte Carlo dropout: the model in eval mode, some Dropout modules put back in train mode.
+    # Each Dropout acts by its own flag, so the step must take the loop (and draw the same masks).
+    m = _model(dropout=0.5)
+    drops = [m.drop] if where == "embedding" else [d for d in m.layers.modules() if isinstance(d, nn.Dropout)]
+    for d in drops:
+        d.train()
+    assert not m.training
+
+    def step(fused):
+        m.fused_decode = fused
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return _one_step(m)
+
+    want = step(False)
+    assert torch.equal(step(True), want)
+    assert calls["calls"] == 0
+    for d in drops:
+        d.eval()
+    step(True)
+    assert calls["calls"] == 1
