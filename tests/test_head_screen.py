@@ -776,3 +776,40 @@ def test_no_extra_state(tmp_path, monkeypatch):
     for f in files:
         saved |= set(load_file(str(tmp_path / "run" / f)))
     assert saved == set(m.export_state_dict())
+
+
+def _flush_to_zero_head(V=64, C=16):
+    """A head whose exact argmax (row 0, logit 2^-126) loses to row 1 (exact 2^-125) only because
+    flush-to-zero drops row 1's subnormal products (each 2^-127): the full head says 0 there."""
+    w = torch.zeros(V, C)
+    w[0, 0] = 1.0
+    w[1, :4] = 0.5
+    w[2:, 0] = -1.0
+    x = torch.zeros(1, C)
+    x[0, :4] = 2.0 ** -126
+    return x, w
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_flush_denormal_mode_takes_the_full_head(precision):
+    """torch.set_flush_denormal(True) (flush-to-zero, denormals-are-zero) breaks the bounds'
+    absolute term: the screen declines there and the tokens stay the full head's."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    x, w = _flush_to_zero_head()
+    _check(x, w, 1, precision=precision)  # the default mode: screened, exact
+    try:
+        assert torch.set_flush_denormal(True)
+        screen = ops.HeadScreen(precision)
+        assert int(_full(x, w).argmax()) == 0  # what flushing does to the full head
+        _check(x, w, 1, screen, expect_screened=False)
+        assert screen.stats["full"] == 1
+        assert screen.update(w)
+        lo, hi = ops._screen_bounds(x, screen)  # the kernel's intervals: only the trivial one holds
+        assert bool((lo == -INF).all()) and bool((hi == INF).all())
+        info = torch.ops.barkgpt_cpp.head_screen_topk(x, w, screen.wq, screen.scale, screen.factor,
+                                                      screen.max_norm, screen.abs_err, 1, 64)[1]
+        assert info.tolist() == [-1, 0]
+    finally:
+        torch.set_flush_denormal(False)
+    _check(x, w, 1, precision=precision)
