@@ -387,7 +387,7 @@ def decode_step(idx: torch.Tensor, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
                 bias: bool, norm_first: bool, activation: str, eps: float, ln_f_weight: torch.Tensor,
                 ln_f_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`decode_layers` with the rest of a cached step's trunk, in the same one C++ call:
-    from the step's token ids ``idx`` (B, T) (int64) through the embedding ``tok_emb[idx] +
+    from the step's token ids ``idx`` (B, T) (int64 or int32) through the embedding ``tok_emb[idx] +
     pos_emb[pos]`` (positions ``offset ..`` minus each row's ``start``, at least 0), every block,
     and ln_f (``ln_f_weight``, ``ln_f_bias``, ``eps``) of the last position: (B, 1, C), bitwise
     what BarkGPT.forward_cached computes before its head in eval mode on the cpp backend. An id
