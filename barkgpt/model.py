@@ -175,6 +175,14 @@ class KVCache:
         self.step_plan = None
         self.head_plan: Optional[bool] = None
 
+    def free(self) -> None:
+        """Drop the keys, values and head-screen copy now (the cache cannot be used afterwards):
+        generate calls it when it raises, so that a traceback holding its frames (an interrupted
+        call in an interactive session) does not hold the buffers."""
+        self.k = self.v = None
+        self.head_screen = None
+        self.forget_plans()
+
     def forget_plans(self) -> None:
         """Make the next step check again whether it may take the fused step and the screened head."""
         self.step_plan = self.head_plan = None
@@ -574,6 +582,7 @@ class BarkGPT(nn.Module):
             ops.use_cpu_hugepages(self)  # each step streams every weight: 2 MiB pages stream faster
         was_training = self.training
         self.eval()
+        cache = None
         try:
             if use_cache and self.config.causal:
                 # the draws need only each row's k largest logits: the head may be screened
@@ -603,6 +612,10 @@ class BarkGPT(nn.Module):
                         cache.forget_plans()
                 if eos_token_id is not None and bool(done.all()):
                     break
+        except BaseException:
+            if cache is not None:  # the traceback keeps the frames, which would keep the buffers
+                cache.free()
+            raise
         finally:
             self.train(was_training)
         return idx

@@ -801,3 +801,40 @@ def test_flush_denormal_mode_takes_the_full_head(precision):
     finally:
         torch.set_flush_denormal(False)
     _check(x, w, 1, precision=precision)
+
+
+@pytest.mark.parametrize("where", ["on_token", "forward"])
+def test_an_exception_in_generate_does_not_keep_the_buffers(monkeypatch, where):
+    """A traceback keeps generate's frames (an interrupted call in a notebook: sys.last_traceback):
+    the KV cache and the head screen's copy must not stay alive with them."""
+    import weakref
+
+    import barkgpt.model as model_mod
+
+    made = []
+
+    class Spy(model_mod.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(model_mod, "KVCache", Spy)
+    torch.manual_seed(0)
+    m = BarkGPT(GPTConfig(vocab_size=4096, block_size=24, n_layer=1, n_head=2, n_embd=24), backend="cpp").eval()
+    idx = torch.randint(0, 4096, (1, 4), generator=torch.Generator().manual_seed(13))
+    refs, n = [], [0]
+
+    def on_token(t):
+        n[0] += 1
+        if n[0] == 3:
+            c = made[0]
+            refs.extend(weakref.ref(x) for x in (c.k, c.v, c.head_screen.wq))
+            if where == "on_token":
+                raise RuntimeError("stop")
+            m.ln_f.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+
+    with pytest.raises(RuntimeError, match="stop") as info:
+        m.generate(idx, 10, greedy=True, on_token=on_token)
+    assert info.tb is not None and len(refs) == 3
+    assert all(r() is None for r in refs)
+    assert not m.training
