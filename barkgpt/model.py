@@ -175,6 +175,14 @@ class KVCache:
         self.step_plan = None
         self.head_plan: Optional[bool] = None
 
+    def free(self) -> None:
+        """Drop the keys, values and head-screen copy now (the cache cannot be used afterwards):
+        generate calls it when it raises, so that a traceback holding its frames (an interrupted
+        call in an interactive session) does not hold the buffers."""
+        self.k = self.v = None
+        self.head_screen = None
+        self.forget_plans()
+
     def forget_plans(self) -> None:
         """Make the next step check again whether it may take the fused step and the screened head."""
         self.step_plan = self.head_plan = None
@@ -467,7 +475,7 @@ class BarkGPT(nn.Module):
         plain ln_f as the config sets it; else None."""
         tok, pos, drop, ln_f = self.token_emb.weight, self.pos_emb.weight, self.drop, self.ln_f
         if (pos.dtype != tok.dtype or pos.device != tok.device or type(drop) is not nn.Dropout
-                or drop._forward_hooks or drop._forward_pre_hooks or (self.training and drop.p > 0)
+                or drop._forward_hooks or drop._forward_pre_hooks or (drop.training and drop.p > 0)
                 or type(ln_f) is not LayerNorm or ln_f._forward_hooks or ln_f._forward_pre_hooks
                 or ln_f.eps != self.config.layer_norm_eps or (ln_f.bias is not None) != self.config.bias):
             return None
@@ -488,7 +496,7 @@ class BarkGPT(nn.Module):
         if not ops.decode_layers_available(self.rt.backend, x.device, x.dtype):
             return None
         c = self.config
-        bias, training = c.bias, self.training
+        bias = c.bias
         weights = []
         for blk in self.layers._modules.values():
             if type(blk) is not Block:
@@ -506,7 +514,8 @@ class BarkGPT(nn.Module):
             for mod in (blk, attn, ff) + norms + linears + drops:
                 if mod._forward_hooks or mod._forward_pre_hooks:
                     return None
-            if training and any(d.p > 0 for d in drops):
+            # each Dropout acts by its own flag (model.eval() then dropout.train(): MC dropout)
+            if any(d.training and d.p > 0 for d in drops):
                 return None
             # the settings the op takes once for all blocks, as each block holds them
             if (blk.norm_first != c.norm_first or attn.n_head != c.n_head or ff.activation != c.activation
@@ -573,6 +582,7 @@ class BarkGPT(nn.Module):
             ops.use_cpu_hugepages(self)  # each step streams every weight: 2 MiB pages stream faster
         was_training = self.training
         self.eval()
+        cache = None
         try:
             if use_cache and self.config.causal:
                 # the draws need only each row's k largest logits: the head may be screened
@@ -602,6 +612,10 @@ class BarkGPT(nn.Module):
                         cache.forget_plans()
                 if eos_token_id is not None and bool(done.all()):
                     break
+        except BaseException:
+            if cache is not None:  # the traceback keeps the frames, which would keep the buffers
+                cache.free()
+            raise
         finally:
             self.train(was_training)
         return idx

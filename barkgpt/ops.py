@@ -387,7 +387,7 @@ def decode_step(idx: torch.Tensor, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
                 bias: bool, norm_first: bool, activation: str, eps: float, ln_f_weight: torch.Tensor,
                 ln_f_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`decode_layers` with the rest of a cached step's trunk, in the same one C++ call:
-    from the step's token ids ``idx`` (B, T) (int64) through the embedding ``tok_emb[idx] +
+    from the step's token ids ``idx`` (B, T) (int64 or int32) through the embedding ``tok_emb[idx] +
     pos_emb[pos]`` (positions ``offset ..`` minus each row's ``start``, at least 0), every block,
     and ln_f (``ln_f_weight``, ``ln_f_bias``, ``eps``) of the last position: (B, 1, C), bitwise
     what BarkGPT.forward_cached computes before its head in eval mode on the cpp backend. An id
@@ -427,6 +427,9 @@ def decode_step(idx: torch.Tensor, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
 # step; ||x|| * factor, + A, a - E and a + E in the kernel by directed rounding, or a nextafter
 # step without AVX-512), so the fp32 E is >= the true bound, lo <= a - E and hi >= a + E.
 # Rows whose copy overflows fp16 (|w_i| >= 65520) get an infinite bound: always candidates.
+# Both bounds assume IEEE's default mode: round to nearest, subnormals kept. Under flush-to-zero /
+# denormals-are-zero (torch.set_flush_denormal(True)) a product is off by up to 2^-126, far beyond
+# A, so the kernel declines (info -1, the full head) when a thread it runs on is in another mode.
 #
 # The int8 bound. The copy is q (integers in [-127, 127], int8) and a scale s >= 0 per row
 # (head_screen_prepare_int8: s ~ max|w_i| / 127, raised until 127 s >= max|w_i|; 0 for a row of

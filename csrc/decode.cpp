@@ -193,9 +193,11 @@ at::Tensor decode_step_cpu(const at::Tensor& idx, const at::Tensor& tok_emb, con
                            const std::optional<at::Tensor>& start, int64_t offset, int64_t n_head, bool bias,
                            bool norm_first, c10::string_view activation, double eps, const at::Tensor& ln_f_weight,
                            const std::optional<at::Tensor>& ln_f_bias) {
-  TORCH_CHECK(idx.dim() == 2 && idx.size(1) >= 1 && idx.device().is_cpu() && idx.scalar_type() == at::kLong,
-              "decode_step: idx must be a CPU int64 tensor of shape (B, T) with T >= 1, got ", idx.sizes(), " ",
-              idx.scalar_type(), " on ", idx.device());
+  // int64 or int32 ids, as F.embedding on the module path takes
+  TORCH_CHECK(idx.dim() == 2 && idx.size(1) >= 1 && idx.device().is_cpu() &&
+                  (idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt),
+              "decode_step: idx must be a CPU int64 or int32 tensor of shape (B, T) with T >= 1, got ", idx.sizes(),
+              " ", idx.scalar_type(), " on ", idx.device());
   TORCH_CHECK(tok_emb.dim() == 2 && pos_emb.dim() == 2 && tok_emb.size(1) == pos_emb.size(1),
               "decode_step: tok_emb (V, C) and pos_emb (P, C) must share C, got ", tok_emb.sizes(), " and ",
               pos_emb.sizes());
@@ -216,7 +218,7 @@ at::Tensor decode_step_cpu(const at::Tensor& idx, const at::Tensor& tok_emb, con
                 ln_f_bias->sizes(), " ", ln_f_bias->scalar_type());
   }
   // Same message as barkgpt._checks.check_token_ids; TORCH_CHECK_INDEX raises IndexError.
-  const at::Tensor ids = idx.contiguous();
+  const at::Tensor ids = idx.scalar_type() == at::kLong ? idx.contiguous() : idx.to(at::kLong).contiguous();
   const int64_t* ip = ids.const_data_ptr<int64_t>();
   for (int64_t i = 0, n = ids.numel(); i < n; ++i) {
     TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < V, "token id ", ip[i], " is out of range for a vocabulary of ", V,
@@ -224,7 +226,7 @@ at::Tensor decode_step_cpu(const at::Tensor& idx, const at::Tensor& tok_emb, con
   }
   // The positions as forward_cached builds them: offset .. offset + T - 1, minus the row's start,
   // at least 0 (padding positions get id 0; nothing attends to them).
-  at::Tensor pos = at::arange(offset, offset + T, idx.options()).expand({idx.size(0), T});
+  at::Tensor pos = at::arange(offset, offset + T, ids.options()).expand({idx.size(0), T});
   if (start.has_value() && start->defined()) {
     TORCH_CHECK(start->dim() == 1 && start->size(0) == idx.size(0) && start->device().is_cpu() &&
                     !at::isFloatingType(start->scalar_type()) && start->scalar_type() != at::kBool,
@@ -232,7 +234,7 @@ at::Tensor decode_step_cpu(const at::Tensor& idx, const at::Tensor& tok_emb, con
                 start->sizes(), " ", start->scalar_type(), " on ", start->device());
     pos = at::sub(pos, start->unsqueeze(1)).clamp_min(0);
   }
-  const at::Tensor x = at::add(at::embedding(tok_emb, idx), at::embedding(pos_emb, pos));
+  const at::Tensor x = at::add(at::embedding(tok_emb, ids), at::embedding(pos_emb, pos));
   // decode_layers checks the blocks' weights and the caches before it writes to the caches
   const at::Tensor h = decode_layers_cpu(x, weights, k_cache, v_cache, start, offset, n_head, bias, norm_first,
                                          activation, eps);

@@ -23,17 +23,39 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <cfenv>
 #include <cmath>
 #include <functional>
 #include <optional>
 #include <queue>
 #include <tuple>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace barkgpt {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Whether this thread computes as the bounds in ops.py assume: round to nearest, and subnormal
+// results and inputs kept (no flush-to-zero / denormals-are-zero, which
+// torch.set_flush_denormal(True) turns on: a flushed product is off by up to 2^-126, far beyond
+// the bounds' absolute term, and the screen then dropped the exact argmax).
+bool ieee_default_mode() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  // MXCSR: DAZ bit 6, rounding control bits 13-14, FTZ bit 15
+  return (_mm_getcsr() & 0xE040u) == 0 && std::fegetround() == FE_TONEAREST;
+#elif defined(__aarch64__)
+  uint64_t fpcr;
+  asm volatile("mrs %0, fpcr" : "=r"(fpcr));
+  return (fpcr & ((uint64_t(1) << 24) | (uint64_t(3) << 22))) == 0;  // FZ bit 24, RMode bits 22-23
+#else
+  return std::fegetround() == FE_TONEAREST;
+#endif
+}
 
 // lo/hi (rows m, columns n0..n1) from the approximate products stored in lo (times scale[n] when
 // scale is set: the int8 copy): see the top of the file.
@@ -76,10 +98,11 @@ void bounds(float* lo, float* hi, int64_t ldo, int64_t M, const float* xnorm, co
 template <typename W>
 void screen_rows(int64_t M, const float* x, int64_t ldx, const W* w, int64_t ldw, const float* scale,
                  const float* factor, const float* xnorm, float abs_err, float* lo, float* hi, int64_t ldo,
-                 int64_t K, int64_t N) {
+                 int64_t K, int64_t N, std::atomic<bool>& ieee) {
   // about 64 KiB of the copy per task
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K * int64_t(sizeof(W))));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (!ieee_default_mode()) ieee.store(false, std::memory_order_relaxed);
     // blocks of 1024 rows: the approximate logits are still in cache for the bounds pass
     for (int64_t b0 = n0; b0 < n1; b0 += 1024) {
       const int64_t b1 = std::min(n1, b0 + 1024);
@@ -121,17 +144,22 @@ at::ScalarType check_screen_args(const char* op, const at::Tensor& x, const at::
   return wt;
 }
 
-void screen_dispatch(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+// Returns false (lo, hi unspecified) where a thread that computed them was not in the default
+// floating-point mode (ieee_default_mode): no bound holds.
+bool screen_dispatch(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                      const at::Tensor& factor, const float* xnorm, float abs_err, float* lo, float* hi) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* sp = scale ? scale->const_data_ptr<float>() : nullptr;
+  std::atomic<bool> ieee{ieee_default_mode()};
+  if (!ieee.load()) return false;
   if (w.scalar_type() == at::kChar) {
     screen_rows(M, x.const_data_ptr<float>(), x.stride(0), w.const_data_ptr<int8_t>(), w.stride(0), sp,
-                factor.const_data_ptr<float>(), xnorm, abs_err, lo, hi, N, K, N);
+                factor.const_data_ptr<float>(), xnorm, abs_err, lo, hi, N, K, N, ieee);
   } else {
     screen_rows(M, x.const_data_ptr<float>(), x.stride(0), w.const_data_ptr<c10::Half>(), w.stride(0), sp,
-                factor.const_data_ptr<float>(), xnorm, abs_err, lo, hi, N, K, N);
+                factor.const_data_ptr<float>(), xnorm, abs_err, lo, hi, N, K, N, ieee);
   }
+  return ieee.load();
 }
 
 float abs_err_up(double abs_err) { return std::nextafter(static_cast<float>(abs_err), kInf); }
@@ -151,8 +179,12 @@ std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at
               "head_screen: xnorm must be a contiguous (", M, ",) tensor, got ", xnorm.sizes());
   at::Tensor lo = at::empty({M, N}, x.options()), hi = at::empty({M, N}, x.options());
   if (N == 0) return {lo, hi};
-  screen_dispatch(x, w, scale, factor, xnorm.const_data_ptr<float>(), abs_err_up(abs_err),
-                  lo.mutable_data_ptr<float>(), hi.mutable_data_ptr<float>());
+  if (!screen_dispatch(x, w, scale, factor, xnorm.const_data_ptr<float>(), abs_err_up(abs_err),
+                       lo.mutable_data_ptr<float>(), hi.mutable_data_ptr<float>())) {
+    // not the default floating-point mode: only the trivial interval holds
+    std::fill(lo.mutable_data_ptr<float>(), lo.mutable_data_ptr<float>() + M * N, -kInf);
+    std::fill(hi.mutable_data_ptr<float>(), hi.mutable_data_ptr<float>() + M * N, kInf);
+  }
   return {lo, hi};
 }
 
@@ -160,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor> head_screen_cpu(const at::Tensor& x, const at
 // head were candidates (the union over the rows of x), c the most of any one row; out holds their
 // exact logits, bitwise the few-row kernel's fp32 x @ weight^T, and -inf everywhere else. Where
 // the screen cannot answer, out is unspecified and n < 0: -1 when no bound holds (x not finite,
-// or ||x|| * max_norm >= 2^100: sums that could overflow), -2 when a row of x has more than
+// ||x|| * max_norm >= 2^100: sums that could overflow, or a thread not in the default
+// floating-point mode: flush-to-zero, denormals-are-zero, not round-to-nearest), -2 when a row of x has more than
 // max_count candidates (c is then that row's count). xnorm is computed here in float64 and
 // rounded upwards to fp32.
 std::tuple<at::Tensor, at::Tensor> head_screen_topk_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -197,7 +230,10 @@ std::tuple<at::Tensor, at::Tensor> head_screen_topk_cpu(const at::Tensor& x, con
   at::Tensor hi_t = empty_output({M, N}, x.options());
   float* lo = out.mutable_data_ptr<float>();
   float* hi = hi_t.mutable_data_ptr<float>();
-  screen_dispatch(x, w, scale, factor, xnorm, abs_err_up(abs_err), lo, hi);
+  if (!screen_dispatch(x, w, scale, factor, xnorm, abs_err_up(abs_err), lo, hi)) {
+    ip[0] = -1, ip[1] = 0;  // flush-to-zero / denormals-are-zero or another rounding: no bound holds
+    return {out, info};
+  }
 
   // Per row: L = the k-th largest lo; the candidates are the v with hi_v >= L (ops.py: they hold
   // the exact top k, ties included). Their union over the rows is recomputed exactly.

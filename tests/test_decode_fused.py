@@ -362,7 +362,8 @@ def test_decode_step_opcheck(bias, norm_first, T):
 @pytest.mark.parametrize("change, error, message", [
     (lambda a: a["idx"].__setitem__((1, 0), 40), IndexError, r"token id 40 is out of range for a vocabulary of 40"),
     (lambda a: a["idx"].__setitem__((0, 0), -1), IndexError, r"token id -1 is out of range"),
-    (lambda a: a.update(idx=a["idx"].int()), RuntimeError, "idx must be a CPU int64 tensor"),
+    (lambda a: a.update(idx=a["idx"].short()), RuntimeError, "idx must be a CPU int64 or int32 tensor"),
+    (lambda a: a.update(idx=a["idx"].float()), RuntimeError, "idx must be a CPU int64 or int32 tensor"),
     (lambda a: a.update(idx=a["idx"][:, :0]), RuntimeError, r"with T >= 1"),
     (lambda a: a.update(pos_emb=a["pos_emb"][:3]), RuntimeError, r"positions 3..3 need a position table of 4 rows"),
     (lambda a: a.update(pos_emb=a["pos_emb"][:, :5]), RuntimeError, "must share C"),
@@ -394,6 +395,20 @@ def test_an_id_out_of_range_raises_index_error_on_the_fused_path_too(calls):
                 m.forward_cached(torch.tensor([[53]]), cache)
         assert cache.length == 2
     assert calls["calls"] == 1  # the fused round's step reached the op, which raised
+
+
+def test_int32_ids_as_on_the_module_path(calls):
+    # F.embedding on the module path takes int32 ids; so must the fused step (it raised)
+    m = _model()
+    idx = torch.randint(0, 53, (2, 6), generator=torch.Generator().manual_seed(3))
+    _assert_fused_equals_loop(m, idx.int(), torch.tensor([0, 2]), [4, 1, 1], calls, 3)
+    a = _step_args(T=2)
+    a.pop("_x")
+    b = dict(a, idx=a["idx"].int(), k_cache=a["k_cache"].clone(), v_cache=a["v_cache"].clone())
+    assert torch.equal(ops.decode_step(**b), ops.decode_step(**a))
+    b["idx"][0, 0] = 40
+    with pytest.raises(IndexError, match="token id 40 is out of range for a vocabulary of 40"):
+        ops.decode_step(**b)
 
 
 def test_trunk_changes_take_the_module_loop(calls):
@@ -500,3 +515,28 @@ def test_on_token_switching_the_head_screen_off_takes_effect_at_the_next_step(mo
 
     assert torch.equal(m.generate(idx, 8, greedy=True, on_token=on_token), full)
     assert n["calls"] == 3
+
+
+@pytest.mark.parametrize("where", ["embedding", "blocks"])
+def test_a_dropout_in_train_mode_in_an_eval_model_takes_the_module_loop(calls, where):
+    # Monte Carlo dropout: the model in eval mode, some Dropout modules put back in train mode.
+    # Each Dropout acts by its own flag, so the step must take the loop (and draw the same masks).
+    m = _model(dropout=0.5)
+    drops = [m.drop] if where == "embedding" else [d for d in m.layers.modules() if isinstance(d, nn.Dropout)]
+    for d in drops:
+        d.train()
+    assert not m.training
+
+    def step(fused):
+        m.fused_decode = fused
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return _one_step(m)
+
+    want = step(False)
+    assert torch.equal(step(True), want)
+    assert calls["calls"] == 0
+    for d in drops:
+        d.eval()
+    step(True)
+    assert calls["calls"] == 1

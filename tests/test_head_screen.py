@@ -389,18 +389,6 @@ def test_top_k_cut_is_on_the_logits_not_after_the_temperature():
     assert set(draws.tolist()) == {0, 1, 2}
 
 
-def test_bound_holds_everywhere():
-    """|exact - approximate| <= E for every entry (random weights of several scales)."""
-    C = 70
-    for seed, scale in enumerate((1e-38, 1e-3, 1.0, 1e3)):
-        w, x = _rand(3000, C, scale=scale, seed=20 + seed), _rand(8, C, seed=30 + seed)
-        screen = ops.HeadScreen()
-        assert screen.update(w)
-        lo, hi = ops._screen_bounds(x, screen)
-        full = _full(x, w)
-        assert bool((lo <= full).all()) and bool((full <= hi).all())
-
-
 def _adversarial(C=16, V=64, seed=0):
     """x and a head built so that the screen's error nearly attains the bound on two rows at once:
     row 0's fp16 error points along x (its approximate logit is too low by ~E0), row 1's points
@@ -776,3 +764,77 @@ def test_no_extra_state(tmp_path, monkeypatch):
     for f in files:
         saved |= set(load_file(str(tmp_path / "run" / f)))
     assert saved == set(m.export_state_dict())
+
+
+def _flush_to_zero_head(V=64, C=16):
+    """A head whose exact argmax (row 0, logit 2^-126) loses to row 1 (exact 2^-125) only because
+    flush-to-zero drops row 1's subnormal products (each 2^-127): the full head says 0 there."""
+    w = torch.zeros(V, C)
+    w[0, 0] = 1.0
+    w[1, :4] = 0.5
+    w[2:, 0] = -1.0
+    x = torch.zeros(1, C)
+    x[0, :4] = 2.0 ** -126
+    return x, w
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_flush_denormal_mode_takes_the_full_head(precision):
+    """torch.set_flush_denormal(True) (flush-to-zero, denormals-are-zero) breaks the bounds'
+    absolute term: the screen declines there and the tokens stay the full head's."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    x, w = _flush_to_zero_head()
+    _check(x, w, 1, precision=precision)  # the default mode: screened, exact
+    try:
+        assert torch.set_flush_denormal(True)
+        screen = ops.HeadScreen(precision)
+        assert int(_full(x, w).argmax()) == 0  # what flushing does to the full head
+        _check(x, w, 1, screen, expect_screened=False)
+        assert screen.stats["full"] == 1
+        assert screen.update(w)
+        lo, hi = ops._screen_bounds(x, screen)  # the kernel's intervals: only the trivial one holds
+        assert bool((lo == -INF).all()) and bool((hi == INF).all())
+        info = torch.ops.barkgpt_cpp.head_screen_topk(x, w, screen.wq, screen.scale, screen.factor,
+                                                      screen.max_norm, screen.abs_err, 1, 64)[1]
+        assert info.tolist() == [-1, 0]
+    finally:
+        torch.set_flush_denormal(False)
+    _check(x, w, 1, precision=precision)
+
+
+@pytest.mark.parametrize("where", ["on_token", "forward"])
+def test_an_exception_in_generate_does_not_keep_the_buffers(monkeypatch, where):
+    """A traceback keeps generate's frames (an interrupted call in a notebook: sys.last_traceback):
+    the KV cache and the head screen's copy must not stay alive with them."""
+    import weakref
+
+    import barkgpt.model as model_mod
+
+    made = []
+
+    class Spy(model_mod.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(model_mod, "KVCache", Spy)
+    torch.manual_seed(0)
+    m = BarkGPT(GPTConfig(vocab_size=4096, block_size=24, n_layer=1, n_head=2, n_embd=24), backend="cpp").eval()
+    idx = torch.randint(0, 4096, (1, 4), generator=torch.Generator().manual_seed(13))
+    refs, n = [], [0]
+
+    def on_token(t):
+        n[0] += 1
+        if n[0] == 3:
+            c = made[0]
+            refs.extend(weakref.ref(x) for x in (c.k, c.v, c.head_screen.wq))
+            if where == "on_token":
+                raise RuntimeError("stop")
+            m.ln_f.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+
+    with pytest.raises(RuntimeError, match="stop") as info:
+        m.generate(idx, 10, greedy=True, on_token=on_token)
+    assert info.tb is not None and len(refs) == 3
+    assert all(r() is None for r in refs)
+    assert not m.training
