@@ -9,8 +9,9 @@
 // heap trim), so a training loop pays again every step. This cache keeps the freed blocks of
 // our own outputs and hands them out again, as PyTorch's CUDA caching allocator does on GPUs.
 //
-// - Blocks are whole pages from mmap; blocks of 2 MiB or more are whole 2 MiB pages, start on a
-//   2 MiB boundary and are marked for transparent huge pages: 512x fewer faults on first touch.
+// - Blocks are whole pages from mmap; blocks of 2 MiB or more start on a 2 MiB boundary and their
+//   whole 2 MiB pages are marked for transparent huge pages: 512x fewer faults on first touch.
+//   They are whole 2 MiB pages where rounding up adds at most 1/8 of the request.
 // - A request takes the smallest idle block that fits with at most 1/4 slack, else a new one.
 // - Idle bytes are capped (BARKGPT_CPU_CACHE_MB, default 1/8 of RAM or of the cgroup's memory
 //   limit, 0: no cache,
@@ -232,10 +233,13 @@ class OutputCache final : public TakeAllocator<OutputCache> {
 
   c10::DataPtr take(size_t n) {
     if (n < kMinCached) return c10::GetCPUAllocator()->allocate(n);
-    // From 2 MiB up, whole 2 MiB pages: map_huge advises only those, and a block of 4 KiB pages
-    // past the last one left the tail of every large output (up to 2 MiB - 4 KiB) in small pages
-    // (the screened head's 73.6 MiB fp16 copy: 1.6 MiB, a VMA of its own without MADV_HUGEPAGE).
-    const size_t want = n >= kHuge ? round_up(n, kHuge) : round_up(n, kPage);
+    // From 2 MiB up, whole 2 MiB pages where that adds at most 1/8: map_huge advises only whole
+    // ones, and a block of 4 KiB pages past the last one leaves the tail (up to 2 MiB - 4 KiB) in
+    // small pages, a VMA of its own without MADV_HUGEPAGE (the screened head's 73.6 MiB fp16
+    // copy: 1.6 MiB). Where rounding up would add more (a 2.1 MiB output would map 4 MiB, and a
+    // huge page is faulted in whole at its first touch), the tail stays in 4 KiB pages.
+    const size_t huge = round_up(n, kHuge);
+    const size_t want = n >= kHuge && huge - n <= n / 8 ? huge : round_up(n, kPage);
     Block* b = nullptr;
     {
       std::lock_guard<std::mutex> g(mu_);

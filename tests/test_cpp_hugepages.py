@@ -177,9 +177,12 @@ def _vmas_over(ptr, nbytes):
 @pytest.mark.skipif(lib.output_cache_info()[4] == 0, reason="the output cache is off (BARKGPT_CPU_CACHE_MB=0)")
 def test_large_outputs_are_advised_for_huge_pages_to_their_last_byte():
     """An output of 2 MiB or more from the kernels' cache lies wholly in memory advised for huge
-    pages (VmFlags 'hg'), as hugepage_empty's: its tail past the last whole 2 MiB page was a
-    mapping of 4 KiB pages of its own (the screened head's fp16 copy: 1.6 of its 73.6 MiB)."""
-    for nbytes in (5 * HUGE + 12 * 4096, 3 * HUGE, HUGE + 4):
+    pages (VmFlags 'hg'), as hugepage_empty's, where rounding it up to whole 2 MiB pages adds at
+    most 1/8: its tail past the last whole 2 MiB page was a mapping of 4 KiB pages of its own (the
+    screened head's fp16 copy: 1.6 of its 73.6 MiB). Where rounding would add more, the tail stays
+    in 4 KiB pages and nothing more is mapped (a 2 MiB + 4 byte output does not take 4 MiB)."""
+    for nbytes in (20 * HUGE + 12 * 4096, 3 * HUGE, 9 * HUGE - 4):
+        lib.output_cache_release()  # a new block, not an idle one that fits
         t = lib.output_empty([(nbytes + 3) // 4])
         t.fill_(1.0)
         vmas = _vmas_over(t.data_ptr(), t.nbytes)
@@ -187,9 +190,16 @@ def test_large_outputs_are_advised_for_huge_pages_to_their_last_byte():
         assert all("hg" in flags for _, _, flags in vmas), (nbytes, vmas)
         assert lib.is_hugepage_backed(t) and t.data_ptr() % HUGE == 0
         del t
+    for nbytes in (HUGE + 4, 5 * HUGE + 12 * 4096):  # rounding up would add 50% and 19%
+        lib.output_cache_release()  # a new block, not an idle one that fits
+        live = lib.output_cache_info()[5]
+        t = lib.output_empty([(nbytes + 3) // 4])
+        assert lib.output_cache_info()[5] - live == -(-nbytes // 4096) * 4096
+        assert not lib.is_hugepage_backed(t) and t.data_ptr() % HUGE == 0
+        del t
     small = lib.output_empty([(HUGE - 4096) // 4])  # below 2 MiB: plain pages, not advised
     assert not lib.is_hugepage_backed(small) and not lib.is_hugepage_backed(torch.empty(HUGE))
-    w = torch.randn(1000, 1100)  # 2.1 MB as fp16: the screen's copy, as generate makes it
+    w = torch.randn(8000, 1100)  # 16.8 MiB as fp16 (18 MiB mapped): the screen's copy, as generate makes it
     w16, _ = lib.head_screen_prepare(w, True)
     assert lib.is_hugepage_backed(w16) and all("hg" in f for _, _, f in _vmas_over(w16.data_ptr(), w16.nbytes))
     assert not lib.is_hugepage_backed(lib.head_screen_prepare(w, False)[0])
