@@ -165,7 +165,8 @@ class KVCache:
         # the full logits.
         self.head_top_k: Optional[int] = None
         self.head_screen: Optional[ops.HeadScreen] = None
-        # Set by generate, whose steps run no user code between them except on_token: the checks
+        # Set by generate, whose steps run no user code between them except on_token (and hooks
+        # on the model itself, with which it leaves this off): the checks
         # of the fused step and of the screened head are made once, at the first step that
         # needs them, and kept (step_plan: the fused step's weights, or False for the module
         # loop; head_plan: whether the head is screened) until forget_plans(), which generate
@@ -652,7 +653,8 @@ class BarkGPT(nn.Module):
         w = self.token_emb.weight
         cache = KVCache(self.config, B, w.dtype, w.device)
         cache.head_top_k = head_top_k
-        cache.keep_plans = True
+        # hooks on the model itself run user code at every step: then every step checks again
+        cache.keep_plans = not (self._forward_hooks or self._forward_pre_hooks)
         bs = self.config.block_size
 
         def prefill(idx):

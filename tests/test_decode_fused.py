@@ -461,6 +461,25 @@ def test_generate_checks_once_and_again_after_each_on_token(calls, monkeypatch):
     assert calls["calls"] == 9 and checks["calls"] == 9
 
 
+def test_a_hook_on_the_model_itself_makes_every_step_check_again(calls, monkeypatch):
+    m = _model()
+    checks = _count_calls(monkeypatch, BarkGPT, "_fused_step_weights")
+    idx = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(14))
+    want = m.generate(idx, 6, greedy=True)
+    seen = []
+
+    def hook(mod, args, kwargs):  # user code before every step: here it switches the fused step off
+        seen.append(1)
+        if len(seen) == 3:
+            mod.fused_decode = False
+
+    h = m.register_forward_pre_hook(hook, with_kwargs=True)
+    calls["calls"] = checks["calls"] = 0
+    assert torch.equal(m.generate(idx, 6, greedy=True), want)
+    h.remove()
+    assert len(seen) == 6 and checks["calls"] == 5 and calls["calls"] == 1  # each step checks: step 2 fused, then the loop
+
+
 @pytest.mark.parametrize("change", ["switch_off", "hook", "replace_weight"])
 def test_on_token_changes_to_the_model_take_effect_at_the_next_step(calls, change):
     idx = torch.randint(0, 53, (2, 4), generator=torch.Generator().manual_seed(12))
