@@ -182,3 +182,29 @@ def test_training_mode_is_restored():
     m = _model("torch").train()
     m.generate(torch.zeros(1, 2, dtype=torch.long), 2)
     assert m.training
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_last_only_is_the_last_position_of_the_full_forward(backend, causal):
+    m = _model(backend, causal=causal)
+    idx = torch.randint(0, 61, (3, 7), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        full = m(idx)
+        last = m(idx, last_only=True)
+    assert full.shape == (3, 7, 61) and last.shape == (3, 1, 61)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last_only is for inference"):
+        m(idx, torch.zeros_like(idx), last_only=True)
+
+
+def test_uncached_generation_runs_the_head_on_the_last_position_only(monkeypatch):
+    # every step of use_cache=False (and of non-causal models, which always generate that way)
+    # runs the whole window through the blocks but the head on one position per row
+    for causal, kw in ((True, dict(use_cache=False)), (False, {}), (True, dict(use_cache=False, prompt_lengths=[4, 2]))):
+        m = _model("torch", causal=causal)
+        rows = []
+        m.head.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
+        idx = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(16))
+        out = m.generate(idx, 6, greedy=True, **kw)
+        assert out.shape == (2, 10) and rows and set(rows) == {1}
