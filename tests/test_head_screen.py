@@ -417,14 +417,20 @@ def _adversarial(C=16, V=64, seed=0):
             continue
         w = torch.empty(V, C)
         w[0], w[1] = w0, w1
-        x2 = x[None].float()
-        f = _full(x2, w[:2])[0]
-        if not f[0] > f[1]:
-            continue
-        others = torch.rand(V - 2, generator=g) + 1
-        w[2:] = (float(f.min()) - others)[:, None] * x[None]
-        return w, x2
+        if _far_below(w, x[None].float(), g):
+            return w, x[None].float()
     raise AssertionError("no adversarial case found")
+
+
+def _far_below(w, x, g):
+    """With rows 0 and 1 of w set: False unless row 0's exact logit beats row 1's; then fill the
+    other rows along x, each 1 to 2 below both, and return True."""
+    f = _full(x, w[:2])[0]
+    if not f[0] > f[1]:
+        return False
+    others = torch.rand(w.shape[0] - 2, generator=g) + 1
+    w[2:] = (float(f.min()) - others)[:, None] * x
+    return True
 
 
 def _adversarial_int8(C=16, V=64, seed=0):
@@ -458,13 +464,8 @@ def _adversarial_int8(C=16, V=64, seed=0):
         q, scale, _ = torch.ops.barkgpt_cpp.head_screen_prepare_int8(w[:2], False)
         if not (bool((scale == s).all()) and torch.equal(q[0].double(), q0) and torch.equal(q[1].double(), q1)):
             continue
-        x2 = x[None]
-        f = _full(x2, w[:2])[0]
-        if not f[0] > f[1]:
-            continue
-        others = torch.rand(V - 2, generator=g) + 1
-        w[2:] = (float(f.min()) - others)[:, None] * x[None]
-        return w, x2
+        if _far_below(w, x[None], g):
+            return w, x[None]
     raise AssertionError("no adversarial case found")
 
 
