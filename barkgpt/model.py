@@ -166,15 +166,22 @@ class KVCache:
         self.head_top_k: Optional[int] = None
         self.head_screen: Optional[ops.HeadScreen] = None
         # Set by generate, whose steps run no user code between them except on_token (and hooks
-        # on the model itself, with which it leaves this off): the checks
-        # of the fused step and of the screened head are made once, at the first step that
-        # needs them, and kept (step_plan: the fused step's weights, or False for the module
-        # loop; head_plan: whether the head is screened) until forget_plans(), which generate
-        # calls after every on_token. Off: checked at every step (what a caller that changes
-        # the model between its own forward_cached calls needs).
+        # on the model itself, with which it leaves this off): the checks of the fused step and
+        # of the screened head (plan()) are made once, at the first step that needs them, and
+        # kept until forget_plans(), which generate calls after every on_token. Off: checked at
+        # every step (what a caller that changes the model between its own forward_cached calls
+        # needs).
         self.keep_plans = False
-        self.step_plan = None
-        self.head_plan: Optional[bool] = None
+        self._plans: dict = {}
+
+    def plan(self, name: str, check: Callable[[], Any]) -> Any:
+        """check()'s answer; with keep_plans, the one kept under ``name`` since the last
+        forget_plans() (check() runs only the first time)."""
+        if not self.keep_plans:
+            return check()
+        if name not in self._plans:
+            self._plans[name] = check()
+        return self._plans[name]
 
     def free(self) -> None:
         """Drop the keys, values and head-screen copy now (the cache cannot be used afterwards):
@@ -186,7 +193,7 @@ class KVCache:
 
     def forget_plans(self) -> None:
         """Make the next step check again whether it may take the fused step and the screened head."""
-        self.step_plan = self.head_plan = None
+        self._plans.clear()
 
     @property
     def capacity(self) -> int:
@@ -379,12 +386,8 @@ class BarkGPT(nn.Module):
         # The prompt without padding takes plain causal attention (SelfAttention): the module loop.
         if off == 0 and cache.start is None:
             weights = None
-        elif cache.keep_plans and cache.step_plan is not None:
-            weights = cache.step_plan or None
         else:
-            weights = self._fused_step_weights(cache)
-            if cache.keep_plans:
-                cache.step_plan = weights if weights is not None else False
+            weights = cache.plan("fused step", lambda: self._fused_step_weights(cache))
         if weights is not None:  # embedding, every block and ln_f in one C++ call, bitwise the path below
             c, ln_f = self.config, self.ln_f
             h = ops.decode_step(idx, self.token_emb.weight, self.pos_emb.weight, weights, cache.k, cache.v,
@@ -405,14 +408,7 @@ class BarkGPT(nn.Module):
             h = self.ln_f(x[:, -1:])  # (B, 1, C): the head runs on the last position only
         cache.length = off + T
         k = cache.head_top_k
-        if k is not None:
-            if cache.keep_plans and cache.head_plan is not None:
-                screened = cache.head_plan
-            else:
-                screened = self._screens_head(h)
-                if cache.keep_plans:
-                    cache.head_plan = screened
-        if k is not None and screened:
+        if k is not None and cache.plan("screened head", lambda: self._screens_head(h)):
             if cache.head_screen is None:
                 cache.head_screen = ops.HeadScreen(self.head_screen_precision)
             return ops.head_topk_logits(h[:, 0], self.head.weight, k, cache.head_screen,

@@ -164,6 +164,16 @@ bool screen_dispatch(const at::Tensor& x, const at::Tensor& w, const std::option
 
 float abs_err_up(double abs_err) { return std::nextafter(static_cast<float>(abs_err), kInf); }
 
+// one(j, l) for j = 0 .. K - 1 with l = j % L: the portable copy builders' sums of squares in L
+// fixed float64 lanes (folded by fold_lanes afterwards), a fixed order.
+template <int L, typename F>
+void each_in_lanes(int64_t K, F&& one) {
+  int64_t i = 0;
+  for (; i + L <= K; i += L)
+    for (int l = 0; l < L; ++l) one(i + l, l);
+  for (int l = 0; i + l < K; ++l) one(i + l, l);
+}
+
 }  // namespace
 
 // (lo, hi), each (B, V) fp32: the interval around the screen's approximate logits that holds the
@@ -341,7 +351,6 @@ std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, 
 #else
       constexpr int L = 8;
       double sw[L] = {}, sh[L] = {}, sd[L] = {};
-      int64_t i = 0;
       auto one = [&](int64_t j, int l) {
         const c10::Half h = c10::Half(wr[j]);
         hr[j] = h;
@@ -350,9 +359,7 @@ std::tuple<at::Tensor, at::Tensor> head_screen_prepare_cpu(const at::Tensor& w, 
         sh[l] += hd * hd;
         sd[l] += dd * dd;
       };
-      for (; i + L <= K; i += L)
-        for (int l = 0; l < L; ++l) one(i + l, l);
-      for (int l = 0; i + l < K; ++l) one(i + l, l);
+      each_in_lanes<L>(K, one);
       fold_lanes<L / 2>(sw);
       fold_lanes<L / 2>(sh);
       fold_lanes<L / 2>(sd);
@@ -475,10 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_screen_prepare_int8_cpu(cons
         se[l] += ed * ed;
         sq[l] += qd * qd;
       };
-      int64_t i = 0;
-      for (; i + L <= K; i += L)
-        for (int l = 0; l < L; ++l) one(i + l, l);
-      for (int l = 0; i + l < K; ++l) one(i + l, l);
+      each_in_lanes<L>(K, one);
       fold_lanes<L / 2>(sw);
       fold_lanes<L / 2>(sdd);
       fold_lanes<L / 2>(se);
